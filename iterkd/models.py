@@ -1,0 +1,70 @@
+"""nn.Modules built from specs: the VGG itself and the FitNets hint regressor.
+
+Models are never edited in place: a child is a new model built from a new spec.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .arch import VGGSpec
+
+
+class VGG(nn.Module):
+    """A VGG built from a VGGSpec; `forward_features` also returns every block's output (the hint points)."""
+
+    def __init__(self, spec: VGGSpec):
+        super().__init__()
+        self.spec = spec
+        blocks, c_in = [], spec.in_channels
+        for widths, pool in zip(spec.blocks, spec.pools()):
+            layers: list[nn.Module] = []
+            for w in widths:
+                layers.append(nn.Conv2d(c_in, w, 3, padding=1))
+                if spec.batch_norm:
+                    layers.append(nn.BatchNorm2d(w))
+                layers.append(nn.ReLU(inplace=True))
+                c_in = w
+            if pool:
+                layers.append(nn.MaxPool2d(2))
+            blocks.append(nn.Sequential(*layers))
+        self.blocks = nn.ModuleList(blocks)
+        self.head = nn.Linear(c_in, spec.num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                nn.init.zeros_(m.bias)
+
+    def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        feats = []
+        for block in self.blocks:
+            x = block(x)
+            feats.append(x)
+        return self.head(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)), feats
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_features(x)[0]
+
+
+def hint_blocks(student: VGGSpec, teacher: VGGSpec) -> tuple[int, int]:
+    """Which student block's output is regressed onto which teacher block's (FitNets' 'guided' and
+    'hint' layers): the student's middle block and the teacher block at the same relative depth."""
+    s = (len(student.blocks) - 1) // 2
+    t = min(len(teacher.blocks) - 1, round((s + 1) / len(student.blocks) * len(teacher.blocks)) - 1)
+    return s, max(0, t)
+
+
+class HintRegressor(nn.Module):
+    """1x1 conv from the student block's channels to the teacher block's, then bilinear resize
+    to the teacher's spatial size when the two differ."""
+
+    def __init__(self, student_channels: int, teacher_channels: int):
+        super().__init__()
+        self.proj = nn.Conv2d(student_channels, teacher_channels, 1)
+
+    def forward(self, student_feat: torch.Tensor, teacher_size: tuple[int, int]) -> torch.Tensor:
+        y = self.proj(student_feat)
+        if y.shape[-2:] != teacher_size:
+            y = F.interpolate(y, size=teacher_size, mode="bilinear", align_corners=False)
+        return y
