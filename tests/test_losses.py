@@ -1,0 +1,59 @@
+import math
+
+import pytest
+import torch
+
+from iterkd.errors import IterkdError
+from iterkd.losses import LossWeights, composite_loss, hint_loss, kd_loss, teacher_probs
+
+
+def softmax(xs, t):
+    e = [math.exp(x / t) for x in xs]
+    return [v / sum(e) for v in e]
+
+
+def test_kd_loss_is_t_squared_kl_of_softened_distributions():
+    s, t, T = [1.0, 0.0, -1.0], [2.0, -1.0, 0.5], 2.0
+    p_t, p_s = softmax(t, T), softmax(s, T)
+    expected = T**2 * sum(pt * math.log(pt / ps) for pt, ps in zip(p_t, p_s))
+    got = kd_loss(torch.tensor([s]), teacher_probs([torch.tensor([t])], T), T)
+    assert got.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_kd_loss_is_zero_when_student_matches_teacher_and_averages_over_batch():
+    logits = torch.tensor([[3.0, 1.0], [0.5, 0.2]])
+    assert kd_loss(logits, teacher_probs([logits], 4.0), 4.0).item() == pytest.approx(0.0, abs=1e-6)
+    one = kd_loss(torch.tensor([[1.0, 0.0]]), teacher_probs([torch.tensor([[0.0, 1.0]])], 1.0), 1.0)
+    two = kd_loss(torch.tensor([[1.0, 0.0]] * 2), teacher_probs([torch.tensor([[0.0, 1.0]] * 2)], 1.0), 1.0)
+    assert one.item() == pytest.approx(two.item())
+
+
+def test_several_teachers_average_probabilities_optionally_weighted():
+    a, b = torch.tensor([[2.0, 0.0]]), torch.tensor([[0.0, 2.0]])
+    pa, pb = softmax([2.0, 0.0], 1.0), softmax([0.0, 2.0], 1.0)
+    mean = teacher_probs([a, b], 1.0)
+    assert mean[0].tolist() == pytest.approx([(pa[0] + pb[0]) / 2, (pa[1] + pb[1]) / 2])
+    weighted = teacher_probs([a, b], 1.0, weights=[3.0, 1.0])
+    assert weighted[0, 0].item() == pytest.approx(0.75 * pa[0] + 0.25 * pb[0])
+
+
+def test_hint_loss_is_mean_squared_error():
+    assert hint_loss(torch.ones(2, 3, 2, 2), torch.zeros(2, 3, 2, 2)).item() == pytest.approx(1.0)
+    assert hint_loss(torch.full((1, 1, 1, 2), 2.0), torch.tensor([[[[0.0, 2.0]]]])).item() == pytest.approx(2.0)
+
+
+def test_composite_loss_weights_the_terms():
+    logits, labels = torch.tensor([[1.0, 0.0]]), torch.tensor([1])
+    ce = -math.log(softmax([1.0, 0.0], 1.0)[1])
+    w = LossWeights(alpha=0.25, temperature=1.0, hint_weight=0.5)
+    target = teacher_probs([torch.tensor([[0.0, 1.0]])], 1.0)
+    kd = kd_loss(logits, target, 1.0).item()
+    total = composite_loss(logits, labels, w, target, hint=torch.tensor(2.0))
+    assert total.item() == pytest.approx(0.25 * kd + 0.75 * ce + 0.5 * 2.0, rel=1e-5)
+    assert composite_loss(logits, labels, w).item() == pytest.approx(ce, rel=1e-5)  # no teacher: plain CE
+
+
+@pytest.mark.parametrize("kwargs", [dict(alpha=1.5), dict(temperature=0), dict(hint_weight=-1)])
+def test_invalid_weights_are_user_errors(kwargs):
+    with pytest.raises(IterkdError):
+        LossWeights(**kwargs)
