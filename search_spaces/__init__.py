@@ -1,0 +1,1 @@
+"""Search spaces shipped with iterkd (YAML files; see docs/spaces.md)."""
