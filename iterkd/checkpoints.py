@@ -1,0 +1,69 @@
+"""Checkpoints: safetensors files (no pickle, so loading never runs code) whose metadata carries
+the node's architecture spec; written atomically so a crash never leaves a half file that looks good."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .arch import VGGSpec
+from .errors import IterkdError
+from .models import VGG
+
+FORMAT = "iterkd-checkpoint-1"
+
+
+def save_checkpoint(path: str | Path, model: VGG, **meta) -> Path:
+    """Write model weights + spec to `path` via a temp file and an atomic rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    metadata = {"format": FORMAT, "spec": model.spec.to_json(), **{k: json.dumps(v) for k, v in meta.items()}}
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        save_file(state, str(tmp), metadata=metadata)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise IterkdError(f"could not write checkpoint {path}: {e.strerror or e}; free disk space or choose another --run-dir") from None
+    return path
+
+
+def read_checkpoint(path: str | Path) -> tuple[VGGSpec, dict[str, torch.Tensor], dict]:
+    """(spec, state dict, extra metadata) of a checkpoint; a missing, truncated or foreign file
+    raises IterkdError naming the path."""
+    path = Path(path)
+    if not path.is_file():
+        raise IterkdError(f"checkpoint {path} does not exist")
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+        state = load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise IterkdError(f"checkpoint {path} is corrupt or not a safetensors file ({str(e).splitlines()[0]}); "
+                          "iterkd checkpoints are .safetensors files written by iterkd") from None
+    if metadata.get("format") != FORMAT or "spec" not in metadata:
+        raise IterkdError(f"checkpoint {path} has no iterkd spec in its metadata; was it written by iterkd?")
+    spec = VGGSpec.from_json(metadata["spec"])
+    extra = {k: json.loads(v) for k, v in metadata.items() if k not in ("format", "spec")}
+    return spec, state, extra
+
+
+def load_model(path: str | Path) -> VGG:
+    """Rebuild the model stored in a checkpoint (eval mode, on CPU)."""
+    spec, state, _ = read_checkpoint(path)
+    model = VGG(spec)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise IterkdError(f"checkpoint {path}: weights do not match its spec {spec.summary()} "
+                          f"({str(e).splitlines()[0]})") from None
+    return model.eval()
