@@ -1,0 +1,169 @@
+"""Command line: `iterkd search | spaces`. User mistakes (IterkdError) are printed as one line
+with a non-zero exit; anything else is a bug and keeps its traceback."""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+from .errors import IterkdError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line instead of usage + error
+        raise IterkdError(f"{message} (see '{self.prog} --help')")
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    if "/" in text:
+        num, den = text.split("/", 1)
+        return _positive_float(num) / _positive_float(den)
+    return _positive_float(text)
+
+
+# Flags that map one-to-one onto SearchConfig fields (dest == field name).
+def _add_search_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("what to search")
+    g.add_argument("--space", help="search space name or YAML path (see `iterkd spaces`); default vgg16_blocks")
+    g.add_argument("--dataset", help="fashion-mnist (default), mnist, cifar10, cifar100, svhn or synthetic")
+    g.add_argument("--variant", help="parent-child (default), parent-children, ancestors-child, ancestors-children")
+    g.add_argument("--max-drop", type=_positive_float, help="accuracy points a child may lose vs the root (default 1.0)")
+    g.add_argument("--max-generations", type=int, help="stop after this many generations")
+    g.add_argument("--children", type=int, help="candidates per parent and generation (*-children variants)")
+    g.add_argument("--beam", type=int, help="accepted nodes kept per generation (default 1)")
+    g.add_argument("--select", help="best-acc (default) or smallest-within-budget")
+    g.add_argument("--teacher-weights", help="ancestors variants: mean (default) or accuracy")
+    g.add_argument("--teacher", help="checkpoint of a trained root (.safetensors from iterkd); default: train the root")
+    g = p.add_argument_group("run")
+    g.add_argument("--name", help="run name (default 'run'); the run directory is runs/NAME")
+    g.add_argument("--run-dir", help="run directory (default runs/NAME); re-running on it resumes")
+    g.add_argument("--storage", help="Optuna storage URL (default sqlite:///RUN_DIR/study.db)")
+    g.add_argument("--preset", help="smoke | quick | full (default: quick on CPU, full on CUDA)")
+    g.add_argument("--seed", type=int)
+    g.add_argument("--device", help="auto (default), cpu or cuda")
+    g.add_argument("--data-dir", help="where datasets live (default ~/.cache/iterkd/data or $ITERKD_DATA)")
+    g.add_argument("--no-download", dest="download", action="store_const", const=False,
+                   help="never try to download missing dataset files")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    g = p.add_argument_group("training (override the preset)")
+    g.add_argument("--width", type=_fraction, help="multiplier of the root's widths, e.g. 0.125 or 1/8")
+    g.add_argument("--epochs", type=int, help="epochs per child")
+    g.add_argument("--root-epochs", type=int, help="epochs for the root")
+    g.add_argument("--batch-size", type=int)
+    g.add_argument("--lr", type=_positive_float, help="peak learning rate (one-cycle schedule)")
+    g.add_argument("--weight-decay", type=float)
+    g.add_argument("--alpha", type=float, help="weight of KD vs CE, in [0, 1] (default 0.9)")
+    g.add_argument("--temperature", type=_positive_float, help="KD temperature (default 4)")
+    g.add_argument("--hint-weight", type=float, help="weight of the FitNets hint term (default 1; 0 disables)")
+    g.add_argument("--train-subset", type=int, help="train on the first N training images")
+    g.add_argument("--val-size", type=int, help="images split off the training set for validation")
+    g.add_argument("--test-subset", type=int, help="report test accuracy on the first N test images")
+
+
+CONFIG_FLAGS = ("space", "dataset", "variant", "max_drop", "max_generations", "children", "beam", "select",
+                "teacher_weights", "teacher", "name", "run_dir", "storage", "preset", "seed", "device", "data_dir",
+                "download", "width", "epochs", "root_epochs", "batch_size", "lr", "weight_decay", "alpha",
+                "temperature", "hint_weight", "train_subset", "val_size", "test_subset")
+
+
+def config_from_args(args: argparse.Namespace):
+    """The run's config: a saved run's own settings when its directory has one (resume), else the
+    preset with the explicit flags on top."""
+    from .config import SearchConfig, build_config, config_path, resume_config
+
+    explicit = {k: getattr(args, k) for k in CONFIG_FLAGS if getattr(args, k, None) is not None}
+    run_dir = Path(explicit.get("run_dir") or Path("runs") / explicit.get("name", "run"))
+    saved = config_path(run_dir)
+    if saved.exists():
+        try:
+            cfg = SearchConfig.from_json(saved.read_text())
+        except (ValueError, TypeError) as e:
+            raise IterkdError(f"{saved} is not a valid iterkd config ({e}); move it away to start afresh") from None
+        return resume_config(cfg, explicit), True
+    if explicit.get("teacher") and not Path(explicit["teacher"]).is_file():
+        raise IterkdError(f"teacher checkpoint {explicit['teacher']} does not exist")
+    preset = explicit.pop("preset", None) or _auto_preset(explicit.get("device", "auto"))
+    explicit["run_dir"] = str(run_dir)
+    return build_config(preset, explicit), False
+
+
+def _auto_preset(device: str) -> str:
+    import torch
+
+    return "full" if device != "cpu" and torch.cuda.is_available() else "quick"
+
+
+def cmd_search(args) -> int:
+    from .search import Search, summary_table
+    from .lineage import redact_url
+
+    cfg, resumed = config_from_args(args)
+    print(f"iterkd: {'resuming' if resumed else 'starting'} run {cfg.name!r} in {cfg.run_dir} "
+          f"(preset {cfg.preset}, space {cfg.space}, dataset {cfg.dataset}, variant {cfg.variant}, "
+          f"max-drop {cfg.max_drop:g})" + (f", storage {redact_url(cfg.storage)}" if cfg.storage else ""))
+    search = Search(cfg, progress=not args.no_progress)
+    try:
+        out = search.run()
+    except KeyboardInterrupt:
+        print(f"\niterkd: interrupted; finished nodes are kept. Resume with: iterkd search --run-dir {cfg.run_dir}",
+              file=sys.stderr)
+        return 130
+    import pandas as pd
+
+    with pd.option_context("display.width", 160, "display.max_columns", 20, "display.max_rows", 200):
+        print(summary_table(search.study).to_string(index=False))
+    r, f = out.root, out.final
+    print(f"stopped: {out.stop_reason}")
+    print(f"final model: node {f.node} {f.spec.summary()}: {f.spec.params():,} params "
+          f"({r.spec.params() / f.spec.params():.1f}x smaller than the root's {r.spec.params():,}), "
+          f"val {f.val_acc:.2f}% (drop {r.val_acc - f.val_acc:.2f} pts), test {f.test_acc:.2f}%")
+    print(f"lineage: {Path(cfg.run_dir) / 'lineage.csv'}  ({out.seconds:.0f}s this session)")
+    return 0
+
+
+def cmd_spaces(args) -> int:
+    from .spaces import available_spaces, load_space
+
+    for name in available_spaces():
+        space = load_space(name)
+        root = space.root_spec(3, 10, 32)
+        ops = ", ".join(op for op, _ in space.operators)
+        print(f"{name:<14} root {root.summary():<44} {root.params():>12,} params  ops: {ops}")
+        if space.description:
+            print(f"{'':<14} {space.description}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="iterkd", description="Iterative knowledge-distillation compression search.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    p = sub.add_parser("search", help="run (or resume) a compression search")
+    _add_search_flags(p)
+    p.set_defaults(func=cmd_search)
+    p = sub.add_parser("spaces", help="list the shipped search spaces with their root size (3x32x32, 10 classes)")
+    p.set_defaults(func=cmd_spaces)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        return args.func(args)
+    except IterkdError as e:
+        print(f"iterkd: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

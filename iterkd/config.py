@@ -1,0 +1,143 @@
+"""The one typed configuration of a search: defaults, presets, validation, and the run's saved copy.
+
+Flow: preset values, then explicit flags, then validation; a resumed run reads its saved copy
+and refuses explicit flags that would change what was already trained."""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+
+from .errors import IterkdError
+
+VARIANTS = ("parent-child", "parent-children", "ancestors-child", "ancestors-children")
+SELECT_RULES = ("best-acc", "smallest-within-budget")
+TEACHER_WEIGHTS = ("mean", "accuracy")
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    name: str = "run"
+    run_dir: str = ""  # default: runs/<name>
+    space: str = "vgg16_blocks"
+    dataset: str = "fashion-mnist"
+    data_dir: str | None = None
+    download: bool = True
+    variant: str = "parent-child"
+    max_drop: float = 1.0  # accuracy points (validation) a child may lose vs the root
+    max_generations: int = 10
+    children: int = 1  # candidates per parent and generation (the *-children variants)
+    beam: int = 1  # accepted nodes kept per generation
+    select: str = "best-acc"
+    teacher_weights: str = "mean"
+    teacher: str | None = None  # checkpoint of a trained root
+    storage: str | None = None  # default: sqlite:///<run_dir>/study.db
+    seed: int = 0
+    device: str = "auto"
+    preset: str = "quick"
+    width: float | None = None  # multiplier of the space's root widths
+    epochs: int = 5  # per child
+    root_epochs: int = 5
+    batch_size: int = 128
+    lr: float = 0.05
+    weight_decay: float = 5e-4
+    alpha: float = 0.9
+    temperature: float = 4.0
+    hint_weight: float = 1.0
+    train_subset: int | None = None
+    val_size: int = 5000
+    test_subset: int | None = None
+
+    def __post_init__(self):
+        if not self.run_dir:
+            object.__setattr__(self, "run_dir", str(Path("runs") / self.name))
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "SearchConfig":
+        data = json.loads(text)
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+# Each preset is a set of defaults; explicit flags win over it.
+PRESETS: dict[str, dict] = {
+    # Seconds, for tests: the three-block toy space on synthetic patterns.
+    "smoke": dict(dataset="synthetic", space="tiny", width=1 / 16, epochs=4, root_epochs=3, batch_size=64,
+                  val_size=400, max_generations=2, lr=0.05),
+    # A CPU demo (< 10 min on 2 cores): 1/8-width root, 20k training images, 5 epochs per model.
+    "quick": dict(width=1 / 8, epochs=5, root_epochs=5, batch_size=128, train_subset=20000, val_size=5000,
+                  max_generations=6, lr=0.05),
+    # Paper scale, for a GPU: full-width root and the whole training set.
+    "full": dict(width=1.0, epochs=30, root_epochs=30, batch_size=512, lr=0.2, val_size=5000,
+                 max_generations=20),
+}
+
+# Settings that may differ when a run is resumed: they do not change what a node is.
+RESUMABLE_OVERRIDES = {"device", "data_dir", "download", "max_generations", "storage"}
+
+
+def build_config(preset: str, overrides: dict) -> SearchConfig:
+    """Preset values, then the explicit (non-None) overrides, then validation."""
+    if preset not in PRESETS:
+        raise IterkdError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    values = {**PRESETS[preset], "preset": preset}
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    known = {f.name for f in fields(SearchConfig)}
+    unknown = set(values) - known
+    if unknown:
+        raise IterkdError(f"unknown settings: {', '.join(sorted(unknown))}")
+    return validate(SearchConfig(**values))
+
+
+def validate(cfg: SearchConfig) -> SearchConfig:
+    def need(ok: bool, msg: str):
+        if not ok:
+            raise IterkdError(msg)
+
+    need(isinstance(cfg.max_drop, (int, float)) and math.isfinite(cfg.max_drop) and cfg.max_drop > 0,
+         f"--max-drop must be a positive number of accuracy points (e.g. 1.0), got {cfg.max_drop}")
+    need(cfg.variant in VARIANTS, f"unknown variant {cfg.variant!r}; choose one of {', '.join(VARIANTS)}")
+    need(cfg.select in SELECT_RULES, f"unknown --select {cfg.select!r}; choose one of {', '.join(SELECT_RULES)}")
+    need(cfg.teacher_weights in TEACHER_WEIGHTS,
+         f"unknown --teacher-weights {cfg.teacher_weights!r}; choose one of {', '.join(TEACHER_WEIGHTS)}")
+    need(cfg.children >= 1, f"--children must be at least 1, got {cfg.children}")
+    need(cfg.beam >= 1, f"--beam must be at least 1, got {cfg.beam}")
+    need(cfg.max_generations >= 1, f"--max-generations must be at least 1, got {cfg.max_generations}")
+    need(cfg.epochs >= 1 and cfg.root_epochs >= 1, "--epochs and --root-epochs must be at least 1")
+    need(cfg.batch_size >= 1, f"--batch-size must be at least 1, got {cfg.batch_size}")
+    need(cfg.lr > 0 and math.isfinite(cfg.lr), f"--lr must be a positive number, got {cfg.lr}")
+    need(cfg.width is None or (math.isfinite(cfg.width) and cfg.width > 0), f"--width must be > 0, got {cfg.width}")
+    need(cfg.val_size >= 1, f"--val-size must be at least 1, got {cfg.val_size}")
+    need(cfg.train_subset is None or cfg.train_subset >= 1, "--train-subset must be at least 1")
+    need(cfg.name and "/" not in cfg.name, f"--name must be a plain name without '/', got {cfg.name!r}")
+    if cfg.variant.endswith("-child") and cfg.children != 1:
+        raise IterkdError(f"--children {cfg.children} needs a *-children variant (parent-children or "
+                          f"ancestors-children); {cfg.variant} trains one child per generation")
+    # Loss weights are checked by the LossWeights type itself.
+    from .losses import LossWeights
+    LossWeights(cfg.alpha, cfg.temperature, cfg.hint_weight)
+    return cfg
+
+
+def config_path(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "config.json"
+
+
+def resume_config(saved: SearchConfig, explicit: dict) -> SearchConfig:
+    """The saved config of a run with the explicitly given flags applied; a flag that would change
+    what a node is (space, dataset, epochs, ...) is an error naming the conflict."""
+    conflicts = [f"--{k.replace('_', '-')} {v} (run has {getattr(saved, k)})"
+                 for k, v in explicit.items()
+                 if v is not None and k not in RESUMABLE_OVERRIDES and k not in ("name", "run_dir", "preset")
+                 and v != getattr(saved, k)]
+    if explicit.get("preset") not in (None, saved.preset):
+        conflicts.append(f"--preset {explicit['preset']} (run has {saved.preset})")
+    if conflicts:
+        raise IterkdError(f"run {saved.run_dir} was started with other settings: {'; '.join(conflicts)}. "
+                          "Drop those flags to resume it, or start a new run with --name")
+    allowed = {k: v for k, v in explicit.items() if v is not None and k in RESUMABLE_OVERRIDES}
+    return validate(replace(saved, **allowed))

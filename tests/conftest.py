@@ -1,0 +1,25 @@
+"""Shared fixtures: tiny specs and a finished smoke run, built once per session."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from iterkd import build_config, run_search
+
+FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
+
+
+def smoke_config(tmp: Path, **overrides):
+    """A seconds-long search on synthetic data; generous drop budget so children get accepted."""
+    values = dict(name="smoke", run_dir=str(tmp), max_drop=60.0, max_generations=2)
+    values.update(overrides)
+    return build_config("smoke", values)
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory):
+    """(config, outcome) of one finished parent-child smoke search, shared by read-only tests."""
+    run_dir = tmp_path_factory.mktemp("smoke_run")
+    cfg = smoke_config(run_dir)
+    return cfg, run_search(cfg, progress=False)

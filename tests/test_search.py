@@ -1,0 +1,118 @@
+"""End-to-end smoke searches: the lineage they leave, resume, and failing children."""
+import json
+
+import pandas as pd
+import pytest
+import torch
+
+from iterkd import run_search
+from iterkd.lineage import LINEAGE_COLUMNS, lineage_frame, open_study
+from iterkd.search import Search
+from tests.conftest import smoke_config
+
+
+def test_parent_child_lineage_is_a_chain_taught_by_parents(smoke_run):
+    cfg, out = smoke_run
+    df = pd.read_csv(f"{cfg.run_dir}/lineage.csv")
+    assert list(df.columns) == LINEAGE_COLUMNS
+    root = df[df.generation == 0].iloc[0]
+    assert root.status == "root" and json.loads(root.parents) == [] and root["drop"] == 0
+    accepted = df[df.status == "accepted"].sort_values("generation")
+    assert list(accepted.generation) == [1, 2]
+    chain = [int(root.node)] + list(accepted.node)
+    for parent, (_, row) in zip(chain, accepted.iterrows()):
+        assert json.loads(row.parents) == [parent] and json.loads(row.teachers) == [parent]
+    params = [int(root.params)] + list(accepted.params)
+    assert all(a > b for a, b in zip(params, params[1:]))
+    assert out.final.node == chain[-1] and "max-generations" in out.stop_reason
+
+
+def test_lineage_numbers_match_the_study_and_the_checkpoints(smoke_run):
+    cfg, _ = smoke_run
+    df = pd.read_csv(f"{cfg.run_dir}/lineage.csv")
+    study = open_study(f"sqlite:///{cfg.run_dir}/study.db", cfg.name, create=False)
+    trials = {t.number: t for t in study.trials}
+    root_acc = df.loc[df.generation == 0, "val_acc"].iloc[0]
+    for row in df.itertuples():
+        t = trials[row.node]
+        assert t.value == pytest.approx(row.val_acc) and t.user_attrs["params"] == row.params
+        assert row.drop == pytest.approx(root_acc - row.val_acc, abs=1e-3)
+        assert (cfg.run_dir / __import__("pathlib").Path(row.checkpoint)).is_file()
+        assert 0 <= row.val_acc <= 100 and row.flops > 0 and row.bytes > 4 * row.params
+
+
+def test_the_root_beats_chance_on_synthetic_data(smoke_run):
+    assert smoke_run[1].root.val_acc > 50  # 10 classes: chance is 10 %
+
+
+def test_rerunning_a_finished_run_retrains_nothing(smoke_run):
+    cfg, first = smoke_run
+    before = len(open_study(f"sqlite:///{cfg.run_dir}/study.db", cfg.name).trials)
+    again = run_search(cfg, progress=False)
+    after = open_study(f"sqlite:///{cfg.run_dir}/study.db", cfg.name).trials
+    assert len(after) == before and again.final.node == first.final.node
+
+
+def test_an_interrupted_run_resumes_without_retraining_finished_nodes(tmp_path, monkeypatch):
+    import iterkd.search as search_mod
+
+    cfg = smoke_config(tmp_path, max_generations=2)
+    real = search_mod.train
+    calls = {"n": 0}
+
+    def interrupt_second_child(model, data, settings, **kw):
+        if kw.get("teachers"):
+            calls["n"] += 1
+            if calls["n"] == 2:
+                raise KeyboardInterrupt  # Ctrl-C in the middle of generation 2's training
+        return real(model, data, settings, **kw)
+
+    monkeypatch.setattr(search_mod, "train", interrupt_second_child)
+    with pytest.raises(KeyboardInterrupt):
+        Search(cfg, progress=False).run()
+    study = open_study(f"sqlite:///{tmp_path}/study.db", cfg.name)
+    assert list(lineage_frame(study).status) == ["root", "accepted", "failed"]
+    trained = {t.number: t.datetime_complete for t in study.trials}
+
+    monkeypatch.setattr(search_mod, "train", real)
+    out = Search(cfg, progress=False).run()
+    study = open_study(f"sqlite:///{tmp_path}/study.db", cfg.name)
+    df = lineage_frame(study)
+    assert list(df.status) == ["root", "accepted", "failed", "accepted"]
+    assert df.operator.iloc[2] == df.operator.iloc[3]  # the interrupted candidate is retried
+    assert {t.number: t.datetime_complete for t in study.trials if t.number < 3} == trained  # not retrained
+    assert out.final.node == 3 and out.final.generation == 2
+
+
+def test_a_child_whose_loss_diverges_fails_and_the_next_move_is_tried(tmp_path, monkeypatch):
+    cfg = smoke_config(tmp_path, max_generations=1)
+    import iterkd.search as search_mod
+
+    real = search_mod.train
+    state = {"children": 0}
+
+    def nan_first_child(model, data, settings, **kw):
+        if kw.get("teachers"):
+            state["children"] += 1
+            if state["children"] == 1:
+                with torch.no_grad():
+                    for p in model.parameters():
+                        p.fill_(float("nan"))
+        return real(model, data, settings, **kw)
+
+    monkeypatch.setattr(search_mod, "train", nan_first_child)
+    out = Search(cfg, progress=False).run()
+    df = lineage_frame(open_study(f"sqlite:///{tmp_path}/study.db", cfg.name))
+    assert list(df.status) == ["root", "failed", "accepted"]
+    assert "loss became nan" in df.error.iloc[1]
+    assert df.operator.iloc[1] != df.operator.iloc[2] and out.final.node == 2
+
+
+def test_teacher_checkpoint_becomes_the_root(tmp_path, smoke_run):
+    cfg, first = smoke_run
+    teacher = cfg.run_dir + "/" + first.root.checkpoint
+    cfg2 = smoke_config(tmp_path, teacher=teacher, max_generations=1)
+    out = run_search(cfg2, progress=False)
+    assert out.root.operator.startswith("teacher:") and out.root.seconds == 0
+    assert out.root.val_acc == pytest.approx(first.root.val_acc)
+    assert out.root.spec == first.root.spec
