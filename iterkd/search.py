@@ -3,6 +3,7 @@ candidates, trains each from its teachers, records it in the study, selects, and
 best child loses more than --max-drop points. Re-running on the same run directory resumes."""
 from __future__ import annotations
 
+import json
 import os
 import socket
 import time
@@ -51,6 +52,7 @@ class Search:
         self.study = open_study(cfg.storage or default_storage(self.run_dir), cfg.name)
         if not config_path(self.run_dir).exists():  # saved only once the run can really start
             write_atomic(config_path(self.run_dir), cfg.to_json())
+            self.study.set_user_attr("config", json.loads(cfg.to_json()))  # reports read it from the study
         self._data: DataSplits | None = None
         self._models: dict[int, VGG] = {}
 
@@ -107,10 +109,12 @@ class Search:
             set_selection(self.study, generation, [n.node for n in frontier])
             generation += 1
         final = frontier[0]
+        seconds = time.perf_counter() - start
         self.study.set_user_attr("stop_reason", stop)
         self.study.set_user_attr("final_node", final.node)
+        self.study.set_user_attr("wall_seconds", self.study.user_attrs.get("wall_seconds", 0.0) + seconds)
         write_lineage_csv(self.study, self.run_dir / "lineage.csv")
-        return SearchOutcome(root, final, stop, generation - 1, time.perf_counter() - start)
+        return SearchOutcome(root, final, stop, generation - 1, seconds)
 
     def _frontier(self, root: Node) -> tuple[list[Node], int]:
         """The accepted nodes to grow from, and the next generation number (resume-aware)."""
