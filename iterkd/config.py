@@ -139,5 +139,8 @@ def resume_config(saved: SearchConfig, explicit: dict) -> SearchConfig:
     if conflicts:
         raise IterkdError(f"run {saved.run_dir} was started with other settings: {'; '.join(conflicts)}. "
                           "Drop those flags to resume it, or start a new run with --name")
+    if saved.storage and "***" in saved.storage and not explicit.get("storage"):
+        raise IterkdError(f"run {saved.run_dir} uses storage {saved.storage}; passwords are never saved, "
+                          "so pass --storage with the full URL again to resume it")
     allowed = {k: v for k, v in explicit.items() if v is not None and k in RESUMABLE_OVERRIDES}
     return validate(replace(saved, **allowed))

@@ -7,7 +7,7 @@ import json
 import os
 import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -19,7 +19,7 @@ from .checkpoints import load_model, save_checkpoint
 from .config import SearchConfig, config_path
 from .data import DataSplits, dataset_info, load_data
 from .errors import IterkdError, TrainingDiverged
-from .lineage import (Node, default_storage, lineage_frame, node_attrs, nodes, open_study, root_node,
+from .lineage import (Node, default_storage, redact_url, lineage_frame, node_attrs, nodes, open_study, root_node,
                       selections, set_selection, write_atomic, write_lineage_csv)
 from .losses import LossWeights
 from .models import VGG
@@ -51,8 +51,10 @@ class Search:
         self._prepare_run_dir()
         self.study = open_study(cfg.storage or default_storage(self.run_dir), cfg.name)
         if not config_path(self.run_dir).exists():  # saved only once the run can really start
-            write_atomic(config_path(self.run_dir), cfg.to_json())
-            self.study.set_user_attr("config", json.loads(cfg.to_json()))  # reports read it from the study
+            # Passwords never reach disk or the study: a resumed run asks for --storage again.
+            saved = replace(cfg, storage=redact_url(cfg.storage) if cfg.storage else None)
+            write_atomic(config_path(self.run_dir), saved.to_json())
+            self.study.set_user_attr("config", json.loads(saved.to_json()))  # reports read it from the study
         self._data: DataSplits | None = None
         self._models: dict[int, VGG] = {}
 
