@@ -45,6 +45,10 @@ def _add_search_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--select", help="best-acc (default) or smallest-within-budget")
     g.add_argument("--teacher-weights", help="ancestors variants: mean (default) or accuracy")
     g.add_argument("--teacher", help="checkpoint of a trained root (.safetensors from iterkd); default: train the root")
+    g.add_argument("--sampler", help="greedy (default: the space's order, closest to halving first), tpe, random "
+                                     "or nsga2 (Optuna chooses each child's move and the space's KD ranges)")
+    g.add_argument("--pruner", help="none (default), median or hyperband: stop weak children early (status 'pruned')")
+    g.add_argument("--objectives", help="acc (default) or acc,params (multi-objective; no pruner)")
     g = p.add_argument_group("run")
     g.add_argument("--name", help="run name (default 'run'); the run directory is runs/NAME")
     g.add_argument("--run-dir", help="run directory (default runs/NAME); re-running on it resumes")
@@ -72,7 +76,7 @@ def _add_search_flags(p: argparse.ArgumentParser) -> None:
 
 
 CONFIG_FLAGS = ("space", "dataset", "variant", "max_drop", "max_generations", "children", "beam", "select",
-                "teacher_weights", "teacher", "name", "run_dir", "storage", "preset", "seed", "device", "data_dir",
+                "teacher_weights", "teacher", "sampler", "pruner", "objectives", "name", "run_dir", "storage", "preset", "seed", "device", "data_dir",
                 "download", "width", "epochs", "root_epochs", "batch_size", "lr", "weight_decay", "alpha",
                 "temperature", "hint_weight", "train_subset", "val_size", "test_subset")
 
@@ -145,6 +149,58 @@ def cmd_spaces(args) -> int:
     return 0
 
 
+def open_run(run_dir: str):
+    """(config, study, storage URL) of an existing run directory, or a one-line error saying what is missing."""
+    from .config import SearchConfig, config_path
+    from .lineage import default_storage, open_study
+
+    path = config_path(run_dir)
+    if not Path(run_dir).is_dir():
+        raise IterkdError(f"no run directory {run_dir}")
+    if not path.exists():
+        raise IterkdError(f"{run_dir} has no config.json: not an iterkd run directory (or one that never started)")
+    cfg = SearchConfig.from_json(path.read_text())
+    storage = cfg.storage if cfg.storage and "***" not in cfg.storage else default_storage(Path(run_dir))
+    return cfg, open_study(storage, cfg.name, create=False), storage
+
+
+def cmd_select(args) -> int:
+    from .lineage import nodes, selections, set_selection
+
+    _, study, _ = open_run(args.run)
+    by_id = {n.node: n for n in nodes(study)}
+    node = by_id.get(args.node)
+    if node is None or not node.ok:
+        raise IterkdError(f"node {args.node} is not a trained node of {args.run}; "
+                          f"trained nodes: {', '.join(str(i) for i, n in sorted(by_id.items()) if n.ok)}")
+    later = {g: ids for g, ids in selections(study).items() if g > node.generation}
+    if later:  # growing from an earlier node abandons the selections made after it (kept in the log)
+        sel = study.user_attrs.get("selections", {})
+        study.set_user_attr("selections", {g: ids for g, ids in sel.items() if int(g) <= node.generation})
+    set_selection(study, node.generation, [node.node], by="user")
+    study.set_user_attr("stop_reason", "")
+    print(f"node {node.node} ({node.spec.summary()}, {node.spec.params():,} params, val {node.val_acc:.2f}%) "
+          f"is now the parent of generation {node.generation + 1}; continue with: iterkd search --run-dir {args.run}")
+    return 0
+
+
+def cmd_dashboard(args) -> int:
+    try:
+        from optuna_dashboard import run_server
+    except ImportError:
+        raise IterkdError("the dashboard needs optuna-dashboard: pip install optuna-dashboard") from None
+    from optuna.artifacts import FileSystemArtifactStore
+
+    cfg, _, storage = open_run(args.run)
+    print(f"iterkd: serving run {cfg.name!r} at http://{args.host}:{args.port}/dashboard (Ctrl-C to stop)", flush=True)
+    try:
+        run_server(storage, host=args.host, port=args.port,
+                   artifact_store=FileSystemArtifactStore(str(Path(args.run) / "artifacts")))
+    except OSError as e:
+        raise IterkdError(f"cannot serve on {args.host}:{args.port} ({e.strerror}); choose another --port") from None
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="iterkd", description="Iterative knowledge-distillation compression search.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -153,6 +209,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_search)
     p = sub.add_parser("spaces", help="list the shipped search spaces with their root size (3x32x32, 10 classes)")
     p.set_defaults(func=cmd_spaces)
+    p = sub.add_parser("select", help="make a node the parent of the next generation (overrides the automatic choice)")
+    p.add_argument("run", help="run directory")
+    p.add_argument("--node", type=int, required=True, help="node id (see lineage.csv)")
+    p.set_defaults(func=cmd_select)
+    p = sub.add_parser("dashboard", help="serve the run's study with optuna-dashboard (loopback by default)")
+    p.add_argument("run", help="run directory")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.set_defaults(func=cmd_dashboard)
     return parser
 
 

@@ -14,6 +14,9 @@ from .errors import IterkdError
 VARIANTS = ("parent-child", "parent-children", "ancestors-child", "ancestors-children")
 SELECT_RULES = ("best-acc", "smallest-within-budget")
 TEACHER_WEIGHTS = ("mean", "accuracy")
+SAMPLERS = ("greedy", "tpe", "random", "nsga2")
+PRUNERS = ("none", "median", "hyperband")
+OBJECTIVES = ("acc", "acc,params")
 
 
 @dataclass(frozen=True)
@@ -31,6 +34,9 @@ class SearchConfig:
     beam: int = 1  # accepted nodes kept per generation
     select: str = "best-acc"
     teacher_weights: str = "mean"
+    sampler: str = "greedy"  # greedy: the space's preferred order (closest to halving first); else Optuna chooses
+    pruner: str = "none"
+    objectives: str = "acc"  # or "acc,params": multi-objective study, Pareto front = study.best_trials
     teacher: str | None = None  # checkpoint of a trained root
     storage: str | None = None  # default: sqlite:///<run_dir>/study.db
     seed: int = 0
@@ -104,6 +110,12 @@ def validate(cfg: SearchConfig) -> SearchConfig:
     need(cfg.select in SELECT_RULES, f"unknown --select {cfg.select!r}; choose one of {', '.join(SELECT_RULES)}")
     need(cfg.teacher_weights in TEACHER_WEIGHTS,
          f"unknown --teacher-weights {cfg.teacher_weights!r}; choose one of {', '.join(TEACHER_WEIGHTS)}")
+    need(cfg.sampler in SAMPLERS, f"unknown --sampler {cfg.sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    need(cfg.pruner in PRUNERS, f"unknown --pruner {cfg.pruner!r}; choose one of {', '.join(PRUNERS)}")
+    need(cfg.objectives in OBJECTIVES, f"unknown --objectives {cfg.objectives!r}; choose one of {', '.join(OBJECTIVES)}")
+    need(cfg.objectives == "acc" or cfg.pruner == "none",
+         "--pruner needs a single objective: Optuna cannot prune multi-objective trials; "
+         "use --objectives acc or --pruner none")
     need(cfg.children >= 1, f"--children must be at least 1, got {cfg.children}")
     need(cfg.beam >= 1, f"--beam must be at least 1, got {cfg.beam}")
     need(cfg.max_generations >= 1, f"--max-generations must be at least 1, got {cfg.max_generations}")

@@ -85,8 +85,11 @@ def default_storage(run_dir: Path) -> str:
     return f"sqlite:///{(Path(run_dir) / 'study.db').resolve()}"
 
 
-def open_study(storage: str, name: str, *, create: bool = True) -> optuna.Study:
-    """Open (or create) the run's study; bad or unreachable storage URLs become one-line errors."""
+def open_study(storage: str, name: str, *, create: bool = True, directions: tuple[str, ...] = ("maximize",),
+               sampler: optuna.samplers.BaseSampler | None = None,
+               pruner: optuna.pruners.BasePruner | None = None) -> optuna.Study:
+    """Open (or create) the run's study; bad or unreachable storage URLs become one-line errors.
+    Samplers and pruners are not stored by Optuna: every process passes its own."""
     if "://" not in storage:
         raise IterkdError(f"--storage {redact_url(storage)!r} is not a database URL; expected e.g. "
                           "sqlite:///runs/NAME/study.db or postgresql://USER@HOST/DB")
@@ -94,8 +97,9 @@ def open_study(storage: str, name: str, *, create: bool = True) -> optuna.Study:
     try:
         rdb = optuna.storages.RDBStorage(storage, engine_kwargs=_engine_kwargs(storage))
         if create:
-            return optuna.create_study(storage=rdb, study_name=name, direction="maximize", load_if_exists=True)
-        return optuna.load_study(storage=rdb, study_name=name)
+            return optuna.create_study(storage=rdb, study_name=name, directions=list(directions), sampler=sampler,
+                                       pruner=pruner, load_if_exists=True)
+        return optuna.load_study(storage=rdb, study_name=name, sampler=sampler, pruner=pruner)
     except KeyError:
         raise IterkdError(f"no run named {name!r} in storage {redact_url(storage)}") from None
     except ImportError as e:
@@ -177,3 +181,31 @@ def write_lineage_csv(study: optuna.Study, path: Path) -> pd.DataFrame:
     df = lineage_frame(study)
     write_atomic(Path(path), df.to_csv(index=False))
     return df
+
+
+# -- dashboard notes ------------------------------------------------------------------------------
+
+def lineage_card(n: Node, root: Node | None, status: str | None = None) -> str:
+    """A node's Markdown card for the Optuna dashboard's trial note."""
+    status = status or {"COMPLETE": "trained", "FAIL": "failed", "PRUNED": "pruned"}.get(n.state, n.state.lower())
+    size = n.spec.params()
+    ratio = f" ({root.spec.params() / size:.1f}x smaller than the root)" if root is not None and n.generation else ""
+    acc = "—" if n.val_acc is None else f"{n.val_acc:.2f} % val, {n.test_acc:.2f} % test"
+    drop = "" if root is None or n.val_acc is None or not n.generation else f"{root.val_acc - n.val_acc:+.2f} pts"
+    rows = [("status", status), ("generation", n.generation),
+            ("parent", ", ".join(map(str, n.parents)) or "—"), ("teachers", ", ".join(map(str, n.teachers)) or "—"),
+            ("made by", f"`{n.operator}`"), ("architecture", f"`{n.spec.summary()}`"),
+            ("params", f"{size:,}{ratio}"), ("bytes (fp32)", f"{n.spec.state_bytes():,}"),
+            ("FLOPs / image", f"{n.spec.flops():,}"), ("accuracy", acc), ("drop vs root", drop or "—"),
+            ("KD settings", ", ".join(f"{k}={v:g}" for k, v in n.loss.items()) or "labels only"),
+            ("epochs", n.epochs), ("error", n.error or "—")]
+    lines = [f"## Node {n.node}", "", "| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows]
+    return "\n".join(lines) + "\n"
+
+
+def write_note(study: optuna.Study, number: int, body: str) -> None:
+    """Set a trial's dashboard note; notes live in study attributes, so this works after the trial ended."""
+    from optuna_dashboard import save_note
+
+    frozen = study.get_trials(deepcopy=False)[number]
+    save_note(optuna.trial.Trial(study, frozen._trial_id), body)  # Trial is only a handle here: no state change

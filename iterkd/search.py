@@ -4,28 +4,32 @@ best child loses more than --max-drop points. Re-running on the same run directo
 from __future__ import annotations
 
 import json
+import itertools
 import os
 import socket
 import time
+import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
 import optuna
 import torch
+from optuna.artifacts import FileSystemArtifactStore, upload_artifact
 
 from .arch import VGGSpec
 from .checkpoints import load_model, save_checkpoint
+from .choices import make_pruner, make_sampler, move_params, suggest_kd, suggest_move
 from .config import SearchConfig, config_path
 from .data import DataSplits, dataset_info, load_data
 from .errors import IterkdError, TrainingDiverged
-from .lineage import (Node, default_storage, redact_url, lineage_frame, node_attrs, nodes, open_study, root_node,
-                      selections, set_selection, write_atomic, write_lineage_csv)
+from .lineage import (Node, default_storage, lineage_card, lineage_frame, node_attrs, node_status, nodes, open_study, redact_url,
+                      root_node, selections, set_selection, write_atomic, write_lineage_csv, write_note)
 from .losses import LossWeights
 from .models import VGG
 from .spaces import load_space
 from .train import TrainSettings, resolve_device, train
-from .variants import VARIANTS, Candidate
+from .variants import VARIANTS, Slot, candidate_seed, diverse_order
 
 
 @dataclass(frozen=True)
@@ -49,7 +53,12 @@ class Search:
         self.info = dataset_info(cfg.dataset)
         self.device = resolve_device(cfg.device)
         self._prepare_run_dir()
-        self.study = open_study(cfg.storage or default_storage(self.run_dir), cfg.name)
+        self.multi_objective = cfg.objectives == "acc,params"
+        self.sampler = make_sampler(cfg.sampler, cfg.seed)
+        self.study = open_study(cfg.storage or default_storage(self.run_dir), cfg.name,
+                                directions=("maximize", "minimize") if self.multi_objective else ("maximize",),
+                                sampler=self.sampler, pruner=make_pruner(cfg.pruner, cfg.epochs))
+        self.artifacts = FileSystemArtifactStore(str(self.run_dir / "artifacts"))
         if not config_path(self.run_dir).exists():  # saved only once the run can really start
             # Passwords never reach disk or the study: a resumed run asks for --storage again.
             saved = replace(cfg, storage=redact_url(cfg.storage) if cfg.storage else None)
@@ -61,7 +70,8 @@ class Search:
     # -- setup --------------------------------------------------------------------------------------
     def _prepare_run_dir(self) -> None:
         try:
-            (self.run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+            for sub in ("checkpoints", "artifacts"):
+                (self.run_dir / sub).mkdir(parents=True, exist_ok=True)
             probe = self.run_dir / f".write-test-{os.getpid()}"
             probe.write_text("")
             probe.unlink()
@@ -94,22 +104,21 @@ class Search:
                 stop = f"reached --max-generations {self.cfg.max_generations}"
                 break
             trained = self._train_generation(generation, frontier)
+            ok = [n for n in trained if n.ok]
+            best = max(ok, key=lambda n: n.val_acc) if ok else None
             if not trained:
                 stop = "the space has no smaller child to propose (min_model reached)"
-                break
-            ok = [n for n in trained if n.ok]
-            if not ok:
+            elif best is None:
                 stop = f"every candidate of generation {generation} failed"
-                break
-            best = max(ok, key=lambda n: n.val_acc)
-            drop = root.val_acc - best.val_acc
-            if drop > self.cfg.max_drop:
-                stop = (f"best child of generation {generation} (node {best.node}) dropped {drop:.2f} points "
-                        f"> --max-drop {self.cfg.max_drop:g}")
-                break
-            frontier = self._select(ok, root)
-            set_selection(self.study, generation, [n.node for n in frontier])
-            generation += 1
+            elif root.val_acc - best.val_acc > self.cfg.max_drop:
+                stop = (f"best child of generation {generation} (node {best.node}) dropped "
+                        f"{root.val_acc - best.val_acc:.2f} points > --max-drop {self.cfg.max_drop:g}")
+            else:
+                frontier = self._select(ok, root)
+                set_selection(self.study, generation, [n.node for n in frontier])
+                generation += 1
+            self._refresh_notes(trained, root)
+            write_lineage_csv(self.study, self.run_dir / "lineage.csv")  # current while the search runs
         final = frontier[0]
         seconds = time.perf_counter() - start
         self.study.set_user_attr("stop_reason", stop)
@@ -117,6 +126,12 @@ class Search:
         self.study.set_user_attr("wall_seconds", self.study.user_attrs.get("wall_seconds", 0.0) + seconds)
         write_lineage_csv(self.study, self.run_dir / "lineage.csv")
         return SearchOutcome(root, final, stop, generation - 1, seconds)
+
+    def _refresh_notes(self, generation_nodes: list[Node], root: Node) -> None:
+        """Rewrite a generation's dashboard notes once selection has decided each node's status."""
+        accepted = {i for ids in selections(self.study).values() for i in ids}
+        for n in generation_nodes:
+            write_note(self.study, n.node, lineage_card(n, root, node_status(n, accepted)))
 
     def _frontier(self, root: Node) -> tuple[list[Node], int]:
         """The accepted nodes to grow from, and the next generation number (resume-aware)."""
@@ -144,19 +159,32 @@ class Search:
         return chain[::-1]
 
     def _train_generation(self, generation: int, frontier: list[Node]) -> list[Node]:
-        """Train (or reuse) this generation's candidates; a child that diverges is replaced by the
-        next move the space offers, so one bad child does not end the search."""
-        done: dict[str, Node] = {}
-        excluded: set[str] = set()
-        while True:
-            cands = self.variant.plan(generation, frontier, self._ancestors, self.space, self.cfg.children, excluded)
-            todo = [c for c in cands if c.key not in done]
-            if not todo:
-                return list(done.values())
-            for c in todo:
-                done[c.key] = node = self._train_candidate(c)
-                if not node.ok:
-                    excluded.add(c.key)
+        trained = []
+        for slot in self.variant.plan(frontier, self._ancestors, self.cfg.children):
+            trained += self._fill_slot(generation, slot)
+        return trained
+
+    def _fill_slot(self, generation: int, slot: Slot) -> list[Node]:
+        """Train `slot.count` children of one parent (or reuse those a previous run trained). A child
+        that diverges is replaced by another move; if every child was pruned, more moves are tried
+        until one completes or the space has none left, so one bad child does not end the search."""
+        results: list[Node] = []
+        for attempt in itertools.count():
+            settled = [n for n in results if n.ok or n.state == "PRUNED"]
+            if len(settled) >= slot.count and any(n.ok for n in results):
+                return results
+            key = slot.key(generation, attempt)
+            node = self._existing(key)
+            if node is not None:
+                self.log(f"gen {generation}: reusing node {node.node} {node.operator} (already trained)")
+            else:
+                tried = {n.spec for n in results}
+                moves = [m for m in diverse_order(self.space.moves(slot.parent.spec)) if m.spec not in tried]
+                if not moves:
+                    return results
+                node = self._train_candidate(generation, slot, key, moves)
+            results.append(node)
+        return results
 
     # -- nodes --------------------------------------------------------------------------------------
     def _existing(self, key: str) -> Node | None:
@@ -204,62 +232,114 @@ class Search:
 
         return self._run_trial(attrs, model, measure)
 
-    def _train_candidate(self, c: Candidate) -> Node:
-        existing = self._existing(c.key)
-        if existing is not None:
-            self.log(f"gen {c.generation}: reusing node {existing.node} {c.move.label} (already trained)")
-            return existing
-        seed = c.seed(self.cfg.seed)
+    def _train_candidate(self, generation: int, slot: Slot, key: str, moves: list) -> Node:
+        """Ask the study for a trial, let it choose the move and KD settings, train, record."""
+        parent = slot.parent
+        if self.cfg.sampler == "greedy":  # the space's preferred move; only KD ranges are sampled
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                self.study.sampler = optuna.samplers.PartialFixedSampler(move_params(moves[0], parent.spec),
+                                                                         self.sampler)
+        try:  # a trial samples through study.sampler when it suggests, so keep it until then
+            trial = self.study.ask()
+            move = suggest_move(trial, self.space, parent.spec, moves)
+            kd = suggest_kd(trial, self.space, {"alpha": self.cfg.alpha, "temperature": self.cfg.temperature,
+                                                "hint_weight": self.cfg.hint_weight, "lr": self.cfg.lr})
+        finally:
+            self.study.sampler = self.sampler
+        seed = candidate_seed(self.cfg.seed, key)
         torch.manual_seed(seed)
-        model = VGG(c.move.spec)
-        teachers = [self._model(t) for t in c.teachers]
-        hint_teacher = self._model(c.parent)
-        weights = [t.val_acc for t in c.teachers] if self.cfg.teacher_weights == "accuracy" else None
-        loss = {"alpha": self.cfg.alpha, "temperature": self.cfg.temperature, "hint_weight": self.cfg.hint_weight}
-        attrs = node_attrs(generation=c.generation, parents=(c.parent.node,), teachers=[t.node for t in c.teachers],
-                           operator=c.move.label, spec=c.move.spec, key=c.key, loss=loss, epochs=self.cfg.epochs)
+        model = VGG(move.spec)
+        teachers = [self._model(t) for t in slot.teachers]
+        hint_teacher = self._model(parent)
+        weights = [t.val_acc for t in slot.teachers] if self.cfg.teacher_weights == "accuracy" else None
+        settings = replace(self.settings(self.cfg.epochs, seed), lr=kd["lr"],
+                           loss=LossWeights(kd["alpha"], kd["temperature"], kd["hint_weight"]))
+        attrs = node_attrs(generation=generation, parents=(parent.node,), teachers=[t.node for t in slot.teachers],
+                           operator=move.label, spec=move.spec, key=key, loss=kd, epochs=self.cfg.epochs)
         return self._run_trial(attrs, model, lambda m, on_epoch: train(
-            m, self.data, self.settings(self.cfg.epochs, seed), teachers=teachers, teacher_weights=weights,
-            hint_teacher=hint_teacher, on_epoch=on_epoch, progress=self.progress,
-            desc=f"gen {c.generation} {c.move.label}"))
+            m, self.data, settings, teachers=teachers, teacher_weights=weights, hint_teacher=hint_teacher,
+            on_epoch=on_epoch, progress=self.progress, desc=f"gen {generation} {move.label}"),
+            trial=trial, parent=parent)
 
     def _model(self, node: Node) -> VGG:
         if node.node not in self._models:
             self._models[node.node] = load_model(self.run_dir / node.checkpoint).to(self.device)
         return self._models[node.node]
 
-    def _run_trial(self, attrs: dict, model: VGG, fit) -> Node:
+    def _run_trial(self, attrs: dict, model: VGG, fit, *, trial: optuna.Trial | None = None,
+                   parent: Node | None = None) -> Node:
         """Run one node as one Optuna trial: attributes first (so a crash leaves a visible RUNNING
-        trial), then training, checkpoint, accuracies, and the trial's final state."""
-        trial = self.study.ask()
+        trial), then training, checkpoint (also an Optuna artifact), accuracies, and the final state."""
+        trial = trial or self.study.ask()
         for k, v in {**attrs, "host": socket.gethostname(), "pid": os.getpid()}.items():
             trial.set_user_attr(k, v)
 
         def on_epoch(epoch: int, val_acc: float) -> None:
-            trial.report(val_acc, epoch)
+            # Children are compared by how far below their parent they are at each epoch, so the
+            # pruner does not cut every child of a later (smaller) generation against earlier ones.
+            if parent is None or self.multi_objective:
+                return
+            trial.report(val_acc - parent.val_acc, epoch)
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"epoch {epoch + 1}: {val_acc:.2f}% is weak against its siblings")
 
         try:
             result = fit(model, on_epoch)
         except TrainingDiverged as e:
-            trial.set_user_attr("error", str(e))
-            trial.set_user_attr("failure", "diverged")
-            self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
-            self.log(f"node {trial.number} failed: {e}")
-            return Node.from_trial(self.study.get_trials(deepcopy=False)[trial.number])
+            return self._finish(trial, optuna.trial.TrialState.FAIL, error=str(e), failure="diverged")
+        except optuna.TrialPruned as e:
+            return self._finish(trial, optuna.trial.TrialState.PRUNED, error=str(e))
         except BaseException:  # Ctrl-C or a bug: the trial fails, its candidate is retried on resume
             self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
             raise
         ckpt = Path("checkpoints") / f"node-{trial.number}.safetensors"
         save_checkpoint(self.run_dir / ckpt, model, node=trial.number, val_acc=result.val_acc)
+        artifact_id = self._attach(trial, self.run_dir / ckpt)
         self._models[trial.number] = model.eval()
-        for k, v in {"checkpoint": str(ckpt), "val_acc": result.val_acc, "test_acc": result.test_acc,
-                     "seconds": round(result.seconds, 2), "history": result.history,
-                     "images_per_s": round(result.images_per_s, 1)}.items():
+        root = root_node(nodes(self.study))
+        drop = 0.0 if root is None else root.val_acc - result.val_acc
+        for k, v in {"checkpoint": str(ckpt), "artifact_id": artifact_id, "val_acc": result.val_acc,
+                     "test_acc": result.test_acc, "drop": round(drop, 4), "seconds": round(result.seconds, 2),
+                     "history": result.history, "images_per_s": round(result.images_per_s, 1),
+                     "budget": "within" if drop <= self.cfg.max_drop else "over"}.items():
             trial.set_user_attr(k, v)
-        self.study.tell(trial, result.val_acc)
-        node = Node.from_trial(self.study.get_trials(deepcopy=False)[trial.number])
+        trial.set_constraint("drop_over_budget", drop - self.cfg.max_drop)  # feasible when <= 0
+        values = [result.val_acc, model.spec.params()] if self.multi_objective else result.val_acc
+        node = self._finish(trial, optuna.trial.TrialState.COMPLETE, values=values)
         self._log_node(node)
         return node
+
+    def _finish(self, trial: optuna.Trial, state, *, values=None, error: str = "", failure: str = "") -> Node:
+        if error:
+            trial.set_user_attr("error", error)
+            self.log(f"node {trial.number} {state.name.lower()}: {error}")
+        if failure:
+            trial.set_user_attr("failure", failure)
+        write_note(self.study, trial.number, lineage_card(self._node_of(trial, state), root_node(nodes(self.study))))
+        if values is None:
+            self.study.tell(trial, state=state)
+        else:
+            self.study.tell(trial, values)
+        return Node.from_trial(self.study.get_trials(deepcopy=False)[trial.number])
+
+    def _node_of(self, trial: optuna.Trial, state) -> Node:
+        """The node as it will read once told (for its dashboard note, written before `tell`)."""
+        frozen = self.study.get_trials(deepcopy=False)[trial.number]
+        return replace(Node.from_trial(frozen), state=state.name)
+
+    def _attach(self, trial: optuna.Trial, path: Path) -> str | None:
+        """Attach the checkpoint to the trial as an Optuna artifact (downloadable from the
+        dashboard); the artifact file is then a hard link to the checkpoint, so it costs no disk."""
+        artifact_id = upload_artifact(artifact_store=self.artifacts, file_path=str(path), study_or_trial=trial)
+        copy = self.run_dir / "artifacts" / artifact_id
+        try:
+            tmp = copy.with_name(f".{artifact_id}.link")
+            os.link(path, tmp)
+            os.replace(tmp, copy)
+        except OSError:
+            pass  # another filesystem: keep the copy
+        return artifact_id
 
     def _log_node(self, n: Node) -> None:
         root = root_node(nodes(self.study)) if n.generation else n
@@ -297,3 +377,4 @@ def summary_table(study: optuna.Study):
     cols = ["node", "generation", "parents", "teachers", "operator", "params", "val_acc", "test_acc", "drop",
             "status", "seconds"]
     return df[cols]
+

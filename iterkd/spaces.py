@@ -2,6 +2,7 @@
 from a parent, and the smallest model allowed. A new space is a file; a new operator is one function."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -108,6 +109,8 @@ class SearchSpace:
     root_blocks: tuple[tuple[int, ...], ...] | None
     operators: tuple[tuple[str, dict], ...]
     min_model: MinModel = field(default_factory=MinModel)
+    kd: dict = field(default_factory=dict)  # alpha/temperature/hint_weight/lr: a number (fixed) or [low, high] (searched)
+    step: float = 0.5  # preferred child/parent parameter ratio: moves closest to it come first
 
     def root_spec(self, in_channels: int, num_classes: int, input_size: int, width: float | None = None) -> VGGSpec:
         """The root architecture for a dataset; `width` overrides the space's width multiplier."""
@@ -118,7 +121,10 @@ class SearchSpace:
         return vgg_spec(self.root_arch, self.root_width if width is None else width, in_channels, num_classes, input_size)
 
     def moves(self, spec: VGGSpec) -> list[Move]:
-        """Every child the space allows from `spec`, largest size reduction first (ties: YAML order)."""
+        """Every child the space allows from `spec`, those whose size ratio to the parent is closest
+        to `step` first (on a log scale; ties: the smaller child, then YAML order). A step of 0.5
+        halves the model per generation: big enough to compress, small enough that a few epochs of
+        distillation recover the accuracy."""
         seen, moves = set(), []
         for name, params in self.operators:
             for m in OPERATORS[name](spec, params):
@@ -126,7 +132,12 @@ class SearchSpace:
                     seen.add(m.spec)
                     moves.append(m)
         order = {m: i for i, m in enumerate(moves)}
-        return sorted(moves, key=lambda m: (m.spec.params(), order[m]))
+        target = math.log(self.step)
+
+        def preference(m: Move):
+            return (round(abs(math.log(m.spec.params() / spec.params()) - target), 9), m.spec.params(), order[m])
+
+        return sorted(moves, key=preference)
 
 
 def _builtin_dir() -> Path:
@@ -180,8 +191,31 @@ def _parse_space(data, path: Path) -> SearchSpace:
         name=data.get("name", path.stem), description=data.get("description", ""),
         root_arch=arch, root_width=float(root.get("width", 1.0)),
         root_blocks=tuple(tuple(b) for b in root["blocks"]) if "blocks" in root else None,
-        operators=tuple(ops), min_model=min_model)
+        operators=tuple(ops), min_model=min_model, kd=_parse_kd(data.get("kd") or {}, path),
+        step=_parse_step(data.get("step", 0.5), path))
     probe = space.root_spec(3, 10, 32)
     if not min_model.admits(probe):
         raise IterkdError(f"search space {path}: min_model {min_model} is larger than the root {probe.summary()}")
     return space
+
+
+KD_KEYS = ("alpha", "temperature", "hint_weight", "lr")
+
+
+def _parse_kd(kd, path: Path) -> dict:
+    """`kd:` maps alpha/temperature/hint_weight/lr to a number (fixed) or [low, high] (searched)."""
+    if not isinstance(kd, dict) or set(kd) - set(KD_KEYS):
+        raise IterkdError(f"search space {path}: 'kd' may only set {', '.join(KD_KEYS)}")
+    for key, value in kd.items():
+        ok = isinstance(value, (int, float)) or (isinstance(value, list) and len(value) == 2
+                                                 and all(isinstance(v, (int, float)) for v in value)
+                                                 and 0 <= value[0] < value[1])
+        if not ok:
+            raise IterkdError(f"search space {path}: kd.{key} must be a number or [low, high] with 0 <= low < high")
+    return dict(kd)
+
+
+def _parse_step(step, path: Path) -> float:
+    if not isinstance(step, (int, float)) or not 0 < step < 1:
+        raise IterkdError(f"search space {path}: step must be a number in (0, 1) (the preferred child/parent size ratio)")
+    return float(step)

@@ -1,5 +1,5 @@
 """The four ways to grow the lineage, as strategy objects with one method: given the accepted
-frontier, which children to train next and who teaches each."""
+frontier, how many children each parent gets next and who teaches them."""
 from __future__ import annotations
 
 import zlib
@@ -7,55 +7,49 @@ from dataclasses import dataclass
 from typing import Callable
 
 from .lineage import Node
-from .spaces import Move, SearchSpace
+from .spaces import Move
 
 
 @dataclass(frozen=True)
-class Candidate:
-    generation: int
+class Slot:
+    """`count` children of `parent`, each taught by `teachers` (the hint comes from the parent)."""
+
     parent: Node
     teachers: tuple[Node, ...]
-    move: Move
+    count: int
 
-    @property
-    def key(self) -> str:
-        """Stable identity: a resumed run recognises a candidate it already trained by this key."""
+    def key(self, generation: int, attempt: int) -> str:
+        """Stable identity of one candidate: a resumed run recognises what it already trained by it."""
         teachers = ",".join(str(t.node) for t in self.teachers)
-        return f"g{self.generation}|p{self.parent.node}|t{teachers}|{self.move.label}"
+        return f"g{generation}|p{self.parent.node}|t{teachers}|c{attempt}"
 
-    def seed(self, run_seed: int) -> int:
-        return (run_seed * 1_000_003 + zlib.crc32(self.key.encode())) % 2**31
+
+def candidate_seed(run_seed: int, key: str) -> int:
+    return (run_seed * 1_000_003 + zlib.crc32(key.encode())) % 2**31
 
 
 @dataclass(frozen=True)
 class Variant:
-    """`children`: several candidates per parent (else one); `all_ancestors`: every accepted ancestor
-    teaches (else the parent alone). The hint always comes from the direct parent."""
+    """`children`: K candidates per parent (else one); `all_ancestors`: every accepted ancestor,
+    root included, teaches (else the parent alone)."""
 
     name: str
     children: bool
     all_ancestors: bool
 
-    def plan(self, generation: int, frontier: list[Node], ancestors: Callable[[Node], list[Node]],
-             space: SearchSpace, k: int, exclude: set[str] = frozenset()) -> list[Candidate]:
-        """Candidates for `generation`, skipping keys in `exclude` (children that already failed)."""
-        out = []
-        for parent in frontier:
-            teachers = tuple(ancestors(parent)) if self.all_ancestors else (parent,)
-            cands = [Candidate(generation, parent, teachers, m) for m in diverse_order(space.moves(parent.spec))]
-            cands = [c for c in cands if c.key not in exclude]
-            out.extend(cands[:k if self.children else 1])
-        return out
+    def plan(self, frontier: list[Node], ancestors: Callable[[Node], list[Node]], k: int) -> list[Slot]:
+        return [Slot(p, tuple(ancestors(p)) if self.all_ancestors else (p,), k if self.children else 1)
+                for p in frontier]
 
 
 def diverse_order(moves: list[Move]) -> list[Move]:
-    """Moves round-robin across operators (each operator's moves keep their largest-reduction-first
-    order), so K siblings try different kinds of change rather than K variants of one."""
+    """Moves round-robin across operators (each operator's moves keep the space's preference order,
+    and the operator of the most preferred move leads), so K siblings try different kinds of change
+    rather than K variants of one."""
     by_op: dict[str, list[Move]] = {}
     for m in moves:
         by_op.setdefault(m.operator, []).append(m)
-    # The operator whose best move shrinks the most goes first.
-    queues = sorted(by_op.values(), key=lambda ms: ms[0].spec.params())
+    queues = list(by_op.values())
     out = []
     while any(queues):
         for q in queues:

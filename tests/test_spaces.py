@@ -1,3 +1,5 @@
+import math
+
 import pytest
 
 from iterkd.arch import VGGSpec, vgg_spec
@@ -31,13 +33,21 @@ def test_shrink_widths_per_block_and_all():
     assert ((8, 8), (8, 8), (32,)) in [m.spec.blocks for m in moves]
 
 
-def test_moves_are_largest_reduction_first_and_respect_min_model():
+def test_moves_closest_to_halving_come_first_and_respect_min_model():
     space = load_space("tiny")
     moves = space.moves(SPEC)
-    sizes = [m.spec.params() for m in moves]
-    assert sizes == sorted(sizes) and all(s < SPEC.params() for s in sizes)
+    ratios = [abs(math.log(m.spec.params() / SPEC.params()) - math.log(0.5)) for m in moves]
+    assert ratios == sorted(ratios) and all(m.spec.params() < SPEC.params() for m in moves)
     strict = SearchSpace("s", "", "custom", 1.0, SPEC.blocks, space.operators, MinModel(blocks=3, width=8))
     assert all(len(m.spec.blocks) == 3 and min(min(b) for b in m.spec.blocks) >= 8 for m in strict.moves(SPEC))
+
+
+def test_a_space_step_sets_how_much_each_child_shrinks():
+    space = load_space("vgg16_blocks")
+    root = space.root_spec(1, 10, 32, 1 / 8)
+    gentle = SearchSpace("g", "", "vgg16", 1 / 8, None, space.operators, step=0.9)
+    assert space.moves(root)[0].label == "drop_block(block=4)"  # 232k -> 121k, about half
+    assert gentle.moves(root)[0].spec.params() > 0.8 * root.params()  # one conv fewer
 
 
 def test_unknown_space_lists_the_valid_ones():
@@ -53,6 +63,9 @@ def test_unknown_space_lists_the_valid_ones():
     ("root: {arch: vgg99}\noperators: [drop_layer]", "root.arch"),
     ("root: {arch: vgg11}\noperators: [drop_layer]\nmin_model: {params: 999999999}", "larger than the root"),
     ("root: {arch: vgg11}\noperators: [drop_layer]\nmin_model: {depth: 3}", "bad min_model"),
+    ("root: {arch: vgg11}\noperators: [drop_layer]\nstep: 2", "step must be"),
+    ("root: {arch: vgg11}\noperators: [drop_layer]\nkd: {temperature: [8, 2]}", "kd.temperature"),
+    ("root: {arch: vgg11}\noperators: [drop_layer]\nkd: {beta: 1}", "'kd' may only set"),
 ])
 def test_broken_space_files_are_one_line_errors(tmp_path, text, message):
     path = tmp_path / "space.yaml"

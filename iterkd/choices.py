@@ -1,0 +1,96 @@
+"""How a trial picks its child through Optuna's suggest API: the mutation operator and where it
+acts (from the space), and the KD settings whose ranges the space YAML declares.
+
+The parameter domains are the same for every trial of a run, so the sampler learns across
+generations: `operator` (the space's operator names), `position` (relative depth of the block to
+act on, 0 = first block, 1 = last), `scope` and `factor` (shrink_widths). A suggestion is resolved
+to the nearest move the parent actually allows."""
+from __future__ import annotations
+
+import optuna
+
+from .arch import VGGSpec
+from .spaces import Move, SearchSpace
+
+
+def _block_of(move: Move) -> int | None:
+    block = dict(move.args).get("block")
+    return block if isinstance(block, int) else None
+
+
+def _position(move: Move, parent: VGGSpec) -> float:
+    block = _block_of(move)
+    n = len(parent.blocks)
+    return 0.0 if block is None or n == 1 else (block - 1) / (n - 1)
+
+
+def move_params(move: Move, parent: VGGSpec) -> dict:
+    """The trial parameters that resolve to exactly `move` (enqueued by the greedy sampler)."""
+    params: dict = {"operator": move.operator}
+    args = dict(move.args)
+    if move.operator == "shrink_widths":
+        params["scope"] = "all" if args["block"] == "all" else "block"
+        params["factor"] = args["factor"]
+    if params.get("scope") != "all":
+        params["position"] = _position(move, parent)
+    return params
+
+
+def suggest_move(trial: optuna.Trial, space: SearchSpace, parent: VGGSpec, moves: list[Move]) -> Move:
+    """Ask the trial for a move and resolve it among `moves` (the parent's allowed, untried moves,
+    in the space's preferred order). Records what was actually built as user attribute `move`."""
+    operators = [name for name, _ in space.operators]
+    op = trial.suggest_categorical("operator", operators)
+    want: dict = {"operator": op}
+    if op == "shrink_widths":
+        params = dict(space.operators)[op]
+        scopes = params.get("scope", ["block", "all"])
+        scopes = [scopes] if isinstance(scopes, str) else list(scopes)
+        want["scope"] = trial.suggest_categorical("scope", scopes)
+        want["factor"] = trial.suggest_categorical("factor", list(params.get("factors", [0.5])))
+    if want.get("scope") != "all":
+        want["position"] = trial.suggest_float("position", 0.0, 1.0)
+
+    def distance(m: Move) -> tuple:
+        p = move_params(m, parent)
+        return (p["operator"] != want["operator"], p.get("scope") != want.get("scope"),
+                p.get("factor") != want.get("factor"), abs(p.get("position", 0.0) - want.get("position", 0.0)))
+
+    chosen = min(moves, key=distance)  # min keeps the first of equals: the space's order breaks ties
+    trial.set_user_attr("move", chosen.label)
+    return chosen
+
+
+def kd_ranges(space: SearchSpace) -> dict[str, tuple[float, float]]:
+    """The KD settings the space searches (declared as [low, high] in its `kd:` section)."""
+    return {k: tuple(v) for k, v in space.kd.items() if isinstance(v, (list, tuple))}
+
+
+def suggest_kd(trial: optuna.Trial, space: SearchSpace, defaults: dict) -> dict:
+    """KD settings for one child: searched ones suggested (lr on a log scale), fixed ones from the
+    space, the rest from the run's config."""
+    values = dict(defaults)
+    for key, value in space.kd.items():
+        if isinstance(value, (list, tuple)):
+            values[key] = trial.suggest_float(key, float(value[0]), float(value[1]), log=key == "lr")
+        else:
+            values[key] = float(value)
+    return values
+
+
+def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
+    """Seeded sampler. 'greedy' fixes each move to the space's preferred one and samples only the
+    KD ranges, with TPE. The drop budget reaches the samplers as each trial's constraint."""
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if name == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed, population_size=8)
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=5)
+
+
+def make_pruner(name: str, epochs: int) -> optuna.pruners.BasePruner:
+    if name == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1)
+    if name == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=max(epochs, 2), reduction_factor=3)
+    return optuna.pruners.NopPruner()
