@@ -81,8 +81,13 @@ def big_run(tmp_path_factory):
 
 
 def smoke_copy(smoke_run, tmp_path) -> Path:
+    """A private copy of the shared smoke run, its config pointing at the copy (a resumed search
+    takes the run directory from config.json)."""
     cfg, _ = smoke_run
-    return Path(shutil.copytree(cfg.run_dir, tmp_path / "run"))
+    run = Path(shutil.copytree(cfg.run_dir, tmp_path / "run"))
+    config = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**config, "run_dir": str(run)}))
+    return run
 
 
 def md_tables(text: str) -> list[pd.DataFrame]:
@@ -126,6 +131,18 @@ def test_smoke_report_numbers_match_lineage_csv(smoke_run, tmp_path):
     assert f"{final.params:,}" in page and "max-generations" in page
     assert "http://" not in page and "https://" not in page and "<script" not in page
     assert report.tree.read_text().startswith("<?xml") and report.plot.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_search_writes_the_report_and_iterkd_report_rewrites_it(smoke_run, tmp_path, capsys):
+    run = smoke_copy(smoke_run, tmp_path)
+    assert main(["search", "--run-dir", str(run), "--no-progress"]) == 0  # finished: resumes, trains nothing
+    assert f"report: {run / 'report.html'}" in capsys.readouterr().out and (run / "report.html").exists()
+    for name in ("report.html", "report.md", "lineage.svg", "pareto.png"):
+        (run / name).unlink()
+    assert main(["report", str(run)]) == 0
+    out, err = capsys.readouterr()
+    assert f"report: {run / 'report.html'}" in out and err == ""
+    assert all((run / name).stat().st_size > 1000 for name in ("report.html", "report.md", "lineage.svg", "pareto.png"))
 
 
 def test_report_never_modifies_the_study(smoke_run, tmp_path):
