@@ -140,7 +140,7 @@ def cmd_report(args) -> int:
 
     report = write_report(args.run_dir, storage=args.storage, fmt=args.format)
     for gap in report.gaps:
-        print(f"iterkd: partial report, the run does not have {gap}", file=sys.stderr)
+        print(f"iterkd: partial report, missing {gap}", file=sys.stderr)
     print(f"report: {report.html}  (Markdown: {report.markdown}; table: {', '.join(map(str, report.tables))})")
     return 0
 

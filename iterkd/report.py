@@ -7,6 +7,7 @@ import html
 import importlib.util
 import io
 import json
+import math
 import os
 import re
 from collections import defaultdict
@@ -20,6 +21,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import FancyArrowPatch, FancyBboxPatch, Patch
+from matplotlib.ticker import FuncFormatter, LogLocator
 
 from .arch import VGGSpec
 from .errors import IterkdError
@@ -114,7 +116,7 @@ def load_run(run_dir: str | Path, storage: str | None = None) -> RunView:
     gaps = []
     if not config:
         config = study.user_attrs.get("config", {})
-        gaps.append("config.json (settings read from the study)" if config else
+        gaps.append("config.json (the settings were read from the study)" if config else
                     "the run's settings (no config.json, none in the study)")
     frame = lineage_frame(study)
     if frame.empty:
@@ -123,20 +125,21 @@ def load_run(run_dir: str | Path, storage: str | None = None) -> RunView:
     attrs = study.user_attrs
     stop_reason, final_node, wall = attrs.get("stop_reason"), attrs.get("final_node"), attrs.get("wall_seconds")
     if not stop_reason:
-        gaps.append("why the search stopped: the run has not finished (it crashed, was interrupted, "
+        gaps.append("why the search stopped (the run has not finished: it crashed, was interrupted, "
                     "or is still running)")
     if (frame.status == "root").sum() == 0:
-        gaps.append("a finished root: no sizes or drops relative to it")
+        gaps.append("a finished root (sizes and drops cannot be relative to it)")
     if final_node is None:
         final_node = _best_accepted(frame, attrs)
-        gaps.append("the final model: the run did not record one" +
-                    (f"; node {final_node} (best accepted so far) is shown instead" if final_node is not None else ""))
+        gaps.append("the final model (not recorded" +
+                    (f"; node {final_node}, the best accepted so far, is shown instead)" if final_node is not None
+                     else ")"))
     if wall is None:
-        gaps.append("the total wall time: the sum of the nodes' training times is shown instead")
+        gaps.append("the total wall time (not recorded; the nodes' training times are summed instead)")
     unfinished = frame[frame.status.isin(["running", "queued"])].node.tolist()
     if unfinished:
-        gaps.append(f"results of node(s) {', '.join(map(str, unfinished))}: still marked running "
-                    f"(a crash leaves them so; `iterkd search --run-dir {run_dir}` resumes)")
+        gaps.append(f"results of node(s) {', '.join(map(str, unfinished))} (still marked running: a crash "
+                    f"leaves them so; `iterkd search --run-dir {run_dir}` resumes them)")
     return RunView(run_dir, name, config, frame, stop_reason, final_node, wall, tuple(gaps))
 
 
@@ -406,6 +409,7 @@ def pareto_figure(view: RunView) -> Figure:
             ax.annotate(f"{text} (#{row.node})", (row[size], row.val_acc), xytext=offset, textcoords="offset points",
                         ha="right" if offset[0] < 0 else "left", fontsize=9, weight="bold",
                         arrowprops=dict(arrowstyle="-", color="#333333", lw=0.8), zorder=5)
+        _log_ticks(ax, df[size])
         ax.set_xlabel(f"{label} (log scale)")
         ax.margins(x=0.12, y=0.08)
     axes[0].set_ylabel("validation accuracy (%)")
@@ -416,6 +420,15 @@ def pareto_figure(view: RunView) -> Figure:
 
 
 # -- tables ---------------------------------------------------------------------------------------------
+
+def _log_ticks(ax, values: pd.Series) -> None:
+    """Tick labels like '150 k' that never crowd: intermediate ticks only as many as the span allows."""
+    decades = math.log10(values.max() / values.min()) if values.min() > 0 else 0
+    label = FuncFormatter(lambda v, _: _si(v))
+    ax.xaxis.set_major_formatter(label)
+    ax.xaxis.set_minor_locator(LogLocator(subs=(2, 5) if decades > 0.7 else (1.5, 2, 3, 5, 7)))
+    ax.xaxis.set_minor_formatter(label if decades <= 3 else FuncFormatter(lambda v, _: ""))
+
 
 def node_table(view: RunView, nodes: pd.DataFrame) -> pd.DataFrame:
     """Display form of lineage rows: one line per candidate, numbers formatted for people."""
@@ -450,10 +463,12 @@ def generation_tables(view: RunView) -> list[tuple[str, pd.DataFrame]]:
             heading = "Generation 0: the root"
         else:
             parents = sorted({p for p in (_first_parent(x) for x in nodes.parents) if p is not None})
-            accepted = nodes[nodes.status == "accepted"].node.tolist()
+            accepted = ", ".join(map(str, nodes[nodes.status == "accepted"].node))
+            if not accepted:
+                undecided = nodes.status.isin(["running", "queued"]).any()
+                accepted = "not decided yet (nodes still running)" if undecided else "none"
             heading = (f"Generation {g}: {len(nodes)} candidate{'s' * (len(nodes) != 1)} from parent"
-                       f"{'s' * (len(parents) != 1)} {', '.join(map(str, parents))}; accepted: "
-                       f"{', '.join(map(str, accepted)) or 'none'}")
+                       f"{'s' * (len(parents) != 1)} {', '.join(map(str, parents))}; accepted: {accepted}")
         out.append((heading, table))
     return out
 
@@ -469,7 +484,8 @@ def summary_table(view: RunView) -> pd.DataFrame:
             _num(row.val_acc, ".2f"), _num(row.test_acc, ".2f")]
     change = [""] * 6
     if root is not None and final is not None:
-        change[1:4] = [f"{_smaller(root[k], final[k]):.2f}× smaller" for k in ("params", "bytes", "flops")]
+        change[1:4] = [f"{_smaller(root[k], final[k]):.2f}× {word}"
+                       for k, word in (("params", "smaller"), ("bytes", "smaller"), ("flops", "fewer"))]
         change[4] = f"drop {_num(root.val_acc - final.val_acc, '.2f')} pts"
         change[5] = f"drop {_num(root.test_acc - final.test_acc, '.2f')} pts"
     cols["change"] = change
@@ -563,7 +579,7 @@ th,td{border:1px solid #ddd;padding:3px 8px;text-align:right;white-space:nowrap}
 th{background:#f0f0f0}td:nth-child(4),td:nth-child(5){text-align:left}
 table.summary td,table.summary th{text-align:left;font-size:13.5px}
 .scroll{overflow-x:auto;background:#fff;border:1px solid #ddd;border-radius:6px;padding:6px}
-#lineage .scroll{margin:0 calc(50% - 50vw + 12px)}  /* a wide tree may use the whole window */
+.bleed{margin:0 calc(50% - 50vw + 12px)}  /* a wide tree may use the whole window */
 .wide{overflow-x:auto}
 .scroll img{max-width:none;display:block;margin:0 auto}
 img.plot{max-width:100%;background:#fff;border:1px solid #ddd;border-radius:6px}
@@ -591,7 +607,7 @@ def render_html(view: RunView, tree_svg: bytes, plot_png: bytes) -> str:
     tree_fig_w, tree_fig_h = _svg_size_px(tree_svg)
     gaps = ""
     if view.gaps:
-        gaps = ("<div class='gaps' id='gaps'><b>Partial report</b>: this run does not have "
+        gaps = ("<div class='gaps' id='gaps'><b>Partial report</b>, missing:"
                 + "".join(f"<li>{esc(g)}</li>" for g in view.gaps).join(("<ul>", "</ul>")) + "</div>")
     facts_html = "".join(f"<dt>{esc(k)}</dt><dd>{esc(v)}</dd>" for k, v in facts(view))
     generations = "".join(f"<h3>{esc(h)}</h3><div class='wide'>{_html_table(t)}</div>"
@@ -611,7 +627,7 @@ def render_html(view: RunView, tree_svg: bytes, plot_png: bytes) -> str:
 <dl class="facts">{facts_html}</dl></div>
 </section>
 <section id="lineage"><h2>Lineage tree</h2>
-<div class="scroll"><img id="tree" alt="lineage tree of run {esc(view.name)}" width="{tree_fig_w}" height="{tree_fig_h}"
+<div class="scroll{' bleed' if tree_fig_w > 1340 else ''}"><img id="tree" alt="lineage tree of run {esc(view.name)}" width="{tree_fig_w}" height="{tree_fig_h}"
  src="data:image/svg+xml;base64,{base64.b64encode(tree_svg).decode()}"></div>
 </section>
 <section id="pareto"><h2>Accuracy vs size</h2>
@@ -646,7 +662,7 @@ def render_markdown(view: RunView) -> str:
     """The summary and tables for a README or PR, with the images as files beside it."""
     parts = [f"# iterkd run `{view.name}`", ""]
     if view.gaps:
-        parts += ["**Partial report**: this run does not have", ""] + [f"- {g}" for g in view.gaps] + [""]
+        parts += ["**Partial report**, missing:", ""] + [f"- {g}" for g in view.gaps] + [""]
     parts += ["## Summary", "", _markdown_table(summary_table(view), index=True), ""]
     parts += [f"- **{k}**: {v}" for k, v in facts(view)] + [""]
     parts += ["## Lineage tree", "", "![lineage tree](lineage.svg)", "",

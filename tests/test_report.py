@@ -219,7 +219,7 @@ def test_crashed_run_gives_a_partial_report_saying_what_is_missing(tmp_path):
     md = report.markdown.read_text()
     assert "Partial report" in md and "why the search stopped" in md and "total wall time" in md
     best = load_run(run)
-    assert f"node {best.final_node} (best accepted so far)" in md
+    assert f"node {best.final_node}, the best accepted so far, is shown instead" in md
     assert f"node(s) {trial.number}" in md and "running" in md
     assert "Partial report" in report.html.read_text()
 
