@@ -25,7 +25,7 @@ from matplotlib.ticker import FuncFormatter, LogLocator
 
 from .arch import VGGSpec
 from .errors import IterkdError
-from .lineage import default_storage, lineage_frame, open_study, redact_url, write_atomic
+from .lineage import default_storage, lineage_frame, open_study, redact_url, selections, write_atomic
 
 FORMATS = ("csv", "parquet")
 
@@ -130,7 +130,7 @@ def load_run(run_dir: str | Path, storage: str | None = None) -> RunView:
     if (frame.status == "root").sum() == 0:
         gaps.append("a finished root (sizes and drops cannot be relative to it)")
     if final_node is None:
-        final_node = _best_accepted(frame, attrs)
+        final_node = _best_accepted(frame, selections(study))
         gaps.append("the final model (not recorded" +
                     (f"; node {final_node}, the best accepted so far, is shown instead)" if final_node is not None
                      else ")"))
@@ -164,10 +164,9 @@ def _only_study_name(url: str, run_dir: Path) -> str:
     return names[0]
 
 
-def _best_accepted(frame: pd.DataFrame, attrs: dict) -> int | None:
-    sel = attrs.get("selections", {})
+def _best_accepted(frame: pd.DataFrame, sel: dict[int, list[int]]) -> int | None:
     if sel:
-        last = frame[frame.node.isin(sel[max(sel, key=int)])]
+        last = frame[frame.node.isin(sel[max(sel)])]
         if len(last):
             return int(last.sort_values(["val_acc", "params"], ascending=[False, True]).node.iloc[0])
     roots = frame[frame.status == "root"]

@@ -224,6 +224,18 @@ def test_crashed_run_gives_a_partial_report_saying_what_is_missing(tmp_path):
     assert "Partial report" in report.html.read_text()
 
 
+def test_run_whose_root_is_still_training_gives_a_partial_report(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"name": "early", "max_drop": 1.0}))
+    study = open_study(f"sqlite:///{tmp_path}/study.db", "early")
+    spec = load_space("tiny").root_spec(3, 10, 16, 1 / 16)
+    study.add_trial(optuna.trial.create_trial(
+        state=optuna.trial.TrialState.RUNNING, distributions={}, params={},
+        user_attrs=node_attrs(generation=0, parents=[], teachers=[], operator="root", spec=spec, key="root")))
+    report = write_report(tmp_path)
+    assert "a finished root (sizes and drops cannot be relative to it)" in report.gaps
+    assert "the final model (not recorded)" in report.gaps and "running" in report.markdown.read_text()
+
+
 @pytest.mark.parametrize("make, needle", [
     (lambda d: d / "nope", "does not exist"),
     (lambda d: d, "no config.json and no study.db"),
