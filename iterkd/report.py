@@ -61,6 +61,7 @@ class RunView:
     final_node: int | None
     wall_seconds: float | None
     gaps: tuple[str, ...]
+    span_seconds: float | None = None  # first node's start to last node's end, when wall time is missing
 
     @property
     def root(self) -> pd.Series | None:
@@ -134,13 +135,23 @@ def load_run(run_dir: str | Path, storage: str | None = None) -> RunView:
         gaps.append("the final model (not recorded" +
                     (f"; node {final_node}, the best accepted so far, is shown instead)" if final_node is not None
                      else ")"))
+    span = None
     if wall is None:
-        gaps.append("the total wall time (not recorded; the nodes' training times are summed instead)")
+        span = _span_seconds(study)
+        gaps.append("the total wall time (not recorded; the time from the first node's start to the last "
+                    "node's end is shown instead)")
     unfinished = frame[frame.status.isin(["running", "queued"])].node.tolist()
     if unfinished:
         gaps.append(f"results of node(s) {', '.join(map(str, unfinished))} (still marked running: a crash "
                     f"leaves them so; `iterkd search --run-dir {run_dir}` resumes them)")
-    return RunView(run_dir, name, config, frame, stop_reason, final_node, wall, tuple(gaps))
+    return RunView(run_dir, name, config, frame, stop_reason, final_node, wall, tuple(gaps), span)
+
+
+def _span_seconds(study: optuna.Study) -> float | None:
+    """Wall time as the trials saw it (it also counts pauses between sessions of a resumed run)."""
+    times = [(t.datetime_start, t.datetime_complete or t.datetime_start)
+             for t in study.get_trials(deepcopy=False) if t.datetime_start]
+    return (max(e for _, e in times) - min(s for s, _ in times)).total_seconds() if times else None
 
 
 def _read_config(run_dir: Path) -> dict:
@@ -498,8 +509,14 @@ def facts(view: RunView) -> list[tuple[str, str]]:
     counts = df.status.value_counts()
     kinds = ", ".join(f"{counts[s]} {s}" for s in ("accepted", "rejected", "failed", "pruned", "running", "queued")
                       if s in counts)
-    wall = (_duration(view.wall_seconds) if view.wall_seconds is not None
-            else f"not recorded (nodes trained for {_duration(df.seconds.fillna(0).sum())} in all)")
+    trained = _duration(df.seconds.fillna(0).sum())
+    if view.wall_seconds is not None:
+        wall = _duration(view.wall_seconds)
+    elif view.span_seconds is not None:
+        wall = f"not recorded; {_duration(view.span_seconds)} from the first node's start to the last one's end " \
+               f"(training alone: {trained})"
+    else:
+        wall = f"not recorded (training alone: {trained})"
     c = view.config
     out = [("stopped because", view.stop_reason or "not recorded (the run has not finished)"),
            ("total wall time", wall),
@@ -606,7 +623,7 @@ def render_html(view: RunView, tree_svg: bytes, plot_png: bytes) -> str:
     tree_fig_w, tree_fig_h = _svg_size_px(tree_svg)
     gaps = ""
     if view.gaps:
-        gaps = ("<div class='gaps' id='gaps'><b>Partial report</b>, missing:"
+        gaps = ("<div class='gaps' id='gaps'><b>Partial report</b>: the run's study does not record"
                 + "".join(f"<li>{esc(g)}</li>" for g in view.gaps).join(("<ul>", "</ul>")) + "</div>")
     facts_html = "".join(f"<dt>{esc(k)}</dt><dd>{esc(v)}</dd>" for k, v in facts(view))
     generations = "".join(f"<h3>{esc(h)}</h3><div class='wide'>{_html_table(t)}</div>"
@@ -661,7 +678,7 @@ def render_markdown(view: RunView) -> str:
     """The summary and tables for a README or PR, with the images as files beside it."""
     parts = [f"# iterkd run `{view.name}`", ""]
     if view.gaps:
-        parts += ["**Partial report**, missing:", ""] + [f"- {g}" for g in view.gaps] + [""]
+        parts += ["**Partial report**: the run's study does not record", ""] + [f"- {g}" for g in view.gaps] + [""]
     parts += ["## Summary", "", _markdown_table(summary_table(view), index=True), ""]
     parts += [f"- **{k}**: {v}" for k, v in facts(view)] + [""]
     parts += ["## Lineage tree", "", "![lineage tree](lineage.svg)", "",
