@@ -483,7 +483,7 @@ def generation_tables(view: RunView) -> list[tuple[str, pd.DataFrame]]:
     return out
 
 
-def summary_table(view: RunView) -> pd.DataFrame:
+def root_vs_final_table(view: RunView) -> pd.DataFrame:
     """Root vs final model: architecture, size, cost and accuracy, with the change between them."""
     root, final = view.root, view.final
     cols = {}
@@ -639,7 +639,7 @@ def render_html(view: RunView, tree_svg: bytes, plot_png: bytes) -> str:
 <p class="sub">{subtitle}</p>
 {gaps}
 <section id="summary"><h2>Summary</h2>
-<div class="cards"><div>{_html_table(summary_table(view), "summary", index=True)}</div>
+<div class="cards"><div>{_html_table(root_vs_final_table(view), "summary", index=True)}</div>
 <dl class="facts">{facts_html}</dl></div>
 </section>
 <section id="lineage"><h2>Lineage tree</h2>
@@ -679,7 +679,7 @@ def render_markdown(view: RunView) -> str:
     parts = [f"# iterkd run `{view.name}`", ""]
     if view.gaps:
         parts += ["**Partial report**: the run's study does not record", ""] + [f"- {g}" for g in view.gaps] + [""]
-    parts += ["## Summary", "", _markdown_table(summary_table(view), index=True), ""]
+    parts += ["## Summary", "", _markdown_table(root_vs_final_table(view), index=True), ""]
     parts += [f"- **{k}**: {v}" for k, v in facts(view)] + [""]
     parts += ["## Lineage tree", "", "![lineage tree](lineage.svg)", "",
               "## Accuracy vs size", "", "![validation accuracy vs parameters and FLOPs](pareto.png)", "",

@@ -2,6 +2,7 @@
 missing runs give partial reports or one-line errors, the study is never modified, and the page
 renders in headless Chromium."""
 import hashlib
+import html
 import json
 import shutil
 import subprocess
@@ -12,6 +13,7 @@ import optuna
 import pandas as pd
 import pytest
 
+from iterkd.arch import VGGSpec
 from iterkd.cli import main
 from iterkd.errors import IterkdError
 from iterkd.lineage import node_attrs, open_study, set_selection
@@ -149,7 +151,6 @@ def test_report_never_modifies_the_study(smoke_run, tmp_path):
     run = smoke_copy(smoke_run, tmp_path)
     before = hashlib.sha256((run / "study.db").read_bytes()).hexdigest()
     write_report(run)
-    write_report(run)
     assert hashlib.sha256((run / "study.db").read_bytes()).hexdigest() == before
     assert not (run / "study.db-journal").exists() and not (run / "study.db-wal").exists()
 
@@ -213,7 +214,7 @@ def test_crashed_run_gives_a_partial_report_saying_what_is_missing(tmp_path):
     trial = study.ask()  # a child left RUNNING by a dead process
     first = study.trials[0]
     for k, v in node_attrs(generation=3, parents=[0], teachers=[0], operator="drop_block(block=1)",
-                           spec=__import__("iterkd").VGGSpec.from_json(first.user_attrs["spec"]), key="x").items():
+                           spec=VGGSpec.from_json(first.user_attrs["spec"]), key="x").items():
         trial.set_user_attr(k, v)
     report = write_report(run)
     md = report.markdown.read_text()
@@ -302,7 +303,7 @@ def test_report_renders_in_headless_chromium_with_images_and_summary(big_run, tm
            f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1400,1000", "--virtual-time-budget=5000",
            "--dump-dom", page.as_uri()]
     dom = subprocess.run(cmd, capture_output=True, text=True, timeout=120).stdout
-    probe = json.loads(__import__("html").unescape(dom.split("data-probe=\"", 1)[1].split('"', 1)[0]))
+    probe = json.loads(html.unescape(dom.split("data-probe=\"", 1)[1].split('"', 1)[0]))
     images = {i[0]: i[1:] for i in probe["images"]}
     assert set(images) == {"tree", "plot"}
     for done, natural_width, height in images.values():
