@@ -1,4 +1,4 @@
-"""Command line: `iterkd search | spaces`. User mistakes (IterkdError) are printed as one line
+"""Command line: `iterkd search | spaces | report`. User mistakes (IterkdError) are printed as one line
 with a non-zero exit; anything else is a bug and keeps its traceback."""
 from __future__ import annotations
 
@@ -133,6 +133,19 @@ def cmd_search(args) -> int:
           f"({r.spec.params() / f.spec.params():.1f}x smaller than the root's {r.spec.params():,}), "
           f"val {f.val_acc:.2f}% (drop {r.val_acc - f.val_acc:.2f} pts), test {f.test_acc:.2f}%")
     print(f"lineage: {Path(cfg.run_dir) / 'lineage.csv'}  ({out.seconds:.0f}s this session)")
+    from .report import write_report
+
+    print(f"report: {write_report(cfg.run_dir, storage=cfg.storage).html}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .report import write_report
+
+    report = write_report(args.run_dir, storage=args.storage, fmt=args.format)
+    for gap in report.gaps:
+        print(f"iterkd: partial report, missing {gap}", file=sys.stderr)
+    print(f"report: {report.html}  (Markdown: {report.markdown}; table: {', '.join(map(str, report.tables))})")
     return 0
 
 
@@ -218,6 +231,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.set_defaults(func=cmd_dashboard)
+    p = sub.add_parser("report", help="write RUN/report.html and report.md (tree, accuracy vs size, tables)")
+    p.add_argument("run_dir", metavar="RUN", help="the run directory, e.g. runs/run")
+    p.add_argument("--format", choices=("csv", "parquet"), default="csv",
+                   help="lineage table format: csv (always written) or parquet too (needs pyarrow)")
+    p.add_argument("--storage", help="the run's storage URL when it is not in RUN (a password is never saved)")
+    p.set_defaults(func=cmd_report)
     return parser
 
 

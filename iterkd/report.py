@@ -1,0 +1,691 @@
+"""Reports of a run read from its study alone (never retrained, never written to): the lineage tree
+as a picture, accuracy vs size, per-generation tables and a summary, as RUN/report.html and report.md."""
+from __future__ import annotations
+
+import base64
+import html
+import importlib.util
+import io
+import json
+import math
+import os
+import re
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import optuna
+import matplotlib
+import pandas as pd
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.patches import FancyArrowPatch, FancyBboxPatch, Patch
+from matplotlib.ticker import FuncFormatter, LogLocator
+
+from .arch import VGGSpec
+from .errors import IterkdError
+from .lineage import default_storage, lineage_frame, open_study, redact_url, selections, write_atomic
+
+FORMATS = ("csv", "parquet")
+
+# One look per status, shared by the tree, the plot and the tables: (fill, edge, border style).
+STATUS_STYLE = {
+    "root": ("#cfe2f3", "#1f4e79", "solid"),
+    "accepted": ("#d9ead3", "#38761d", "solid"),
+    "rejected": ("#f3f3f3", "#999999", "solid"),
+    "failed": ("#f4cccc", "#cc0000", "dashed"),
+    "pruned": ("#fce5cd", "#b45f06", "dotted"),
+    "running": ("#fff2cc", "#bf9000", "dashdot"),
+    "queued": ("#fff2cc", "#bf9000", "dashdot"),
+}
+PATH_COLOR = "#e66101"  # the accepted path root -> final
+TEACHER_COLOR = "#6a51a3"  # ancestor-teacher edges (ancestors variants)
+
+# Settings worth showing, in the order a reader asks about them.
+SETTINGS = ("variant", "space", "dataset", "preset", "max_drop", "max_generations", "children", "beam", "select",
+            "sampler", "pruner", "objectives",
+            "teacher_weights", "teacher", "width", "epochs", "root_epochs", "batch_size", "lr", "weight_decay",
+            "alpha", "temperature", "hint_weight", "train_subset", "val_size", "test_subset", "seed", "storage")
+
+
+@dataclass(frozen=True)
+class RunView:
+    """What a report shows: the lineage frame plus the study's run-level attributes. `gaps` says,
+    in words for the reader, what an unfinished or crashed run does not have."""
+
+    run_dir: Path
+    name: str
+    config: dict
+    frame: pd.DataFrame
+    stop_reason: str | None
+    final_node: int | None
+    wall_seconds: float | None
+    gaps: tuple[str, ...]
+    span_seconds: float | None = None  # first node's start to last node's end, when wall time is missing
+
+    @property
+    def root(self) -> pd.Series | None:
+        roots = self.frame[self.frame.status == "root"]
+        return roots.iloc[-1] if len(roots) else None
+
+    @property
+    def final(self) -> pd.Series | None:
+        rows = self.frame[self.frame.node == self.final_node]
+        return rows.iloc[0] if len(rows) else None
+
+    def accepted_path(self) -> list[int]:
+        """Node ids from the root to the final node along first parents."""
+        if self.final_node is None:
+            return []
+        parent = {int(r.node): _first_parent(r.parents) for r in self.frame.itertuples()}
+        path = [self.final_node]
+        while parent.get(path[-1]) is not None:
+            path.append(parent[path[-1]])
+        return path[::-1]
+
+
+@dataclass(frozen=True)
+class Report:
+    html: Path
+    markdown: Path
+    tree: Path
+    plot: Path
+    tables: tuple[Path, ...]
+    gaps: tuple[str, ...]
+
+
+# -- reading a run ------------------------------------------------------------------------------------
+
+def load_run(run_dir: str | Path, storage: str | None = None) -> RunView:
+    """Open a run's study read-only and collect what a report needs; user mistakes (no such run,
+    an empty study) become one-line errors, an unfinished run becomes gaps."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise IterkdError(f"run directory {run_dir} does not exist; give the directory of an `iterkd search` "
+                          "run, e.g. runs/run")
+    config = _read_config(run_dir)
+    url = storage or config.get("storage") or default_storage(run_dir)
+    if "***" in url:
+        raise IterkdError(f"run {run_dir} uses storage {url}; passwords are never saved, so pass --storage "
+                          "with the full URL")
+    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).is_file():
+        # Checked here because SQLite would otherwise create an empty database file.
+        what = "no config.json and no study.db" if not config else f"no study file {url.removeprefix('sqlite:///')}"
+        raise IterkdError(f"{run_dir} has {what}: not an iterkd run directory, or its search never started")
+    name = config.get("name") or _only_study_name(url, run_dir)
+    study = open_study(url, name, create=False)
+    gaps = []
+    if not config:
+        config = study.user_attrs.get("config", {})
+        gaps.append("config.json (the settings were read from the study)" if config else
+                    "the run's settings (no config.json, none in the study)")
+    frame = lineage_frame(study)
+    if frame.empty:
+        raise IterkdError(f"run {name!r} in {run_dir} has no nodes yet (its study is empty); nothing to report. "
+                          f"Start or resume it with: iterkd search --run-dir {run_dir}")
+    attrs = study.user_attrs
+    stop_reason, final_node, wall = attrs.get("stop_reason"), attrs.get("final_node"), attrs.get("wall_seconds")
+    if not stop_reason:
+        gaps.append("why the search stopped (the run has not finished: it crashed, was interrupted, "
+                    "or is still running)")
+    if (frame.status == "root").sum() == 0:
+        gaps.append("a finished root (sizes and drops cannot be relative to it)")
+    if final_node is None:
+        final_node = _best_accepted(frame, selections(study))
+        gaps.append("the final model (not recorded" +
+                    (f"; node {final_node}, the best accepted so far, is shown instead)" if final_node is not None
+                     else ")"))
+    span = None
+    if wall is None:
+        span = _span_seconds(study)
+        gaps.append("the total wall time (not recorded; the time from the first node's start to the last "
+                    "node's end is shown instead)")
+    unfinished = frame[frame.status.isin(["running", "queued"])].node.tolist()
+    if unfinished:
+        gaps.append(f"results of node(s) {', '.join(map(str, unfinished))} (still marked running: a crash "
+                    f"leaves them so; `iterkd search --run-dir {run_dir}` resumes them)")
+    return RunView(run_dir, name, config, frame, stop_reason, final_node, wall, tuple(gaps), span)
+
+
+def _span_seconds(study: optuna.Study) -> float | None:
+    """Wall time as the trials saw it (it also counts pauses between sessions of a resumed run)."""
+    times = [(t.datetime_start, t.datetime_complete or t.datetime_start)
+             for t in study.get_trials(deepcopy=False) if t.datetime_start]
+    return (max(e for _, e in times) - min(s for s, _ in times)).total_seconds() if times else None
+
+
+def _read_config(run_dir: Path) -> dict:
+    path = run_dir / "config.json"
+    if not path.exists():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except ValueError as e:
+        raise IterkdError(f"{path} is not valid JSON ({e}); the report needs the run's name from it") from None
+
+
+def _only_study_name(url: str, run_dir: Path) -> str:
+    try:
+        names = optuna.study.get_all_study_names(storage=url)
+    except Exception:
+        names = []
+    if len(names) != 1:
+        raise IterkdError(f"{run_dir} has no config.json naming its study, and its storage holds "
+                          f"{len(names)} studies; restore config.json or pass the run directory of a single run")
+    return names[0]
+
+
+def _best_accepted(frame: pd.DataFrame, sel: dict[int, list[int]]) -> int | None:
+    if sel:
+        last = frame[frame.node.isin(sel[max(sel)])]
+        if len(last):
+            return int(last.sort_values(["val_acc", "params"], ascending=[False, True]).node.iloc[0])
+    roots = frame[frame.status == "root"]
+    return int(roots.node.iloc[-1]) if len(roots) else None
+
+
+def _first_parent(parents_json: str) -> int | None:
+    parents = json.loads(parents_json)
+    return int(parents[0]) if parents else None
+
+
+# -- formatting -----------------------------------------------------------------------------------------
+
+def _si(value, unit: str = "") -> str:
+    """3 significant digits with an SI prefix: 921920 -> '922 k', 28208 B -> '28.2 kB'."""
+    if value is None or pd.isna(value):
+        return "—"
+    for factor, prefix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= factor:
+            return f"{value / factor:.3g} {prefix}{unit}"
+    return f"{value:g} {unit}".strip()
+
+
+def _num(value, fmt: str) -> str:
+    return "—" if value is None or pd.isna(value) else format(value, fmt)
+
+
+def _duration(seconds: float) -> str:
+    s = int(round(seconds))
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60} min {s % 60:02d} s"
+    return f"{s // 3600} h {s % 3600 // 60:02d} min"
+
+
+def _short_operator(op: str) -> str:
+    """'shrink_widths(block=all, factor=0.5)' -> 'shrink_widths(all, 0.5)' so tree boxes stay narrow."""
+    return re.sub(r"\b\w+=", "", op)
+
+
+def _smaller(root_value, value) -> float | None:
+    if root_value is None or value is None or pd.isna(value) or not value:
+        return None
+    return root_value / value
+
+
+# -- the lineage tree ---------------------------------------------------------------------------------
+
+def tidy_layout(children: dict[int, list[int]], roots: list[int], level: dict[int, int]) -> dict[int, float]:
+    """x slot of every node: leaves take the next free slot of their level, a parent sits over the
+    middle of its children, and a subtree that would collide is shifted right (so boxes never overlap
+    and narrow subtrees tuck under wide ones)."""
+    x: dict[int, float] = {}
+    next_free: dict[int, float] = defaultdict(float)
+
+    def descendants(n: int):
+        for c in children.get(n, ()):
+            yield c
+            yield from descendants(c)
+
+    def place(n: int) -> None:
+        kids = children.get(n, [])
+        for c in kids:
+            place(c)
+        want = (x[kids[0]] + x[kids[-1]]) / 2 if kids else next_free[level[n]]
+        shift = max(0.0, next_free[level[n]] - want)
+        if shift:
+            for d in descendants(n):
+                x[d] += shift
+                next_free[level[d]] = max(next_free[level[d]], x[d] + 1)
+        x[n] = want + shift
+        next_free[level[n]] = x[n] + 1
+
+    for r in roots:
+        place(r)
+    return x
+
+
+def _box_lines(row, root_params) -> tuple[str, str]:
+    title = f"#{row.node}  {_short_operator(row.operator) if row.generation else 'root'}"
+    size = f"{_si(row.params)} params"
+    ratio = _smaller(root_params, row.params)
+    if row.generation and ratio:
+        size += f" · {ratio:.1f}× smaller"
+    if pd.isna(row.val_acc):
+        acc = row.status + (f": {row.error}" if isinstance(row.error, str) and row.error else "")
+        return title, f"{size}\n{acc[:34]}\n"
+    acc = f"val {row.val_acc:.2f}% · test {_num(row.test_acc, '.2f')}%"
+    drop = f"drop {row.drop:.2f} pts" if row.generation and not pd.isna(row.drop) else (
+        "reference for drops" if row.status == "root" else row.status)
+    return title, f"{size}\n{acc}\n{drop}"
+
+
+def tree_figure(view: RunView) -> Figure:
+    """The lineage as boxes on one row per generation: parent edges solid, extra (ancestor)
+    teachers dashed, the accepted path root -> final highlighted, status by colour and border."""
+    df = view.frame
+    root = view.root
+    root_params = int(root.params) if root is not None else None
+    rows = {int(r.node): r for r in df.itertuples()}
+    children: dict[int, list[int]] = defaultdict(list)
+    roots = []
+    for n, r in rows.items():
+        p = _first_parent(r.parents)
+        (children[p].append(n) if p in rows else roots.append(n))
+    slot = tidy_layout(children, roots, {n: int(r.generation) for n, r in rows.items()})
+    labels = {n: _box_lines(r, root_params) for n, r in rows.items()}
+
+    font = 8
+    measure = Figure(dpi=100)
+    renderer = FigureCanvasAgg(measure).get_renderer()
+
+    def extent(text: str, weight: str) -> tuple[float, float]:
+        t = measure.text(0, 0, text, fontsize=font, weight=weight)
+        bb = t.get_window_extent(renderer)
+        return bb.width / 100, bb.height / 100
+
+    titles = [extent(t, "bold") for t, _ in labels.values()]
+    bodies = [extent(b, "normal") for _, b in labels.values()]
+    pad = 0.07
+    box_w = max(w for w, _ in titles + bodies) + 2 * pad
+    title_h, body_h = max(h for _, h in titles), max(h for _, h in bodies)
+    box_h = title_h + body_h + 3 * pad
+    gap_x, gap_y, left, top, bottom = 0.15, 0.55, 0.75, 0.85, 0.15
+    levels = int(df.generation.max()) + 1
+    tree_w = (max(slot.values()) + 1) * (box_w + gap_x) - gap_x
+    width = max(left + tree_w + 0.2, 7.5)
+    height = top + levels * (box_h + gap_y) - gap_y + bottom
+    x0 = left + (width - left - 0.2 - tree_w) / 2  # centre a narrow tree under the legend
+
+    fig = Figure(figsize=(width, height), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_axes((0, 0, 1, 1))
+    ax.set_xlim(0, width)
+    ax.set_ylim(0, height)
+    ax.axis("off")
+
+    def centre(n: int) -> tuple[float, float]:
+        return (x0 + slot[n] * (box_w + gap_x) + box_w / 2,
+                height - top - int(rows[n].generation) * (box_h + gap_y) - box_h / 2)
+
+    for g in range(levels):
+        ax.text(x0 - 0.62, height - top - g * (box_h + gap_y) - box_h / 2, f"gen {g}", fontsize=9, weight="bold",
+                va="center", ha="left", color="#444444")
+
+    path = view.accepted_path()
+    on_path = set(path)
+    path_edges = set(zip(path, path[1:]))
+    boxes = {}
+    for n, (title, body) in labels.items():
+        status = rows[n].status
+        fill, edge, style = STATUS_STYLE.get(status, STATUS_STYLE["rejected"])
+        cx, cy = centre(n)
+        highlight = n in on_path
+        boxes[n] = box = FancyBboxPatch((cx - box_w / 2, cy - box_h / 2), box_w, box_h,
+                                        boxstyle="round,pad=0,rounding_size=0.06", facecolor=fill,
+                                        edgecolor=PATH_COLOR if highlight else edge, linestyle=style,
+                                        linewidth=2.4 if highlight else 1.0, zorder=3, gid=f"node-{n}")
+        ax.add_patch(box)
+        muted = "#777777" if status in ("rejected", "failed", "pruned") else "#111111"
+        top_y = cy + box_h / 2 - pad
+        ax.text(cx, top_y, title, fontsize=font, weight="bold", ha="center", va="top", color=muted, zorder=4)
+        ax.text(cx, top_y - title_h - pad, body, fontsize=font, ha="center", va="top", color=muted, zorder=4,
+                linespacing=1.2)
+
+    # Every child of an ancestors variant is taught by all its accepted ancestors, so drawing each of
+    # those edges would bury the tree at 30 nodes; they are drawn into the accepted path's nodes and
+    # the tables list every node's teachers.
+    for n, r in rows.items():
+        parent = _first_parent(r.parents)
+        extra = [t for t in json.loads(r.teachers) if t != parent and t in rows] if n in on_path else []
+        for t in ([parent] if parent in rows else []) + extra:
+            (px, py), (cx, cy) = centre(t), centre(n)
+            first, bold = t == parent, (t, n) in path_edges
+            # Endpoints on the box edges computed here: matplotlib's patch clipping is slow at 30+ nodes.
+            ax.add_artist(FancyArrowPatch(
+                (px, py - box_h / 2), (cx, cy + box_h / 2), shrinkA=0, shrinkB=1, arrowstyle="-|>",
+                mutation_scale=9, connectionstyle="arc3,rad=0" if first else "arc3,rad=0.25",
+                color=PATH_COLOR if bold else ("#555555" if first else TEACHER_COLOR),
+                linestyle="solid" if first else (0, (4, 3)), linewidth=2.4 if bold else (1.0 if first else 0.9),
+                alpha=1.0 if first else 0.7, zorder=2 if bold else 1))
+
+    handles = [Patch(facecolor=STATUS_STYLE[s][0], edgecolor=STATUS_STYLE[s][1], linestyle=STATUS_STYLE[s][2],
+                     label=s) for s in ("root", "accepted", "rejected", "failed", "pruned", "running")]
+    handles += [Line2D([], [], color=PATH_COLOR, lw=2.4, label="accepted path → final"),
+                Line2D([], [], color="#555555", lw=1, label="parent → child"),
+                Line2D([], [], color=TEACHER_COLOR, lw=0.9, ls=(0, (4, 3)), alpha=0.7,
+                       label="ancestor teacher → path node")]
+    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(0.12, height - 0.05), ncol=5, fontsize=8,
+              frameon=False, bbox_transform=ax.transData, borderaxespad=0)
+    return fig
+
+
+# -- accuracy vs size -----------------------------------------------------------------------------------
+
+def pareto_front(df: pd.DataFrame, size: str = "params") -> pd.DataFrame:
+    """Finished nodes no other node beats on both size (smaller) and validation accuracy (higher)."""
+    ok = df.dropna(subset=["val_acc"]).sort_values([size, "val_acc"], ascending=[True, False])
+    best, keep = float("-inf"), []
+    for i, acc in zip(ok.index, ok.val_acc):
+        if acc > best:
+            keep.append(i)
+            best = acc
+    return ok.loc[keep]
+
+
+def pareto_figure(view: RunView) -> Figure:
+    """Validation accuracy vs params and vs FLOPs (log axes): every node, the Pareto front, the
+    accepted path, the --max-drop budget line, the root and the final model labelled."""
+    df = view.frame.dropna(subset=["val_acc"])
+    fig = Figure(figsize=(11, 4.6), dpi=110)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 2, sharey=True)
+    root, final = view.root, view.final
+    budget = None
+    if root is not None and view.config.get("max_drop") is not None:
+        budget = root.val_acc - float(view.config["max_drop"])
+    path = df.set_index("node").reindex(view.accepted_path()).dropna(subset=["val_acc"])
+    for ax, size, label in zip(axes, ("params", "flops"), ("parameters", "FLOPs per image")):
+        ax.set_xscale("log")
+        ax.grid(True, which="both", alpha=0.25)
+        front = pareto_front(df, size)
+        ax.plot(front[size], front.val_acc, drawstyle="steps-post", color="#1f77b4", lw=1.2, alpha=0.8,
+                label="Pareto front", zorder=2)
+        ax.plot(path[size], path.val_acc, color=PATH_COLOR, lw=2, label="accepted path", zorder=3)
+        for status, group in df.groupby("status"):
+            fill, edge, _ = STATUS_STYLE.get(status, STATUS_STYLE["rejected"])
+            ax.scatter(group[size], group.val_acc, s=42, facecolor=fill, edgecolor=edge, linewidth=1.2,
+                       label=status, zorder=4)
+        if budget is not None:
+            ax.axhline(budget, color="#cc0000", ls="--", lw=1.2, zorder=1,
+                       label=f"budget: root − {float(view.config['max_drop']):g} pts")
+        marks = [(root, "root", (10, -18))] if root is not None else []
+        if final is not None and not pd.isna(final.val_acc):
+            same = root is not None and final.node == root.node
+            marks = [(final, "root = final" if same else "final", (-12, 14))] + marks[:0 if same else 1]
+        for row, text, offset in marks:
+            ax.annotate(f"{text} (#{row.node})", (row[size], row.val_acc), xytext=offset, textcoords="offset points",
+                        ha="right" if offset[0] < 0 else "left", fontsize=9, weight="bold",
+                        arrowprops=dict(arrowstyle="-", color="#333333", lw=0.8), zorder=5)
+        _log_ticks(ax, df[size])
+        ax.set_xlabel(f"{label} (log scale)")
+        ax.margins(x=0.12, y=0.08)
+    axes[0].set_ylabel("validation accuracy (%)")
+    handles, names = axes[0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="lower center", ncol=len(names), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    return fig
+
+
+# -- tables ---------------------------------------------------------------------------------------------
+
+def _log_ticks(ax, values: pd.Series) -> None:
+    """Tick labels like '150 k' that never crowd: intermediate ticks only as many as the span allows."""
+    decades = math.log10(values.max() / values.min()) if values.min() > 0 else 0
+    label = FuncFormatter(lambda v, _: _si(v))
+    ax.xaxis.set_major_formatter(label)
+    ax.xaxis.set_minor_locator(LogLocator(subs=(2, 5) if decades > 0.7 else (1.5, 2, 3, 5, 7)))
+    ax.xaxis.set_minor_formatter(label if decades <= 3 else FuncFormatter(lambda v, _: ""))
+
+
+def node_table(view: RunView, nodes: pd.DataFrame) -> pd.DataFrame:
+    """Display form of lineage rows: one line per candidate, numbers formatted for people."""
+    root = view.root
+    root_params = int(root.params) if root is not None else None
+    out = pd.DataFrame({
+        "node": nodes.node.astype(int).astype(str),
+        "parent": [_num(_first_parent(p), "d") for p in nodes.parents],
+        "teachers": [", ".join(map(str, json.loads(t))) or "—" for t in nodes.teachers],
+        "operator": nodes.operator,
+        "architecture": [VGGSpec.from_json(s).summary() for s in nodes.spec],
+        "val %": [_num(v, ".2f") for v in nodes.val_acc],
+        "test %": [_num(v, ".2f") for v in nodes.test_acc],
+        "drop pts": [_num(v, ".2f") for v in nodes["drop"]],
+        "params": [f"{int(p):,}" for p in nodes.params],
+        "× smaller": [_num(_smaller(root_params, p), ".2f") for p in nodes.params],
+        "bytes": [_si(b, "B") for b in nodes.bytes],
+        "FLOPs": [_si(f) for f in nodes.flops],
+        "epochs": nodes.epochs.astype(str),
+        "seconds": [_num(s, ".1f") for s in nodes.seconds],
+        "status": nodes.status,
+    })
+    return out.reset_index(drop=True)
+
+
+def generation_tables(view: RunView) -> list[tuple[str, pd.DataFrame]]:
+    """(heading, table) per generation, the heading saying who the parents were and who was accepted."""
+    out = []
+    for g, nodes in view.frame.groupby("generation", sort=True):
+        table = node_table(view, nodes)
+        if g == 0:
+            heading = "Generation 0: the root"
+        else:
+            parents = sorted({p for p in (_first_parent(x) for x in nodes.parents) if p is not None})
+            accepted = ", ".join(map(str, nodes[nodes.status == "accepted"].node))
+            if not accepted:
+                undecided = nodes.status.isin(["running", "queued"]).any()
+                accepted = "not decided yet (nodes still running)" if undecided else "none"
+            heading = (f"Generation {g}: {len(nodes)} candidate{'s' * (len(nodes) != 1)} from parent"
+                       f"{'s' * (len(parents) != 1)} {', '.join(map(str, parents))}; accepted: {accepted}")
+        out.append((heading, table))
+    return out
+
+
+def root_vs_final_table(view: RunView) -> pd.DataFrame:
+    """Root vs final model: architecture, size, cost and accuracy, with the change between them."""
+    root, final = view.root, view.final
+    cols = {}
+    for label, row in ((f"root (#{root.node})" if root is not None else "root", root),
+                       (f"final (#{final.node})" if final is not None else "final", final)):
+        cols[label] = ["—"] * 6 if row is None else [
+            VGGSpec.from_json(row.spec).summary(), f"{int(row.params):,}", _si(row.bytes, "B"), _si(row.flops),
+            _num(row.val_acc, ".2f"), _num(row.test_acc, ".2f")]
+    change = [""] * 6
+    if root is not None and final is not None:
+        change[1:4] = [f"{_smaller(root[k], final[k]):.2f}× {word}"
+                       for k, word in (("params", "smaller"), ("bytes", "smaller"), ("flops", "fewer"))]
+        change[4] = f"drop {_num(root.val_acc - final.val_acc, '.2f')} pts"
+        change[5] = f"drop {_num(root.test_acc - final.test_acc, '.2f')} pts"
+    cols["change"] = change
+    return pd.DataFrame(cols, index=["architecture", "params", "bytes", "FLOPs", "validation accuracy %",
+                                     "test accuracy %"])
+
+
+def facts(view: RunView) -> list[tuple[str, str]]:
+    """The one-line answers: why it stopped, how long it took, how many nodes of each kind."""
+    df = view.frame
+    counts = df.status.value_counts()
+    kinds = ", ".join(f"{counts[s]} {s}" for s in ("accepted", "rejected", "failed", "pruned", "running", "queued")
+                      if s in counts)
+    trained = _duration(df.seconds.fillna(0).sum())
+    if view.wall_seconds is not None:
+        wall = _duration(view.wall_seconds)
+    elif view.span_seconds is not None:
+        wall = f"not recorded; {_duration(view.span_seconds)} from the first node's start to the last one's end " \
+               f"(training alone: {trained})"
+    else:
+        wall = f"not recorded (training alone: {trained})"
+    c = view.config
+    out = [("stopped because", view.stop_reason or "not recorded (the run has not finished)"),
+           ("total wall time", wall),
+           ("nodes", f"{len(df)} over {int(df.generation.max()) + 1} generations ({kinds or 'root only'})")]
+    if c:
+        out.append(("variant", f"{c.get('variant')} (children {c.get('children')}, beam {c.get('beam')}, "
+                               f"select {c.get('select')})"))
+        out.append(("budget", f"--max-drop {c.get('max_drop')} validation accuracy points vs the root"))
+    return out
+
+
+def settings_table(view: RunView) -> pd.DataFrame:
+    c = view.config
+    rows = [(k.replace("_", "-"), redact_url(str(c[k])) if k == "storage" and c[k] else str(c[k]))
+            for k in SETTINGS if k in c and c[k] is not None]
+    return pd.DataFrame(rows, columns=["setting", "value"])
+
+
+# -- writing --------------------------------------------------------------------------------------------
+
+def write_report(run_dir: str | Path, *, storage: str | None = None, fmt: str = "csv") -> Report:
+    """Write RUN/report.html (self-contained), RUN/report.md with lineage.svg and pareto.png beside
+    it, and the lineage table (lineage.csv, plus lineage.parquet with fmt='parquet')."""
+    if fmt not in FORMATS:
+        raise IterkdError(f"unknown --format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if fmt == "parquet" and not _has_pyarrow():
+        raise IterkdError("--format parquet needs pandas' pyarrow backend: pip install 'iterkd[parquet]'")
+    view = load_run(run_dir, storage)
+    run_dir = view.run_dir
+    tables = [run_dir / "lineage.csv"]
+    write_atomic(tables[0], view.frame.to_csv(index=False))
+    if fmt == "parquet":
+        tables.append(run_dir / "lineage.parquet")
+        tmp = run_dir / f".lineage.parquet.{os.getpid()}.tmp"
+        view.frame.to_parquet(tmp, index=False)
+        os.replace(tmp, tables[1])
+    tree_svg = _render(tree_figure(view), "svg")
+    plot_png = _render(pareto_figure(view), "png")
+    write_atomic(run_dir / "lineage.svg", tree_svg.decode())
+    _write_bytes(run_dir / "pareto.png", plot_png)
+    write_atomic(run_dir / "report.html", render_html(view, tree_svg, plot_png))
+    write_atomic(run_dir / "report.md", render_markdown(view))
+    return Report(run_dir / "report.html", run_dir / "report.md", run_dir / "lineage.svg", run_dir / "pareto.png",
+                  tuple(tables), view.gaps)
+
+
+def _has_pyarrow() -> bool:
+    return importlib.util.find_spec("pyarrow") is not None
+
+
+def _render(fig: Figure, fmt: str) -> bytes:
+    buf = io.BytesIO()
+    # Fixed salt and no date: the same study gives byte-identical images.
+    with matplotlib.rc_context({"svg.hashsalt": "iterkd", "svg.fonttype": "path"}):
+        fig.savefig(buf, format=fmt, metadata={"Date": None} if fmt == "svg" else {"Software": None})
+    return buf.getvalue()
+
+
+def _write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+_CSS = """
+body{overflow-x:hidden;font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,"DejaVu Sans",sans-serif;color:#222;margin:0;background:#fafafa}
+main{max-width:1400px;margin:0 auto;padding:18px 28px 40px}
+h1{font-size:24px;margin:4px 0}h2{margin:28px 0 8px;border-bottom:1px solid #ddd}h3{font-size:15px;margin:18px 0 6px}
+.sub{color:#666;margin:0 0 12px}
+.gaps{background:#fff4e5;border:1px solid #f0b36b;border-radius:6px;padding:8px 14px;margin:12px 0}
+.cards{display:flex;flex-wrap:wrap;gap:20px;align-items:flex-start}
+dl.facts{display:grid;grid-template-columns:max-content 1fr;gap:4px 14px;margin:0;max-width:640px}
+dl.facts dt{font-weight:600;color:#444}dl.facts dd{margin:0}
+table{border-collapse:collapse;font-size:12.5px;background:#fff}
+th,td{border:1px solid #ddd;padding:3px 8px;text-align:right;white-space:nowrap}
+th{background:#f0f0f0}td:nth-child(4),td:nth-child(5){text-align:left}
+table.summary td,table.summary th{text-align:left;font-size:13.5px}
+.scroll{overflow-x:auto;background:#fff;border:1px solid #ddd;border-radius:6px;padding:6px}
+.bleed{margin:0 calc(50% - 50vw + 12px)}  /* a wide tree may use the whole window */
+.wide{overflow-x:auto}
+.scroll img{max-width:none;display:block;margin:0 auto}
+img.plot{max-width:100%;background:#fff;border:1px solid #ddd;border-radius:6px}
+.st{padding:1px 6px;border-radius:8px;border:1px solid}
+"""
+
+
+def _status_span(status: str) -> str:
+    fill, edge, _ = STATUS_STYLE.get(status, STATUS_STYLE["rejected"])
+    return f'<span class="st" style="background:{fill};border-color:{edge}">{html.escape(status)}</span>'
+
+
+def _html_table(df: pd.DataFrame, cls: str = "nodes", index: bool = False) -> str:
+    """pandas' HTML table with every cell escaped and the status cells drawn in their colours."""
+    safe = df.apply(lambda col: col.map(lambda v: html.escape(str(v))))
+    safe.index = [html.escape(str(i)) for i in df.index]
+    if "status" in df:
+        safe["status"] = [_status_span(s) for s in df.status]
+    return safe.to_html(index=index, escape=False, border=0, classes=cls)
+
+
+def render_html(view: RunView, tree_svg: bytes, plot_png: bytes) -> str:
+    """One self-contained page: both images inline as data URIs, no script, no network fetch."""
+    esc = html.escape
+    tree_fig_w, tree_fig_h = _svg_size_px(tree_svg)
+    gaps = ""
+    if view.gaps:
+        gaps = ("<div class='gaps' id='gaps'><b>Partial report</b>: the run's study does not record"
+                + "".join(f"<li>{esc(g)}</li>" for g in view.gaps).join(("<ul>", "</ul>")) + "</div>")
+    facts_html = "".join(f"<dt>{esc(k)}</dt><dd>{esc(v)}</dd>" for k, v in facts(view))
+    generations = "".join(f"<h3>{esc(h)}</h3><div class='wide'>{_html_table(t)}</div>"
+                          for h, t in generation_tables(view))
+    c = view.config
+    subtitle = " · ".join(esc(str(x)) for x in (view.run_dir, c.get("dataset"), c.get("space"), c.get("variant"))
+                          if x)
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>iterkd report: {esc(view.name)}</title>
+<style>{_CSS}</style></head>
+<body><main>
+<h1>iterkd run <code>{esc(view.name)}</code></h1>
+<p class="sub">{subtitle}</p>
+{gaps}
+<section id="summary"><h2>Summary</h2>
+<div class="cards"><div>{_html_table(root_vs_final_table(view), "summary", index=True)}</div>
+<dl class="facts">{facts_html}</dl></div>
+</section>
+<section id="lineage"><h2>Lineage tree</h2>
+<div class="scroll{' bleed' if tree_fig_w > 1340 else ''}"><img id="tree" alt="lineage tree of run {esc(view.name)}" width="{tree_fig_w}" height="{tree_fig_h}"
+ src="data:image/svg+xml;base64,{base64.b64encode(tree_svg).decode()}"></div>
+</section>
+<section id="pareto"><h2>Accuracy vs size</h2>
+<img id="plot" class="plot" alt="validation accuracy vs parameters and FLOPs"
+ src="data:image/png;base64,{base64.b64encode(plot_png).decode()}">
+</section>
+<section id="generations"><h2>Generations</h2>{generations}</section>
+<section id="settings"><h2>Settings</h2>{_html_table(settings_table(view), "summary")}</section>
+<p class="sub">Written by <code>iterkd report</code> from the run's Optuna study; the machine-readable table
+is <code>lineage.csv</code> beside this file.</p>
+</main></body></html>
+"""
+
+
+def _svg_size_px(svg: bytes) -> tuple[int, int]:
+    """matplotlib writes width/height in pt; browsers show 1 pt as 4/3 px."""
+    head = svg[:2000].decode(errors="replace")
+    w, h = (float(re.search(rf'{k}="([\d.]+)pt"', head).group(1)) for k in ("width", "height"))
+    return round(w * 4 / 3), round(h * 4 / 3)
+
+
+def _markdown_table(df: pd.DataFrame, index: bool = False) -> str:
+    cols = ([""] if index else []) + [str(c) for c in df.columns]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for i, row in zip(df.index, df.itertuples(index=False)):
+        cells = ([str(i)] if index else []) + [str(v) for v in row]
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def render_markdown(view: RunView) -> str:
+    """The summary and tables for a README or PR, with the images as files beside it."""
+    parts = [f"# iterkd run `{view.name}`", ""]
+    if view.gaps:
+        parts += ["**Partial report**: the run's study does not record", ""] + [f"- {g}" for g in view.gaps] + [""]
+    parts += ["## Summary", "", _markdown_table(root_vs_final_table(view), index=True), ""]
+    parts += [f"- **{k}**: {v}" for k, v in facts(view)] + [""]
+    parts += ["## Lineage tree", "", "![lineage tree](lineage.svg)", "",
+              "## Accuracy vs size", "", "![validation accuracy vs parameters and FLOPs](pareto.png)", "",
+              "## Generations", ""]
+    for heading, table in generation_tables(view):
+        parts += [f"### {heading}", "", _markdown_table(table), ""]
+    parts += ["## Settings", "", _markdown_table(settings_table(view)), ""]
+    return "\n".join(parts)
