@@ -7,6 +7,7 @@ import math
 import sys
 from pathlib import Path
 
+from .device import COMPILE_MODES
 from .errors import IterkdError
 
 
@@ -30,6 +31,12 @@ def _fraction(text: str) -> float:
         num, den = text.split("/", 1)
         return _positive_float(num) / _positive_float(den)
     return _positive_float(text)
+
+
+def _on_off(text: str) -> bool:
+    if text not in ("on", "off"):
+        raise argparse.ArgumentTypeError(f"expected on or off, got {text!r}")
+    return text == "on"
 
 
 # Flags that map one-to-one onto SearchConfig fields (dest == field name).
@@ -69,12 +76,19 @@ def _add_search_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--train-subset", type=int, help="train on the first N training images")
     g.add_argument("--val-size", type=int, help="images split off the training set for validation")
     g.add_argument("--test-subset", type=int, help="report test accuracy on the first N test images")
+    g = p.add_argument_group("speed (docs/performance.md)")
+    g.add_argument("--teacher-cache", type=_on_off, help="on (default): teachers' logits computed once per sample "
+                   "and augmentation view, shared by all their students; off: teachers run live")
+    g.add_argument("--views", type=int, help="augmentation views per sample that children cycle through (default 4)")
+    g.add_argument("--compile", help="torch.compile: auto (default: CUDA graphs for small models on CUDA), off, "
+                   "default or reduce-overhead")
 
 
 CONFIG_FLAGS = ("space", "dataset", "variant", "max_drop", "max_generations", "children", "beam", "select",
                 "teacher_weights", "teacher", "name", "run_dir", "storage", "preset", "seed", "device", "data_dir",
                 "download", "width", "epochs", "root_epochs", "batch_size", "lr", "weight_decay", "alpha",
-                "temperature", "hint_weight", "train_subset", "val_size", "test_subset")
+                "temperature", "hint_weight", "train_subset", "val_size", "test_subset", "teacher_cache", "views",
+                "compile")
 
 
 def config_from_args(args: argparse.Namespace):

@@ -15,6 +15,7 @@ import optuna
 import torch
 
 from .arch import VGGSpec
+from .cache import TeacherCache
 from .checkpoints import load_model, save_checkpoint
 from .config import SearchConfig, config_path
 from .data import DataSplits, dataset_info, load_data
@@ -57,6 +58,7 @@ class Search:
             self.study.set_user_attr("config", json.loads(saved.to_json()))  # reports read it from the study
         self._data: DataSplits | None = None
         self._models: dict[int, VGG] = {}
+        self._caches: dict[int, TeacherCache] = {}
 
     # -- setup --------------------------------------------------------------------------------------
     def _prepare_run_dir(self) -> None:
@@ -77,10 +79,13 @@ class Search:
                                    seed=self.cfg.seed, download=self.cfg.download).to(self.device)
         return self._data
 
-    def settings(self, epochs: int, seed: int) -> TrainSettings:
+    def settings(self, epochs: int, seed: int, *, child: bool = False) -> TrainSettings:
         c = self.cfg
+        # Children share the run's augmentation views, so one teacher cache serves all of them.
+        views = dict(views=c.views, augment_seed=c.seed) if child else {}
         return TrainSettings(epochs=epochs, batch_size=c.batch_size, lr=c.lr, weight_decay=c.weight_decay,
-                             loss=LossWeights(c.alpha, c.temperature, c.hint_weight), seed=seed)
+                             loss=LossWeights(c.alpha, c.temperature, c.hint_weight), seed=seed,
+                             compile=c.compile, **views)
 
     # -- the loop -----------------------------------------------------------------------------------
     def run(self) -> SearchOutcome:
@@ -214,19 +219,29 @@ class Search:
         model = VGG(c.move.spec)
         teachers = [self._model(t) for t in c.teachers]
         hint_teacher = self._model(c.parent)
+        caches = [self._teacher_cache(t) for t in c.teachers] if self.cfg.teacher_cache else []
         weights = [t.val_acc for t in c.teachers] if self.cfg.teacher_weights == "accuracy" else None
         loss = {"alpha": self.cfg.alpha, "temperature": self.cfg.temperature, "hint_weight": self.cfg.hint_weight}
         attrs = node_attrs(generation=c.generation, parents=(c.parent.node,), teachers=[t.node for t in c.teachers],
                            operator=c.move.label, spec=c.move.spec, key=c.key, loss=loss, epochs=self.cfg.epochs)
         return self._run_trial(attrs, model, lambda m, on_epoch: train(
-            m, self.data, self.settings(self.cfg.epochs, seed), teachers=teachers, teacher_weights=weights,
-            hint_teacher=hint_teacher, on_epoch=on_epoch, progress=self.progress,
+            m, self.data, self.settings(self.cfg.epochs, seed, child=True), teachers=teachers,
+            teacher_weights=weights, hint_teacher=hint_teacher, teacher_cache=caches, on_epoch=on_epoch,
+            progress=self.progress,
             desc=f"gen {c.generation} {c.move.label}"))
 
     def _model(self, node: Node) -> VGG:
         if node.node not in self._models:
             self._models[node.node] = load_model(self.run_dir / node.checkpoint).to(self.device)
         return self._models[node.node]
+
+    def _teacher_cache(self, node: Node) -> TeacherCache:
+        """A teacher's soft labels, shared by every student it teaches; kept in RUN/cache for resumed runs."""
+        if node.node not in self._caches:
+            self._caches[node.node] = TeacherCache(self._model(node), self.data, seed=self.cfg.seed,
+                                                   views=self.cfg.views, directory=self.run_dir / "cache",
+                                                   node=node.node)
+        return self._caches[node.node]
 
     def _run_trial(self, attrs: dict, model: VGG, fit) -> Node:
         """Run one node as one Optuna trial: attributes first (so a crash leaves a visible RUNNING
@@ -254,7 +269,8 @@ class Search:
         self._models[trial.number] = model.eval()
         for k, v in {"checkpoint": str(ckpt), "val_acc": result.val_acc, "test_acc": result.test_acc,
                      "seconds": round(result.seconds, 2), "history": result.history,
-                     "images_per_s": round(result.images_per_s, 1)}.items():
+                     "images_per_s": round(result.images_per_s, 1),
+                     "teacher_cache_hit_rate": result.cache_hit_rate}.items():
             trial.set_user_attr(k, v)
         self.study.tell(trial, result.val_acc)
         node = Node.from_trial(self.study.get_trials(deepcopy=False)[trial.number])
