@@ -159,6 +159,22 @@ def cmd_spaces(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    import json
+
+    import torch
+
+    from .bench import PLANS, run_bench
+    from .device import resolve_device
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    for figures in run_bench(device, PLANS[device.type, args.quick], compile=args.compile):
+        print(json.dumps(figures), flush=True)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="iterkd", description="Iterative knowledge-distillation compression search.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -167,6 +183,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_search)
     p = sub.add_parser("spaces", help="list the shipped search spaces with their root size (3x32x32, 10 classes)")
     p.set_defaults(func=cmd_spaces)
+    p = sub.add_parser("bench", help="training speed of the root, a child, and the child distilled live or from "
+                       "the teacher cache: one JSON line per case (docs/performance.md)")
+    p.add_argument("--quick", action="store_true", help="a small run (CPU: under 2 minutes)")
+    p.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
+    p.add_argument("--compile", default="auto", choices=COMPILE_MODES, help="torch.compile mode (default auto)")
+    p.add_argument("--threads", type=int, help="CPU threads for PyTorch (default: its own choice)")
+    p.set_defaults(func=cmd_bench)
     return parser
 
 
