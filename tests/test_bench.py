@@ -18,7 +18,8 @@ FIELDS = {"case", "device", "model", "params", "mflops_per_img", "teacher", "hin
 @pytest.fixture
 def tiny_bench(monkeypatch):
     monkeypatch.setitem(bench.PLANS, ("cpu", True), bench.BenchPlan(batch_size=16, root_samples=48,
-                                                                    child_samples=64, epochs=2, views=2))
+                                                                    child_samples=64, epochs=2, views=2,
+                                                                    cheap_epochs=3))
     monkeypatch.setattr(bench, "ROOT", TINY_ROOT)
     monkeypatch.setattr(bench, "CHILD", TINY_CHILD)
     monkeypatch.setattr(bench.run_bench, "__kwdefaults__", {**bench.run_bench.__kwdefaults__,
@@ -34,6 +35,7 @@ def test_quick_bench_prints_one_json_line_per_case(tiny_bench, capsys):
         assert set(r) == FIELDS
         assert r["img_per_s"] > 0 and r["step_ms"] > 0 and r["peak_mem_mb"] > 0 and r["timed_steps"] >= 1
         assert r["device"].startswith("cpu") and r["compile"] == "off" and r["batch_size"] == 16
+        assert r["timed_steps"] == {"root": 3, "child_ce": 8, "child_kd_cached": 8}.get(r["case"], 4)
     assert by_case["child_ce"]["step_ratio_vs_ce"] == 1.0 and by_case["child_ce"]["cache_hit_rate"] is None
     assert by_case["root"]["params"] == TINY_ROOT.params() and by_case["root"]["teacher"] is None
     assert by_case["child_kd_live"]["cache_hit_rate"] == 0.0 and by_case["child_kd_live"]["hint"]
