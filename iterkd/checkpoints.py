@@ -19,10 +19,15 @@ FORMAT = "iterkd-checkpoint-1"
 
 def save_checkpoint(path: str | Path, model: VGG, **meta) -> Path:
     """Write model weights + spec to `path` via a temp file and an atomic rename."""
+    metadata = {"format": FORMAT, "spec": model.spec.to_json(), **{k: json.dumps(v) for k, v in meta.items()}}
+    return write_safetensors(path, model.state_dict(), metadata)
+
+
+def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
+    """Write tensors (moved to CPU) to `path` via a temp file, fsync and an atomic rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    metadata = {"format": FORMAT, "spec": model.spec.to_json(), **{k: json.dumps(v) for k, v in meta.items()}}
+    state = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         save_file(state, str(tmp), metadata=metadata)
@@ -31,7 +36,7 @@ def save_checkpoint(path: str | Path, model: VGG, **meta) -> Path:
         os.replace(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)
-        raise IterkdError(f"could not write checkpoint {path}: {e.strerror or e}; free disk space or choose another --run-dir") from None
+        raise IterkdError(f"could not write {path}: {e.strerror or e}; free disk space or choose another --run-dir") from None
     return path
 
 

@@ -7,6 +7,7 @@ import math
 import sys
 from pathlib import Path
 
+from .device import COMPILE_MODES
 from .errors import IterkdError
 
 
@@ -30,6 +31,12 @@ def _fraction(text: str) -> float:
         num, den = text.split("/", 1)
         return _positive_float(num) / _positive_float(den)
     return _positive_float(text)
+
+
+def _on_off(text: str) -> bool:
+    if text not in ("on", "off"):
+        raise argparse.ArgumentTypeError(f"expected on or off, got {text!r}")
+    return text == "on"
 
 
 # Flags that map one-to-one onto SearchConfig fields (dest == field name).
@@ -73,12 +80,19 @@ def _add_search_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--train-subset", type=int, help="train on the first N training images")
     g.add_argument("--val-size", type=int, help="images split off the training set for validation")
     g.add_argument("--test-subset", type=int, help="report test accuracy on the first N test images")
+    g = p.add_argument_group("speed (docs/performance.md)")
+    g.add_argument("--teacher-cache", type=_on_off, help="on (default): teachers' logits computed once per sample "
+                   "and augmentation view, shared by all their students; off: teachers run live")
+    g.add_argument("--views", type=int, help="augmentation views per sample that children cycle through (default 4)")
+    g.add_argument("--compile", help="torch.compile: auto (default: CUDA graphs for small models on CUDA), off, "
+                   "default or reduce-overhead")
 
 
 CONFIG_FLAGS = ("space", "dataset", "variant", "max_drop", "max_generations", "children", "beam", "select",
                 "teacher_weights", "teacher", "sampler", "pruner", "objectives", "name", "run_dir", "storage", "preset", "seed", "device", "data_dir",
                 "download", "width", "epochs", "root_epochs", "batch_size", "lr", "weight_decay", "alpha",
-                "temperature", "hint_weight", "train_subset", "val_size", "test_subset")
+                "temperature", "hint_weight", "train_subset", "val_size", "test_subset", "teacher_cache", "views",
+                "compile")
 
 
 def config_from_args(args: argparse.Namespace):
@@ -214,6 +228,22 @@ def cmd_dashboard(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    import json
+
+    import torch
+
+    from .bench import PLANS, run_bench
+    from .device import resolve_device
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    for figures in run_bench(device, PLANS[device.type, args.quick], compile=args.compile):
+        print(json.dumps(figures), flush=True)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="iterkd", description="Iterative knowledge-distillation compression search.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -237,6 +267,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="lineage table format: csv (always written) or parquet too (needs pyarrow)")
     p.add_argument("--storage", help="the run's storage URL when it is not in RUN (a password is never saved)")
     p.set_defaults(func=cmd_report)
+    p = sub.add_parser("bench", help="training speed of the root, a child, and the child distilled live or from "
+                       "the teacher cache: one JSON line per case (docs/performance.md)")
+    p.add_argument("--quick", action="store_true", help="a small run (CPU: under 2 minutes)")
+    p.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
+    p.add_argument("--compile", default="auto", choices=COMPILE_MODES, help="torch.compile mode (default auto)")
+    p.add_argument("--threads", type=int, help="CPU threads for PyTorch (default: its own choice)")
+    p.set_defaults(func=cmd_bench)
     return parser
 
 

@@ -9,6 +9,7 @@ import math
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
+from .device import COMPILE_MODES
 from .errors import IterkdError
 
 VARIANTS = ("parent-child", "parent-children", "ancestors-child", "ancestors-children")
@@ -54,6 +55,12 @@ class SearchConfig:
     train_subset: int | None = None
     val_size: int = 5000
     test_subset: int | None = None
+    # Speed (docs/performance.md). Children cycle through `views` augmentation views per sample
+    # (epoch e uses e mod views, drawn from the run's seed), so a teacher's logits can be computed
+    # once per view and shared by every student it teaches; off runs the teachers live on the same inputs.
+    teacher_cache: bool = True
+    views: int = 4
+    compile: str = "auto"  # torch.compile: auto | off | default | reduce-overhead
 
     def __post_init__(self):
         if not self.run_dir:
@@ -83,7 +90,7 @@ PRESETS: dict[str, dict] = {
 }
 
 # Settings that may differ when a run is resumed: they do not change what a node is.
-RESUMABLE_OVERRIDES = {"device", "data_dir", "download", "max_generations", "storage"}
+RESUMABLE_OVERRIDES = {"device", "data_dir", "download", "max_generations", "storage", "teacher_cache", "compile"}
 
 
 def build_config(preset: str, overrides: dict) -> SearchConfig:
@@ -125,6 +132,8 @@ def validate(cfg: SearchConfig) -> SearchConfig:
     need(cfg.width is None or (math.isfinite(cfg.width) and cfg.width > 0), f"--width must be > 0, got {cfg.width}")
     need(cfg.val_size >= 1, f"--val-size must be at least 1, got {cfg.val_size}")
     need(cfg.train_subset is None or cfg.train_subset >= 1, "--train-subset must be at least 1")
+    need(cfg.views >= 1, f"--views must be at least 1, got {cfg.views}")
+    need(cfg.compile in COMPILE_MODES, f"--compile must be one of {', '.join(COMPILE_MODES)}, got {cfg.compile!r}")
     need(cfg.name and "/" not in cfg.name, f"--name must be a plain name without '/', got {cfg.name!r}")
     if cfg.variant.endswith("-child") and cfg.children != 1:
         raise IterkdError(f"--children {cfg.children} needs a *-children variant (parent-children or "

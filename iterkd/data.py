@@ -2,6 +2,7 @@
 batch iterator that augments on the device with tensor ops (no per-sample Python, no workers)."""
 from __future__ import annotations
 
+import functools
 import gzip
 import os
 import shutil
@@ -186,9 +187,15 @@ def _as_tensors(ds) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def normalize(x_uint8: torch.Tensor, info: DatasetInfo, dtype=torch.float32) -> torch.Tensor:
-    mean = torch.tensor(info.mean, device=x_uint8.device, dtype=dtype).view(1, -1, 1, 1)
-    std = torch.tensor(info.std, device=x_uint8.device, dtype=dtype).view(1, -1, 1, 1)
+    mean, std = _mean_std(info, x_uint8.device, dtype)
     return (x_uint8.to(dtype) / 255 - mean) / std
+
+
+@functools.lru_cache(maxsize=None)
+def _mean_std(info: DatasetInfo, device: torch.device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    # Made once per device: building them per batch would be a blocking host-to-GPU copy every step.
+    return (torch.tensor(info.mean, device=device, dtype=dtype).view(1, -1, 1, 1),
+            torch.tensor(info.std, device=device, dtype=dtype).view(1, -1, 1, 1))
 
 
 def augment_draws(n: int, seed: int, view: int, pad: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
@@ -211,22 +218,49 @@ def augment(x: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor | None, 
     return padded[idx_n, idx_c, rows, cols]
 
 
+def epoch_view(epoch: int, views: int | None) -> int:
+    """The augmentation view epoch `epoch` uses: epoch mod `views` (each epoch its own when None)."""
+    return epoch % views if views else epoch
+
+
 def train_batches(data: DataSplits, batch_size: int, epoch: int, seed: int, views: int | None = None,
-                  augmented: bool = True) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+                  augmented: bool = True, augment_seed: int | None = None
+                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Shuffled, augmented training batches for one epoch as (index, normalised images, labels).
 
-    Epoch e uses augmentation view e mod `views` (every epoch its own view when views is None)."""
+    `seed` shuffles; `augment_seed` (default: `seed`) draws the crops and flips, so students that
+    share it (siblings) see the same image for a sample in a view. Epoch e uses view epoch_view(e, views)."""
     device = data.train_x.device
     n = len(data.train_x)
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch)).to(device)
-    offsets, flips = augment_draws(n, seed, epoch % views if views else epoch)
-    offsets, flips = offsets.to(device), flips.to(device)
+    offsets, flips = _draws_on(data, seed if augment_seed is None else augment_seed, epoch_view(epoch, views))
     for start in range(0, n - batch_size + 1 if n >= batch_size else 1, batch_size):
         idx = perm[start:start + batch_size]
-        x = data.train_x[idx]
-        if augmented:
-            x = augment(x, offsets[idx], flips[idx] if data.info.flip else None)
-        yield idx, normalize(x, data.info), data.train_y[idx]
+        yield idx, _images(data, idx, offsets, flips, augmented), data.train_y[idx]
+
+
+def view_batches(data: DataSplits, seed: int, view: int, batch_size: int = 1000
+                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Every training sample in index order as (index, normalised images), augmented as in `view`:
+    the very images train_batches yields in an epoch using that view with augment_seed `seed`."""
+    device = data.train_x.device
+    offsets, flips = _draws_on(data, seed, view)
+    for start in range(0, len(data.train_x), batch_size):
+        idx = torch.arange(start, min(start + batch_size, len(data.train_x)), device=device)
+        yield idx, _images(data, idx, offsets, flips, True)
+
+
+def _draws_on(data: DataSplits, seed: int, view: int) -> tuple[torch.Tensor, torch.Tensor]:
+    offsets, flips = augment_draws(len(data.train_x), seed, view)
+    return offsets.to(data.train_x.device), flips.to(data.train_x.device)
+
+
+def _images(data: DataSplits, idx: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor,
+            augmented: bool) -> torch.Tensor:
+    x = data.train_x[idx]
+    if augmented:
+        x = augment(x, offsets[idx], flips[idx] if data.info.flip else None)
+    return normalize(x, data.info)
 
 
 def eval_batches(x: torch.Tensor, y: torch.Tensor, info: DatasetInfo, batch_size: int = 1000):

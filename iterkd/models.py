@@ -46,6 +46,13 @@ class VGG(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_features(x)[0]
 
+    def block_output(self, x: torch.Tensor, block: int) -> torch.Tensor:
+        """The output of block `block`, running no block after it: a hint target for a fraction of
+        a full forward pass when the logits come from elsewhere (the teacher cache)."""
+        for b in self.blocks[:block + 1]:
+            x = b(x)
+        return x
+
 
 def hint_blocks(student: VGGSpec, teacher: VGGSpec) -> tuple[int, int]:
     """Which student block's output is regressed onto which teacher block's (FitNets' 'guided' and

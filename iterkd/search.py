@@ -18,6 +18,7 @@ import torch
 from optuna.artifacts import FileSystemArtifactStore, upload_artifact
 
 from .arch import VGGSpec
+from .cache import TeacherCache
 from .checkpoints import load_model, save_checkpoint
 from .choices import make_pruner, make_sampler, move_params, suggest_kd, suggest_move
 from .config import SearchConfig, config_path
@@ -66,6 +67,7 @@ class Search:
             self.study.set_user_attr("config", json.loads(saved.to_json()))  # reports read it from the study
         self._data: DataSplits | None = None
         self._models: dict[int, VGG] = {}
+        self._caches: dict[int, TeacherCache] = {}
 
     # -- setup --------------------------------------------------------------------------------------
     def _prepare_run_dir(self) -> None:
@@ -87,10 +89,13 @@ class Search:
                                    seed=self.cfg.seed, download=self.cfg.download).to(self.device)
         return self._data
 
-    def settings(self, epochs: int, seed: int) -> TrainSettings:
+    def settings(self, epochs: int, seed: int, *, child: bool = False) -> TrainSettings:
         c = self.cfg
+        # Children share the run's augmentation views, so one teacher cache serves all of them.
+        views = dict(views=c.views, augment_seed=c.seed) if child else {}
         return TrainSettings(epochs=epochs, batch_size=c.batch_size, lr=c.lr, weight_decay=c.weight_decay,
-                             loss=LossWeights(c.alpha, c.temperature, c.hint_weight), seed=seed)
+                             loss=LossWeights(c.alpha, c.temperature, c.hint_weight), seed=seed,
+                             compile=c.compile, **views)
 
     # -- the loop -----------------------------------------------------------------------------------
     def run(self) -> SearchOutcome:
@@ -252,20 +257,29 @@ class Search:
         model = VGG(move.spec)
         teachers = [self._model(t) for t in slot.teachers]
         hint_teacher = self._model(parent)
+        caches = [self._teacher_cache(t) for t in slot.teachers] if self.cfg.teacher_cache else []
         weights = [t.val_acc for t in slot.teachers] if self.cfg.teacher_weights == "accuracy" else None
-        settings = replace(self.settings(self.cfg.epochs, seed), lr=kd["lr"],
+        settings = replace(self.settings(self.cfg.epochs, seed, child=True), lr=kd["lr"],
                            loss=LossWeights(kd["alpha"], kd["temperature"], kd["hint_weight"]))
         attrs = node_attrs(generation=generation, parents=(parent.node,), teachers=[t.node for t in slot.teachers],
                            operator=move.label, spec=move.spec, key=key, loss=kd, epochs=self.cfg.epochs)
         return self._run_trial(attrs, model, lambda m, on_epoch: train(
             m, self.data, settings, teachers=teachers, teacher_weights=weights, hint_teacher=hint_teacher,
-            on_epoch=on_epoch, progress=self.progress, desc=f"gen {generation} {move.label}"),
+            teacher_cache=caches, on_epoch=on_epoch, progress=self.progress, desc=f"gen {generation} {move.label}"),
             trial=trial, parent=parent)
 
     def _model(self, node: Node) -> VGG:
         if node.node not in self._models:
             self._models[node.node] = load_model(self.run_dir / node.checkpoint).to(self.device)
         return self._models[node.node]
+
+    def _teacher_cache(self, node: Node) -> TeacherCache:
+        """A teacher's soft labels, shared by every student it teaches; kept in RUN/cache for resumed runs."""
+        if node.node not in self._caches:
+            self._caches[node.node] = TeacherCache(self._model(node), self.data, seed=self.cfg.seed,
+                                                   views=self.cfg.views, directory=self.run_dir / "cache",
+                                                   node=node.node)
+        return self._caches[node.node]
 
     def _run_trial(self, attrs: dict, model: VGG, fit, *, trial: optuna.Trial | None = None,
                    parent: Node | None = None) -> Node:
@@ -302,7 +316,8 @@ class Search:
         for k, v in {"checkpoint": str(ckpt), "artifact_id": artifact_id, "val_acc": result.val_acc,
                      "test_acc": result.test_acc, "drop": round(drop, 4), "seconds": round(result.seconds, 2),
                      "history": result.history, "images_per_s": round(result.images_per_s, 1),
-                     "budget": "within" if drop <= self.cfg.max_drop else "over"}.items():
+                     "budget": "within" if drop <= self.cfg.max_drop else "over",
+                     "teacher_cache_hit_rate": result.cache_hit_rate}.items():
             trial.set_user_attr(k, v)
         trial.set_constraint("drop_over_budget", drop - self.cfg.max_drop)  # feasible when <= 0
         values = [result.val_acc, model.spec.params()] if self.multi_objective else result.val_acc

@@ -1,20 +1,23 @@
 """One training function for the root (labels only) and every child (teachers + labels + hint).
 
 Reads top to bottom: settings -> optimiser and schedule -> epochs of device-resident batches ->
-validation each epoch -> final validation/test accuracy. Teachers run in eval mode without grad.
+validation each epoch -> final validation/test accuracy. Teachers run in eval mode without grad;
+with a teacher cache their logits are looked up instead of computed.
 """
 from __future__ import annotations
 
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
-from .data import DataSplits, eval_batches, train_batches
-from .errors import IterkdError, TrainingDiverged
+from .cache import TeacherCache
+from .data import DataSplits, epoch_view, eval_batches, train_batches
+from .device import autocast, compile_mode, memory_format, resolve_device  # noqa: F401 - resolve_device re-exported
+from .errors import TrainingDiverged
 from .losses import LossWeights, composite_loss, hint_loss, teacher_probs
 from .models import VGG, HintRegressor, hint_blocks
 
@@ -29,6 +32,9 @@ class TrainSettings:
     loss: LossWeights = field(default_factory=LossWeights)
     seed: int = 0
     augment: bool = True
+    views: int | None = None  # augmentation views cycled through (epoch e uses e mod views); None: one per epoch
+    augment_seed: int | None = None  # seed of the crops and flips (default: seed); shared by siblings
+    compile: str = "off"  # torch.compile mode, or auto (see device.compile_mode)
 
 
 @dataclass
@@ -39,21 +45,9 @@ class TrainResult:
     epochs: int
     history: list[float]  # validation accuracy after each epoch
     images_per_s: float
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise IterkdError("--device cuda was asked for but PyTorch sees no CUDA GPU; use --device cpu or auto")
-    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
-        raise IterkdError(f"--device must be auto, cpu or cuda, got {name!r}")
-    return torch.device(name)
-
-
-def _autocast(device: torch.device):
-    # bf16 autocast on GPUs: tensor-core speed without loss scaling; on CPU fp32 is faster for these convs.
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    epoch_seconds: list[float] = field(default_factory=list)  # training steps only: no validation, no cache filling
+    losses: list[float] = field(default_factory=list)  # mean training loss of each epoch
+    cache_hit_rate: float | None = None  # share of teacher-output lookups already used before (None: no cache)
 
 
 @torch.no_grad()
@@ -63,32 +57,37 @@ def evaluate(model: VGG, x: torch.Tensor, y: torch.Tensor, data: DataSplits) -> 
     model.eval()
     device = next(model.parameters()).device
     correct = torch.zeros((), dtype=torch.int64, device=device)
-    with _autocast(device):
+    with autocast(device):
         for xb, yb in eval_batches(x, y, data.info):
-            correct += (model(xb.contiguous(memory_format=_memory_format(device))).argmax(1) == yb).sum()
+            correct += (model(xb.contiguous(memory_format=memory_format(device))).argmax(1) == yb).sum()
     model.train(was_training)
     return 100.0 * correct.item() / max(1, len(y))
 
 
-def _memory_format(device: torch.device):
-    # channels_last lets cuDNN pick NHWC tensor-core kernels; on CPU it brings nothing here.
-    return torch.channels_last if device.type == "cuda" else torch.contiguous_format
-
-
-def train(model: VGG, data: DataSplits, settings: TrainSettings, *, teachers: list[VGG] = (),
+def train(model: VGG, data: DataSplits, settings: TrainSettings, *, teachers: Sequence[VGG] = (),
           teacher_weights: list[float] | None = None, hint_teacher: VGG | None = None,
-          on_epoch: Callable[[int, float], None] | None = None, desc: str = "train",
-          progress: bool = True) -> TrainResult:
+          teacher_cache: Sequence[TeacherCache] = (), on_epoch: Callable[[int, float], None] | None = None,
+          desc: str = "train", progress: bool = True) -> TrainResult:
     """Train `model` in place on `data` (already on the target device) and return its accuracies.
 
     With `teachers` the loss is alpha*KD + (1-alpha)*CE (+ hint from `hint_teacher`); without,
-    plain CE. `on_epoch(epoch, val_acc)` may raise to stop training (e.g. Optuna pruning).
-    Raises TrainingDiverged when the loss becomes NaN/inf."""
+    plain CE. `teacher_cache`, one per teacher in the same order, replaces the teachers' forward
+    passes by lookups; the hint teacher then runs only up to its hint block. `on_epoch(epoch,
+    val_acc)` may raise to stop training (e.g. Optuna pruning). Raises TrainingDiverged when the
+    loss becomes NaN/inf."""
     device = data.train_x.device
+    fmt = memory_format(device)
     torch.manual_seed(settings.seed)
-    model.to(device, memory_format=_memory_format(device)).train()
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # same shapes every step: cuDNN times its kernels once, keeps the fastest
+    model.to(device, memory_format=fmt).train()
     for t in teachers:
-        t.to(device, memory_format=_memory_format(device)).eval().requires_grad_(False)
+        t.to(device, memory_format=fmt).eval().requires_grad_(False)
+    augment_seed = settings.seed if settings.augment_seed is None else settings.augment_seed
+    if teacher_cache and (len(teacher_cache) != len(teachers) or not settings.augment or any(
+            (c.seed, c.views, c.n) != (augment_seed, settings.views, len(data.train_x)) for c in teacher_cache)):
+        raise ValueError("the teacher cache must hold one entry per teacher, built for this training set's "
+                         "augment_seed and views")
 
     regressor, hint_idx = None, None
     if hint_teacher is not None and settings.loss.hint_weight > 0 and teachers:
@@ -96,34 +95,57 @@ def train(model: VGG, data: DataSplits, settings: TrainSettings, *, teachers: li
         s_ch = model.spec.block_output_shapes()[hint_idx[0]][0]
         t_ch = hint_teacher.spec.block_output_shapes()[hint_idx[1]][0]
         regressor = HintRegressor(s_ch, t_ch).to(device)
+        hint_teacher.to(device, memory_format=fmt).eval().requires_grad_(False)
+    hint_pos = next((i for i, t in enumerate(teachers) if t is hint_teacher), None)
+    # Copied to the device once, not in every step.
+    weights = None if teacher_weights is None else torch.tensor(teacher_weights, device=device)
 
     params = list(model.parameters()) + (list(regressor.parameters()) if regressor else [])
-    # foreach/fused kernels: one launch for all parameters instead of one per tensor (matters on GPU).
+    # fused (CUDA) / foreach kernels: one launch for all parameters instead of one per tensor.
     opt = torch.optim.SGD(params, lr=settings.lr, momentum=settings.momentum, nesterov=True,
-                          weight_decay=settings.weight_decay, foreach=True)
+                          weight_decay=settings.weight_decay,
+                          **({"fused": True} if device.type == "cuda" else {"foreach": True}))
     n = len(data.train_x)
     steps_per_epoch = max(1, n // settings.batch_size) if n >= settings.batch_size else 1
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=settings.lr, epochs=settings.epochs,
-                                                steps_per_epoch=steps_per_epoch, pct_start=0.25)
-    history, images, start = [], 0, time.perf_counter()
-    bar = tqdm(total=settings.epochs * steps_per_epoch, desc=desc, unit="step", disable=not progress,
+    total_steps = settings.epochs * steps_per_epoch
+    # Warm-up over a quarter of the steps, but over 1.5 at least: OneCycleLR divides by zero at exactly one.
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=settings.lr, total_steps=total_steps,
+                                                pct_start=0.25 if total_steps == 1 else max(0.25, 1.5 / total_steps))
+    mode = compile_mode(settings.compile, device, model.spec)
+    # Compiled forward (CUDA graphs for small, launch-bound models); batches always have the same shape.
+    forward = torch.compile(model.forward_features, mode=mode) if mode else model.forward_features
+    lookups_before = [c.counts() for c in teacher_cache]
+    history, losses, epoch_seconds, images, start = [], [], [], 0, time.perf_counter()
+    bar = tqdm(total=total_steps, desc=desc, unit="step", disable=not progress,
                leave=False, dynamic_ncols=True, mininterval=0.5)
     try:
         for epoch in range(settings.epochs):
+            view = epoch_view(epoch, settings.views)
+            for c in teacher_cache:
+                c.ensure_view(view)  # the first epoch on a view runs the teacher over every sample once
+            epoch_start = time.perf_counter()
             loss_sum = torch.zeros((), device=device)
-            for step, (_, x, y) in enumerate(train_batches(data, settings.batch_size, epoch, settings.seed,
-                                                           augmented=settings.augment)):
-                x = x.contiguous(memory_format=_memory_format(device))
-                with _autocast(device):
-                    logits, feats = model.forward_features(x)
+            for step, (idx, x, y) in enumerate(train_batches(data, settings.batch_size, epoch, settings.seed,
+                                                             views=settings.views, augmented=settings.augment,
+                                                             augment_seed=settings.augment_seed)):
+                x = x.contiguous(memory_format=fmt)
+                if mode == "reduce-overhead":
+                    torch.compiler.cudagraph_mark_step_begin()  # the previous step's graph outputs are dead
+                with autocast(device):
+                    logits, feats = forward(x)
                     target, hint = None, None
                     if teachers:
                         with torch.no_grad():
-                            outs = [t.forward_features(x) for t in teachers]
-                        target = teacher_probs([o[0] for o in outs], settings.loss.temperature, teacher_weights)
+                            if teacher_cache:  # stored soft labels: a gather instead of a teacher forward
+                                outs, t_logits = [], [c.logits(idx, view) for c in teacher_cache]
+                            else:
+                                outs = [t.forward_features(x) for t in teachers]
+                                t_logits = [o[0] for o in outs]
+                            if regressor is not None:  # a live hint teacher already ran; else only up to the hint block
+                                t_feat = outs[hint_pos][1][hint_idx[1]] if outs and hint_pos is not None \
+                                    else hint_teacher.block_output(x, hint_idx[1])
+                        target = teacher_probs(t_logits, settings.loss.temperature, weights)
                         if regressor is not None:
-                            t_feat = outs[list(teachers).index(hint_teacher)][1][hint_idx[1]] \
-                                if hint_teacher in teachers else hint_teacher.forward_features(x)[1][hint_idx[1]]
                             hint = hint_loss(regressor(feats[hint_idx[0]], t_feat.shape[-2:]), t_feat)
                     loss = composite_loss(logits, y, settings.loss, target, hint)
                 opt.zero_grad(set_to_none=True)
@@ -138,7 +160,9 @@ def train(model: VGG, data: DataSplits, settings: TrainSettings, *, teachers: li
                     if not math.isfinite(value):
                         raise TrainingDiverged(f"{desc}: loss became {value} at epoch {epoch + 1}, step {step}")
                     bar.set_postfix(loss=f"{value:.3f}", epoch=epoch + 1)
-            mean_loss = loss_sum.item() / steps_per_epoch
+            mean_loss = loss_sum.item() / steps_per_epoch  # waits for the device: the epoch's steps are done
+            epoch_seconds.append(time.perf_counter() - epoch_start)
+            losses.append(mean_loss)
             if not math.isfinite(mean_loss):
                 raise TrainingDiverged(f"{desc}: loss became {mean_loss} in epoch {epoch + 1}")
             val = evaluate(model, data.val_x, data.val_y, data)
@@ -150,4 +174,11 @@ def train(model: VGG, data: DataSplits, settings: TrainSettings, *, teachers: li
         bar.close()
     seconds = time.perf_counter() - start
     test = evaluate(model, data.test_x, data.test_y, data)
-    return TrainResult(history[-1], test, seconds, settings.epochs, history, images / max(seconds, 1e-9))
+    return TrainResult(history[-1], test, seconds, settings.epochs, history, images / max(seconds, 1e-9),
+                       epoch_seconds, losses, _hit_rate(lookups_before, [c.counts() for c in teacher_cache]))
+
+
+def _hit_rate(before: list[tuple[int, int]], after: list[tuple[int, int]]) -> float | None:
+    lookups = sum(a[0] - b[0] for a, b in zip(after, before))
+    misses = sum(a[1] - b[1] for a, b in zip(after, before))
+    return None if not lookups else 1 - misses / lookups

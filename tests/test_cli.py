@@ -84,3 +84,13 @@ def test_module_entry_point_exits_non_zero_without_traceback(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "iterkd", "search", "--space", "nope", "--run-dir", str(tmp_path)],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and "unknown search space" in proc.stderr
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--teacher-cache", "maybe"], "expected on or off"),
+    (["--views", "0"], "--views must be at least 1"),
+    (["--compile", "max"], "--compile must be one of"),
+])
+def test_bad_speed_flags_are_one_line_errors(tmp_path, capsys, argv, needle):
+    code, _, err = run(capsys, "search", "--preset", "smoke", "--run-dir", str(tmp_path / "r"), *argv)
+    one_line_error(code, err, needle)

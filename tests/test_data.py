@@ -16,7 +16,7 @@ import torchvision.datasets as tvd
 
 import iterkd.data as data
 from iterkd.data import (DATASETS, DataSplits, augment, augment_draws, eval_batches, load_data, normalize,
-                         train_batches)
+                         train_batches, view_batches)
 from iterkd.errors import IterkdError
 
 TV_CLASS = {"fashion-mnist": "FashionMNIST", "mnist": "MNIST", "cifar10": "CIFAR10", "cifar100": "CIFAR100",
@@ -430,6 +430,22 @@ def test_train_batches_reuse_augmentation_views():
     e0, e1, e2 = images(0), images(1), images(2)
     assert e0 == e2  # same view: every sample gets the same crop and flip again
     assert e0 != e1
+
+
+def dot_positions(batches) -> dict[int, tuple[int, int]]:
+    idx, rows, cols = dot_columns(batches)
+    return {int(i): (int(r), int(c)) for i, r, c in zip(idx, rows, cols)}
+
+
+def test_view_batches_are_the_images_train_batches_show_in_that_view():
+    d = dot_splits("fashion-mnist")
+    views = [dot_positions(view_batches(d, seed=7, view=v, batch_size=25)) for v in (0, 1)]
+    assert views[0] != views[1]
+    for epoch, shuffle_seed in ((0, 1), (1, 2), (2, 3)):  # shuffling has its own seed; augmentation follows augment_seed
+        shown = dot_positions(train_batches(d, 20, epoch, seed=shuffle_seed, views=2, augment_seed=7))
+        assert len(shown) == 60 and all(views[epoch % 2][i] == pos for i, pos in shown.items())
+    order = torch.cat([i for i, _ in view_batches(d, seed=7, view=0, batch_size=25)])
+    assert torch.equal(order, torch.arange(60))  # every sample once, in index order, the last batch partial
 
 
 def test_eval_batches_are_normalised_in_order():

@@ -24,3 +24,12 @@ def test_regressor_maps_student_features_to_teacher_shape():
     out = reg(torch.randn(4, 8, 4, 4), (8, 8))
     assert out.shape == (4, 32, 8, 8)
     assert reg(torch.randn(4, 8, 8, 8), (8, 8)).shape == (4, 32, 8, 8)
+
+
+def test_block_output_equals_that_block_of_the_full_forward():
+    torch.manual_seed(0)
+    model = VGG(vgg_spec("vgg11", 1 / 16, in_channels=1)).eval()
+    x = torch.randn(3, 1, 32, 32)
+    _, feats = model.forward_features(x)
+    for block in range(len(feats)):
+        assert torch.allclose(model.block_output(x, block), feats[block])

@@ -116,3 +116,43 @@ def test_teacher_checkpoint_becomes_the_root(tmp_path, smoke_run):
     assert out.root.operator.startswith("teacher:") and out.root.seconds == 0
     assert out.root.val_acc == pytest.approx(first.root.val_acc)
     assert out.root.spec == first.root.spec
+
+
+def test_teacher_caches_are_files_in_the_run_and_a_resumed_run_reuses_them(tmp_path, monkeypatch):
+    import iterkd.search as search_mod
+    from iterkd.cache import TeacherCache
+
+    cfg = smoke_config(tmp_path, variant="ancestors-child", max_generations=2)
+    real_train = search_mod.train
+
+    def interrupt_generation_2(model, data, settings, **kw):
+        if len(kw.get("teachers", ())) == 2:  # root + node 1 teach generation 2
+            raise KeyboardInterrupt
+        return real_train(model, data, settings, **kw)
+
+    monkeypatch.setattr(search_mod, "train", interrupt_generation_2)
+    with pytest.raises(KeyboardInterrupt):
+        Search(cfg, progress=False).run()
+    n = 2000 - cfg.val_size  # the synthetic training set minus validation
+    root_file = tmp_path / "cache" / f"node-0-seed-0-views-4-n-{n}.safetensors"
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [root_file.name]
+    assert root_file.stat().st_size > 4 * n * 10 * 2  # four views of fp16 logits for every sample
+
+    computed = []
+    real_ensure = TeacherCache.ensure_view
+
+    def record(self, view):
+        was_computed = real_ensure(self, view)
+        if was_computed:
+            computed.append((self.path.name, view))
+        return was_computed
+
+    monkeypatch.setattr(search_mod, "train", real_train)
+    monkeypatch.setattr(TeacherCache, "ensure_view", record)
+    search = Search(cfg, progress=False)
+    out = search.run()
+    assert out.final.generation == 2
+    assert search._caches[0].loaded_views == [0, 1, 2, 3]  # the root's logits came from its file
+    assert [name for name, _ in computed] == [f"node-1-seed-0-views-4-n-{n}.safetensors"] * 4
+    study = open_study(f"sqlite:///{tmp_path}/study.db", cfg.name)
+    assert study.trials[-1].user_attrs["teacher_cache_hit_rate"] == pytest.approx(1 - 4 / 8)

@@ -1,0 +1,113 @@
+"""Teacher cache: lookups equal the teacher's live outputs on the student's very inputs, training
+with it gives the live-teacher losses, files are reused, and hits are counted honestly."""
+import pytest
+import torch
+
+from iterkd.arch import VGGSpec
+from iterkd.cache import TeacherCache
+from iterkd.data import DATASETS, DataSplits, train_batches
+from iterkd.losses import LossWeights
+from iterkd.models import VGG
+from iterkd.train import TrainSettings, train
+
+TEACHER = VGGSpec(((8,), (16,), (16,)), in_channels=1, num_classes=10, input_size=16)
+STUDENT = VGGSpec(((4,), (8,)), in_channels=1, num_classes=10, input_size=16)
+
+
+def random_splits(n: int = 96, seed: int = 0) -> DataSplits:
+    """Random 16px one-channel images with a dataset that flips, so crops and flips both vary."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 256, (n + 16, 1, 16, 16), dtype=torch.uint8, generator=g)
+    y = torch.randint(0, 10, (n + 16,), generator=g)
+    return DataSplits(DATASETS["fashion-mnist"], x[:n], y[:n], x[n:], y[n:], x[n:], y[n:])
+
+
+def teacher(seed: int = 1) -> VGG:
+    """A confident teacher: logits of tens, as a trained one gives, so its soft labels change with
+    the crop and flip (at random init they hardly depend on the input, and a wrong view would pass)."""
+    torch.manual_seed(seed)
+    model = VGG(TEACHER).eval()
+    with torch.no_grad():
+        model.head.weight.mul_(50)
+    return model
+
+
+def test_lookups_are_the_teachers_outputs_on_the_students_inputs_to_fp16():
+    data, t = random_splits(), teacher()
+    cache = TeacherCache(t, data, seed=7, views=2, batch_size=40)  # batches unlike the student's
+    for epoch in range(3):
+        cache.ensure_view(epoch % 2)
+        for idx, x, _ in train_batches(data, 32, epoch, seed=3, views=2, augment_seed=7):
+            cached = cache.logits(idx, epoch % 2)
+            assert cached.dtype == torch.float16
+            with torch.no_grad():
+                assert torch.allclose(cached.float(), t(x), rtol=4.9e-4, atol=1e-4)
+
+
+def settings(**kw) -> TrainSettings:
+    values = dict(epochs=1, batch_size=32, lr=0.05, seed=5, views=2, augment_seed=7,
+                  loss=LossWeights(alpha=0.9, temperature=4.0, hint_weight=1.0))
+    values.update(kw)
+    return TrainSettings(**values)
+
+
+def train_student(data, s, t, cache=()):
+    torch.manual_seed(0)
+    student = VGG(STUDENT)
+    return train(student, data, s, teachers=[t], hint_teacher=t, teacher_cache=cache, progress=False)
+
+
+def test_cached_and_live_teachers_give_the_same_losses():
+    t = teacher()
+    one_batch = random_splits(n=32)  # one step: the loss of the very same batch, before any update
+    live = train_student(one_batch, settings(), t)
+    cached = train_student(one_batch, settings(), t, [TeacherCache(t, one_batch, seed=7, views=2)])
+    # fp16 keeps 11 significant bits (relative 4.9e-4); a cache of the wrong views is ~1e-2 off.
+    assert cached.losses[0] == pytest.approx(live.losses[0], rel=4.9e-4)
+
+    data = random_splits(n=64)  # two epochs of two steps, one per view, hint included
+    live = train_student(data, settings(epochs=2), t)
+    cached = train_student(data, settings(epochs=2), t, [TeacherCache(t, data, seed=7, views=2)])
+    assert cached.losses == pytest.approx(live.losses, rel=4.9e-4)
+    assert live.cache_hit_rate is None and cached.cache_hit_rate is not None
+
+
+def test_a_view_is_a_miss_the_first_time_and_a_hit_afterwards_including_for_siblings():
+    data, t = random_splits(n=64), teacher()
+    cache = TeacherCache(t, data, seed=7, views=2)
+    first = train_student(data, settings(epochs=3), t, [cache])
+    assert first.cache_hit_rate == pytest.approx(1 / 3)  # epochs 0 and 1 fill views 0 and 1; epoch 2 reuses view 0
+    sibling = train_student(data, settings(epochs=3), t, [cache])
+    assert sibling.cache_hit_rate == 1.0
+    assert cache.counts() == (6 * 64, 2 * 64)
+
+
+def test_a_cache_file_is_reused_by_a_new_process_and_ignored_when_stale(tmp_path):
+    data, t = random_splits(), teacher()
+    first = TeacherCache(t, data, seed=7, views=2, directory=tmp_path, node=3)
+    assert first.loaded_views == [] and first.ensure_view(1) and first.ensure_view(0)
+    assert [p.name for p in tmp_path.iterdir()] == ["node-3-seed-7-views-2-n-96.safetensors"]
+
+    class Refuses(VGG):
+        def forward(self, x):
+            raise AssertionError("the teacher ran although its outputs were on disk")
+
+    silent = Refuses(TEACHER)
+    silent.load_state_dict(t.state_dict())
+    again = TeacherCache(silent, data, seed=7, views=2, directory=tmp_path, node=3)
+    assert again.loaded_views == [0, 1] and not again.ensure_view(0)
+    idx = torch.arange(96)
+    assert torch.equal(again.logits(idx, 1), first.logits(idx, 1))
+    assert again.counts() == (96, 0)  # outputs from an earlier run are hits
+
+    other_data = random_splits(seed=1)  # same size, other samples: the file must not be reused
+    assert TeacherCache(t, other_data, seed=7, views=2, directory=tmp_path, node=3).loaded_views == []
+    (tmp_path / "node-3-seed-7-views-2-n-96.safetensors").write_bytes(b"truncated")
+    assert TeacherCache(t, data, seed=7, views=2, directory=tmp_path, node=3).loaded_views == []
+
+
+def test_a_cache_for_other_views_or_seed_is_refused_by_train():
+    data, t = random_splits(), teacher()
+    for cache in (TeacherCache(t, data, seed=8, views=2), TeacherCache(t, data, seed=7, views=3)):
+        with pytest.raises(ValueError, match="augment_seed and views"):
+            train_student(data, settings(), t, [cache])
