@@ -133,6 +133,15 @@ def set_selection(study: optuna.Study, generation: int, node_ids: list[int], by:
     study.set_user_attr("selection_log", log + [{"generation": generation, "nodes": list(node_ids), "by": by}])
 
 
+def ancestry(all_nodes: list[Node], node: Node) -> list[Node]:
+    """The chain root, ..., node along first parents."""
+    by_id = {n.node: n for n in all_nodes}
+    chain = [node]
+    while chain[-1].parents:
+        chain.append(by_id[chain[-1].parents[0]])
+    return chain[::-1]
+
+
 def root_node(all_nodes: list[Node]) -> Node | None:
     roots = [n for n in all_nodes if n.generation == 0 and n.ok]
     return roots[-1] if roots else None

@@ -19,8 +19,8 @@ from .checkpoints import load_model, save_checkpoint
 from .config import SearchConfig, config_path
 from .data import DataSplits, dataset_info, load_data
 from .errors import IterkdError, TrainingDiverged
-from .lineage import (Node, default_storage, redact_url, lineage_frame, node_attrs, nodes, open_study, root_node,
-                      selections, set_selection, write_atomic, write_lineage_csv)
+from .lineage import (Node, ancestry, default_storage, redact_url, lineage_frame, node_attrs, nodes, open_study,
+                      root_node, selections, set_selection, write_atomic, write_lineage_csv)
 from .losses import LossWeights
 from .models import VGG
 from .spaces import load_space
@@ -136,12 +136,7 @@ class Search:
         return ranked[:self.cfg.beam]
 
     def _ancestors(self, node: Node) -> list[Node]:
-        """The chain root, ..., node along first parents."""
-        by_id = {n.node: n for n in nodes(self.study)}
-        chain = [node]
-        while chain[-1].parents:
-            chain.append(by_id[chain[-1].parents[0]])
-        return chain[::-1]
+        return ancestry(nodes(self.study), node)
 
     def _train_generation(self, generation: int, frontier: list[Node]) -> list[Node]:
         """Train (or reuse) this generation's candidates; a child that diverges is replaced by the
