@@ -251,6 +251,10 @@ class Search:
                      "seconds": round(result.seconds, 2), "history": result.history,
                      "images_per_s": round(result.images_per_s, 1)}.items():
             trial.set_user_attr(k, v)
+        if self.cfg.deploy_figures:  # CPU latency/throughput + ONNX size, for the lineage and model cards
+            from .deploy import node_figures
+            for k, v in node_figures(load_model(self.run_dir / ckpt)).items():
+                trial.set_user_attr(k, v)
         self.study.tell(trial, result.val_acc)
         node = Node.from_trial(self.study.get_trials(deepcopy=False)[trial.number])
         self._log_node(node)
