@@ -229,6 +229,8 @@ def export_node(run: Run, n: Node, formats=FORMATS, out_dir: str | Path | None =
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise IterkdError(f"cannot create output directory {out} ({e.strerror})") from None
+    for stale in ("spec.json", "MODEL_CARD.md"):  # a card must never vouch for files this run did not verify
+        (out / stale).unlink(missing_ok=True)
     model = run.model(n)
     writers = {"onnx": lambda p: write_onnx(model, p), "torchscript": lambda p: write_torchscript(model, p),
                "safetensors": lambda p: write_safetensors(run, n, p)}
@@ -326,8 +328,8 @@ def model_card(run: Run, n: Node, files: dict[str, Path], diffs: dict[str, float
                 "PyTorch eager on the search machine's CPU, median of repeats after a warm-up; "
                 "`iterkd export --bench` measures again here."]
     else:
-        out += ["Not recorded for this run (smoke preset or --no-deploy-figures); "
-                "`iterkd export --bench` measures them."]
+        out += ["Not recorded for this run (smoke preset, --no-deploy-figures, or a run older than the "
+                "feature); `iterkd export --bench` measures them."]
     if bench_md:
         out += ["", "## Measured at export (`--bench`)", "", bench_md]
     out += ["", "## Lineage", "", "Each step trained the child from its teachers with "
@@ -335,6 +337,7 @@ def model_card(run: Run, n: Node, files: dict[str, Path], diffs: dict[str, float
             markdown_table(["node", "generation", "operator", "teachers", "architecture", "params", "val acc"],
                    [[m.node, m.generation, m.operator, ", ".join(map(str, m.teachers)) or "labels only",
                      m.spec.summary(), f"{m.spec.params():,}", _pct(m.val_acc)] for m in path]),
+            "", f"The search stopped: {run.study.user_attrs.get('stop_reason') or 'not yet (still running?)'}.",
             "", "## Training settings", "",
             markdown_table(["setting", "value"], [[k, v] for k, v in (
                 ("preset", cfg.preset), ("dataset", cfg.dataset), ("train images", cfg.train_subset or "all"),

@@ -63,9 +63,11 @@ def test_a_file_that_computes_something_else_is_an_error(smoke_run, tmp_path, ca
 
     monkeypatch.setattr(export, "write_torchscript", off_by_a_little)
     cfg, _ = smoke_run
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "MODEL_CARD.md").write_text("from an earlier, verified export")
     code, _, err = run(capsys, "export", cfg.run_dir, "--format", "torchscript", "-o", str(tmp_path / "o"))
     one_line_error(code, err, "verification failed", "model.torchscript.pt differs by 0.001")
-    assert not (tmp_path / "o" / "MODEL_CARD.md").exists()  # an unverified export gets no card
+    assert not (tmp_path / "o" / "MODEL_CARD.md").exists()  # an unverified export keeps no card
 
 
 @pytest.fixture
