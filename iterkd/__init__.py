@@ -1,7 +1,7 @@
 """iterkd: shrink a CNN generation by generation with knowledge distillation, keeping the lineage
 in an Optuna study.
 
-    >>> from iterkd import SearchConfig, run_search, load_model
+    >>> from iterkd import SearchConfig, run_search, load
 """
 from __future__ import annotations
 
@@ -20,4 +20,12 @@ def run_search(cfg: SearchConfig, *, progress: bool = True):
     return Search(cfg, progress=progress).run()
 
 
-__all__ = ["SearchConfig", "VGGSpec", "IterkdError", "build_config", "load_model", "run_search", "vgg_spec"]
+def load(path):
+    """A node's model for inference (eval mode, CPU) from a .safetensors checkpoint (weights only),
+    an `iterkd export` directory, or a TorchScript .pt file; see iterkd.export.load."""
+    from .export import load as _load  # lazy: keeps `import iterkd` free of optuna/onnx imports
+
+    return _load(path)
+
+
+__all__ = ["SearchConfig", "VGGSpec", "IterkdError", "build_config", "load", "load_model", "run_search", "vgg_spec"]

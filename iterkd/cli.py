@@ -1,5 +1,5 @@
-"""Command line: `iterkd search | spaces | report`. User mistakes (IterkdError) are printed as one line
-with a non-zero exit; anything else is a bug and keeps its traceback."""
+"""Command line: `iterkd search | spaces | report | export | select | dashboard | bench`. User mistakes
+(IterkdError) are printed as one line with a non-zero exit; anything else is a bug and keeps its traceback."""
 from __future__ import annotations
 
 import argparse
@@ -67,6 +67,8 @@ def _add_search_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-download", dest="download", action="store_const", const=False,
                    help="never try to download missing dataset files")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    g.add_argument("--no-deploy-figures", dest="deploy_figures", action="store_const", const=False,
+                   help="skip each node's CPU latency/throughput and ONNX size (a few seconds per node)")
     g = p.add_argument_group("training (override the preset)")
     g.add_argument("--width", type=_fraction, help="multiplier of the root's widths, e.g. 0.125 or 1/8")
     g.add_argument("--epochs", type=int, help="epochs per child")
@@ -92,7 +94,7 @@ CONFIG_FLAGS = ("space", "dataset", "variant", "max_drop", "max_generations", "c
                 "teacher_weights", "teacher", "sampler", "pruner", "objectives", "name", "run_dir", "storage", "preset", "seed", "device", "data_dir",
                 "download", "width", "epochs", "root_epochs", "batch_size", "lr", "weight_decay", "alpha",
                 "temperature", "hint_weight", "train_subset", "val_size", "test_subset", "teacher_cache", "views",
-                "compile")
+                "compile", "deploy_figures")
 
 
 def config_from_args(args: argparse.Namespace):
@@ -244,6 +246,37 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from .export import export_command, export_node, open_run, parse_formats
+
+    formats = parse_formats(args.format)
+    if args.threads < 1:
+        raise IterkdError(f"--threads must be at least 1, got {args.threads}")
+    run = open_run(args.run, storage=args.storage)
+    node = run.node(args.node)
+    bench_md = ""
+    if args.bench:
+        from .deploy import bench_note, compare
+        from .export import markdown_table
+
+        headers, rows = compare({f"root (node {run.root.node})": run.model(run.root),
+                                 f"node {node.node}": run.model(node)}, threads=args.threads)
+        width = max(len(r[0]) for r in rows)
+        for row in [headers] + rows:
+            print(f"{row[0]:<{width}}  " + "  ".join(f"{c:>16}" for c in row[1:]))
+        print(bench_note(args.threads))
+        bench_md = markdown_table(headers, rows) + "\n\n" + bench_note(args.threads)
+    out = export_node(run, node, formats, args.out, data_dir=args.data_dir, bench_md=bench_md,
+                      command=export_command(run, node, formats, args.out and Path(args.out), args.bench))
+    print(f"exported node {out.node} ({node.spec.summary()}, {node.spec.params():,} params, val {node.val_acc:.2f}%) "
+          f"of run {run.cfg.name} to {out.out_dir}:")
+    for fmt, path in out.files.items():
+        print(f"  {path.name:<22} {path.stat().st_size:>12,} bytes  max abs diff {out.max_abs_diff[fmt]:.2g} "
+              f"vs PyTorch on the run's validation images")
+    print(f"  spec.json, {out.card.name}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="iterkd", description="Iterative knowledge-distillation compression search.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -274,6 +307,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", default="auto", choices=COMPILE_MODES, help="torch.compile mode (default auto)")
     p.add_argument("--threads", type=int, help="CPU threads for PyTorch (default: its own choice)")
     p.set_defaults(func=cmd_bench)
+    p = sub.add_parser("export", help="write a run's node (default: its final model) as ONNX / TorchScript / "
+                                      "safetensors with a model card, verified on validation images")
+    p.add_argument("run", help="run directory (runs/NAME)")
+    p.add_argument("--node", type=int, help="node number (default: the run's final accepted model)")
+    p.add_argument("--format", default="all", help="onnx, torchscript, safetensors or all (default)")
+    p.add_argument("-o", "--out", help="output directory (default RUN/export/node-N)")
+    p.add_argument("--bench", action="store_true",
+                   help="measure CPU latency (batch 1), throughput (batch 64) and ONNX size of root and node")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads for --bench (default 1)")
+    p.add_argument("--storage", help="the run's storage URL when it is not RUN/study.db (passwords are not saved)")
+    p.add_argument("--data-dir", help="where the run's dataset is, for the verification images (default: the run's)")
+    p.set_defaults(func=cmd_export)
     return parser
 
 

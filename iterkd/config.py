@@ -61,6 +61,7 @@ class SearchConfig:
     teacher_cache: bool = True
     views: int = 4
     compile: str = "auto"  # torch.compile: auto | off | default | reduce-overhead
+    deploy_figures: bool = True  # per node: CPU latency, throughput, ONNX size (seconds per node: an ONNX export)
 
     def __post_init__(self):
         if not self.run_dir:
@@ -80,7 +81,7 @@ class SearchConfig:
 PRESETS: dict[str, dict] = {
     # Seconds, for tests: the three-block toy space on synthetic patterns.
     "smoke": dict(dataset="synthetic", space="tiny", width=1 / 16, epochs=4, root_epochs=3, batch_size=64,
-                  val_size=400, max_generations=2, lr=0.05),
+                  val_size=400, max_generations=2, lr=0.05, deploy_figures=False),
     # A CPU demo (< 10 min on 2 cores): 1/8-width root, 20k training images, 5 epochs per model.
     "quick": dict(width=1 / 8, epochs=5, root_epochs=5, batch_size=128, train_subset=20000, val_size=5000,
                   max_generations=6, lr=0.05),
@@ -90,7 +91,8 @@ PRESETS: dict[str, dict] = {
 }
 
 # Settings that may differ when a run is resumed: they do not change what a node is.
-RESUMABLE_OVERRIDES = {"device", "data_dir", "download", "max_generations", "storage", "teacher_cache", "compile"}
+RESUMABLE_OVERRIDES = {"device", "data_dir", "download", "max_generations", "storage", "teacher_cache", "compile",
+                       "deploy_figures"}
 
 
 def build_config(preset: str, overrides: dict) -> SearchConfig:
@@ -165,3 +167,19 @@ def resume_config(saved: SearchConfig, explicit: dict) -> SearchConfig:
                           "so pass --storage with the full URL again to resume it")
     allowed = {k: v for k, v in explicit.items() if v is not None and k in RESUMABLE_OVERRIDES}
     return validate(replace(saved, **allowed))
+
+
+def search_command(cfg: SearchConfig) -> str:
+    """The `iterkd search` command line that reproduces a run: its preset plus every setting that
+    differs from it. Machine-specific settings (storage, device, data dir) are left out."""
+    import shlex
+
+    base = build_config(cfg.preset, {"name": cfg.name})
+    always = ("space", "dataset", "variant", "max_drop")
+    skip = {"name", "preset", "run_dir", "storage", "device", "data_dir", "download", "deploy_figures"}
+    args = ["iterkd", "search", "--name", cfg.name, "--preset", cfg.preset]
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        if value is not None and (f.name in always or (f.name not in skip and value != getattr(base, f.name))):
+            args += [f"--{f.name.replace('_', '-')}", str(value)]  # str(float) is its repr: exact on re-parse
+    return shlex.join(args)

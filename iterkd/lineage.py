@@ -17,6 +17,9 @@ from .errors import IterkdError
 LINEAGE_COLUMNS = ["node", "generation", "parents", "teachers", "operator", "spec", "params", "bytes", "flops",
                    "val_acc", "test_acc", "drop", "status", "seconds", "epochs", "alpha", "temperature",
                    "hint_weight", "checkpoint", "error"]
+# Deployment figures the search records per node (iterkd.deploy.node_figures); empty when turned off.
+DEPLOY_COLUMNS = ["latency_ms_b1", "throughput_b64", "cpu_threads", "onnx_bytes"]
+LINEAGE_COLUMNS += DEPLOY_COLUMNS
 
 
 @dataclass(frozen=True)
@@ -40,6 +43,7 @@ class Node:
     failure: str = ""  # "diverged" (NaN/inf loss: not retried); empty for an interrupted trial
     loss: dict = field(default_factory=dict)
     history: tuple[float, ...] = ()
+    deploy: dict = field(default_factory=dict)  # DEPLOY_COLUMNS that were measured
 
     @property
     def ok(self) -> bool:
@@ -56,7 +60,8 @@ class Node:
                    val_acc=a.get("val_acc"), test_acc=a.get("test_acc"), seconds=a.get("seconds"),
                    epochs=int(a.get("epochs", 0)), checkpoint=a.get("checkpoint"),
                    error=a.get("error", "interrupted" if t.state.name == "FAIL" else ""), failure=a.get("failure", ""),
-                   loss=a.get("loss", {}), history=tuple(a.get("history", ())))
+                   loss=a.get("loss", {}), history=tuple(a.get("history", ())),
+                   deploy={k: a[k] for k in DEPLOY_COLUMNS if k in a})
 
 
 def node_attrs(*, generation: int, parents, teachers, operator: str, spec: VGGSpec, key: str,
@@ -137,6 +142,15 @@ def set_selection(study: optuna.Study, generation: int, node_ids: list[int], by:
     study.set_user_attr("selection_log", log + [{"generation": generation, "nodes": list(node_ids), "by": by}])
 
 
+def ancestry(all_nodes: list[Node], node: Node) -> list[Node]:
+    """The chain root, ..., node along first parents."""
+    by_id = {n.node: n for n in all_nodes}
+    chain = [node]
+    while chain[-1].parents:
+        chain.append(by_id[chain[-1].parents[0]])
+    return chain[::-1]
+
+
 def root_node(all_nodes: list[Node]) -> Node | None:
     roots = [n for n in all_nodes if n.generation == 0 and n.ok]
     return roots[-1] if roots else None
@@ -165,7 +179,7 @@ def lineage_frame(study: optuna.Study) -> pd.DataFrame:
             "val_acc": n.val_acc, "test_acc": n.test_acc, "drop": drop, "status": node_status(n, accepted),
             "seconds": n.seconds, "epochs": n.epochs, "alpha": n.loss.get("alpha"),
             "temperature": n.loss.get("temperature"), "hint_weight": n.loss.get("hint_weight"),
-            "checkpoint": n.checkpoint, "error": n.error})
+            "checkpoint": n.checkpoint, "error": n.error, **{k: n.deploy.get(k) for k in DEPLOY_COLUMNS}})
     return pd.DataFrame(rows, columns=LINEAGE_COLUMNS)
 
 

@@ -24,8 +24,9 @@ from .choices import make_pruner, make_sampler, move_params, suggest_kd, suggest
 from .config import SearchConfig, config_path
 from .data import DataSplits, dataset_info, load_data
 from .errors import IterkdError, TrainingDiverged
-from .lineage import (Node, default_storage, lineage_card, lineage_frame, node_attrs, node_status, nodes, open_study, redact_url,
-                      root_node, selections, set_selection, write_atomic, write_lineage_csv, write_note)
+from .lineage import (Node, ancestry, default_storage, lineage_card, lineage_frame, node_attrs, node_status,
+                      nodes, open_study, redact_url, root_node, selections, set_selection, write_atomic,
+                      write_lineage_csv, write_note)
 from .losses import LossWeights
 from .models import VGG
 from .spaces import load_space
@@ -156,12 +157,7 @@ class Search:
         return ranked[:self.cfg.beam]
 
     def _ancestors(self, node: Node) -> list[Node]:
-        """The chain root, ..., node along first parents."""
-        by_id = {n.node: n for n in nodes(self.study)}
-        chain = [node]
-        while chain[-1].parents:
-            chain.append(by_id[chain[-1].parents[0]])
-        return chain[::-1]
+        return ancestry(nodes(self.study), node)
 
     def _train_generation(self, generation: int, frontier: list[Node]) -> list[Node]:
         trained = []
@@ -319,6 +315,10 @@ class Search:
                      "budget": "within" if drop <= self.cfg.max_drop else "over",
                      "teacher_cache_hit_rate": result.cache_hit_rate}.items():
             trial.set_user_attr(k, v)
+        if self.cfg.deploy_figures:  # CPU latency/throughput + ONNX size, for the lineage and model cards
+            from .deploy import node_figures
+            for k, v in node_figures(load_model(self.run_dir / ckpt)).items():
+                trial.set_user_attr(k, v)
         trial.set_constraint("drop_over_budget", drop - self.cfg.max_drop)  # feasible when <= 0
         values = [result.val_acc, model.spec.params()] if self.multi_objective else result.val_acc
         node = self._finish(trial, optuna.trial.TrialState.COMPLETE, values=values)

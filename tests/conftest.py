@@ -19,7 +19,8 @@ def smoke_config(tmp: Path, **overrides):
 
 @pytest.fixture(scope="session")
 def smoke_run(tmp_path_factory):
-    """(config, outcome) of one finished parent-child smoke search, shared by read-only tests."""
+    """(config, outcome) of one finished parent-child smoke search, shared by read-only tests; it
+    records the per-node deployment figures that the smoke preset otherwise skips."""
     run_dir = tmp_path_factory.mktemp("smoke_run")
-    cfg = smoke_config(run_dir)
+    cfg = smoke_config(run_dir, deploy_figures=True)
     return cfg, run_search(cfg, progress=False)
