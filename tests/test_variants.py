@@ -1,5 +1,6 @@
 """The four variants, Optuna-driven choices, pruning, multi-objective runs, select and the dashboard."""
 import json
+from dataclasses import replace
 import socket
 import subprocess
 import sys
@@ -108,16 +109,19 @@ def test_multi_objective_runs_keep_a_pareto_front_and_refuse_pruners(tmp_path):
 
 
 def test_select_makes_a_node_the_parent_of_the_next_generation(tmp_path, capsys):
-    cfg = smoke_config(tmp_path, max_generations=2)
+    cfg = smoke_config(tmp_path, variant="parent-children", children=2, max_generations=1)
     run_search(cfg, progress=False)
-    assert main(["select", str(tmp_path), "--node", "0"]) == 0
-    assert "parent of generation 1" in capsys.readouterr().out
-    run_search(cfg, progress=False)
+    gen1 = lineage(cfg).query("generation == 1")
+    other = int(gen1[gen1.status == "rejected"].node.iloc[0])  # the sibling search did not pick
+    assert main(["select", str(tmp_path), "--node", str(other)]) == 0
+    assert "parent of generation 2" in capsys.readouterr().out
+    run_search(replace(cfg, max_generations=2), progress=False)
     df = lineage(cfg)
     study = open_study(f"sqlite:///{tmp_path}/study.db", cfg.name)
-    assert {"generation": 0, "nodes": [0], "by": "user"} in study.user_attrs["selection_log"]
-    regrown = df[(df.generation == 1) & (df.status == "accepted")]
-    assert len(regrown) == 1 and regrown.node.iloc[0] > 2  # a new generation 1, grown from the root again
+    assert {"generation": 1, "nodes": [other], "by": "user"} in study.user_attrs["selection_log"]
+    assert df.set_index("node").status[other] == "accepted"
+    gen2 = df[df.generation == 2]
+    assert len(gen2) == 2 and all(p == [other] for p in gen2.parents)
     assert main(["select", str(tmp_path), "--node", "99"]) == 2
 
 
@@ -142,7 +146,7 @@ def test_dashboard_serves_the_run_on_loopback(smoke_run):
             except OSError:
                 time.sleep(0.5)
         assert body is not None, "dashboard did not answer"
-        study = next(s for s in body["studies"] if s["study_name"] == cfg.name)
+        study = next(s for s in body["study_summaries"] if s["study_name"] == cfg.name)
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies/{study['study_id']}", timeout=10) as r:
             detail = json.loads(r.read())
         trials = detail["trials"]
