@@ -10,7 +10,7 @@ from iterkd.cli import main
 
 TINY_ROOT = VGGSpec(((8, 8), (16,), (16,)), in_channels=1, input_size=16)
 TINY_CHILD = VGGSpec(((4,), (8,)), in_channels=1, input_size=16)
-FIELDS = {"case", "device", "model", "params", "mflops_per_img", "teacher", "hint", "batch_size", "steps_per_epoch", "timed_epochs",
+FIELDS = {"case", "device", "model", "params", "mflops_per_img", "teacher", "hint", "batch_size", "timed_epochs",
           "img_per_s", "step_ms", "step_ratio_vs_ce", "cache_hit_rate", "cache_build_s", "peak_mem_mb", "mem",
           "compile", "threads", "load_avg_1m", "torch"}
 
@@ -18,8 +18,7 @@ FIELDS = {"case", "device", "model", "params", "mflops_per_img", "teacher", "hin
 @pytest.fixture
 def tiny_bench(monkeypatch):
     monkeypatch.setitem(bench.PLANS, ("cpu", True), bench.BenchPlan(batch_size=16, root_samples=48,
-                                                                    child_samples=64, epochs=2, views=2,
-                                                                    cheap_epochs=3))
+                                                                    child_samples=64, epochs=2, views=2, repeats=2))
     monkeypatch.setattr(bench, "ROOT", TINY_ROOT)
     monkeypatch.setattr(bench, "CHILD", TINY_CHILD)
     monkeypatch.setattr(bench.run_bench, "__kwdefaults__", {**bench.run_bench.__kwdefaults__,
@@ -35,8 +34,7 @@ def test_quick_bench_prints_one_json_line_per_case(tiny_bench, capsys):
         assert set(r) == FIELDS
         assert r["img_per_s"] > 0 and r["step_ms"] > 0 and r["peak_mem_mb"] > 0
         assert r["device"].startswith("cpu") and r["compile"] == "off" and r["batch_size"] == 16
-        assert r["steps_per_epoch"] == (3 if r["case"] == "root" else 4)
-        assert r["timed_epochs"] == (2 if r["case"] in ("child_ce", "child_kd_cached") else 1)
+        assert r["timed_epochs"] == (2 if r["case"] in ("child_ce", "child_kd_cached") else 1)  # alternated twice
     assert by_case["child_ce"]["step_ratio_vs_ce"] == 1.0 and by_case["child_ce"]["cache_hit_rate"] is None
     assert by_case["root"]["params"] == TINY_ROOT.params() and by_case["root"]["teacher"] is None
     assert by_case["child_kd_live"]["cache_hit_rate"] == 0.0 and by_case["child_kd_live"]["hint"]
