@@ -17,7 +17,6 @@ import optuna
 import torch
 from optuna.artifacts import FileSystemArtifactStore, upload_artifact
 
-from .arch import VGGSpec
 from .cache import TeacherCache
 from .checkpoints import load_model, save_checkpoint
 from .choices import make_pruner, make_sampler, move_params, suggest_kd, suggest_move
@@ -30,7 +29,8 @@ from .lineage import (Node, ancestry, default_storage, lineage_card, lineage_fra
 from .losses import LossWeights
 from .models import VGG
 from .spaces import load_space
-from .train import TrainSettings, resolve_device, train
+from .device import resolve_device
+from .train import TrainSettings, train
 from .variants import VARIANTS, Slot, candidate_seed, diverse_order
 
 

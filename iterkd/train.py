@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from .cache import TeacherCache
 from .data import DataSplits, epoch_view, eval_batches, train_batches
-from .device import autocast, compile_mode, memory_format, resolve_device  # noqa: F401 - resolve_device re-exported
+from .device import autocast, compile_mode, memory_format
 from .errors import TrainingDiverged
 from .losses import LossWeights, composite_loss, hint_loss, teacher_probs
 from .models import VGG, HintRegressor, hint_blocks
