@@ -51,7 +51,8 @@ def _add_search_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--beam", type=int, help="accepted nodes kept per generation (default 1)")
     g.add_argument("--select", help="best-acc (default) or smallest-within-budget")
     g.add_argument("--teacher-weights", help="ancestors variants: mean (default) or accuracy")
-    g.add_argument("--teacher", help="checkpoint of a trained root (.safetensors from iterkd); default: train the root")
+    g.add_argument("--teacher", action="append", help="checkpoint of a trained root (.safetensors from iterkd; "
+                   "default: train the root); repeat it to make an ensemble of models the root")
     g.add_argument("--sampler", help="greedy (default: the space's order, closest to halving first), tpe, random "
                                      "or nsga2 (Optuna chooses each child's move and the space's KD ranges)")
     g.add_argument("--pruner", help="none (default), median or hyperband: stop weak children early (status 'pruned')")
@@ -78,7 +79,12 @@ def _add_search_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--weight-decay", type=float)
     g.add_argument("--alpha", type=float, help="weight of KD vs CE, in [0, 1] (default 0.9)")
     g.add_argument("--temperature", type=_positive_float, help="KD temperature (default 4)")
-    g.add_argument("--hint-weight", type=float, help="weight of the FitNets hint term (default 1; 0 disables)")
+    g.add_argument("--hint", help="hint term on block activations: fitnet (default; regressor + MSE), sp "
+                   "(similarity-preserving, Tung & Mori 2019) or none")
+    g.add_argument("--hint-weight", type=float, help="weight of the hint term (default 1 for fitnet, 3000 for sp; "
+                   "0 disables)")
+    g.add_argument("--init", help="inherit (default: a child starts from its parent's weights, the most important "
+                   "filters kept) or scratch")
     g.add_argument("--train-subset", type=int, help="train on the first N training images")
     g.add_argument("--val-size", type=int, help="images split off the training set for validation")
     g.add_argument("--test-subset", type=int, help="report test accuracy on the first N test images")
@@ -93,7 +99,7 @@ def _add_search_flags(p: argparse.ArgumentParser) -> None:
 CONFIG_FLAGS = ("space", "dataset", "variant", "max_drop", "max_generations", "children", "beam", "select",
                 "teacher_weights", "teacher", "sampler", "pruner", "objectives", "name", "run_dir", "storage", "preset", "seed", "device", "data_dir",
                 "download", "width", "epochs", "root_epochs", "batch_size", "lr", "weight_decay", "alpha",
-                "temperature", "hint_weight", "train_subset", "val_size", "test_subset", "teacher_cache", "views",
+                "temperature", "hint_weight", "hint", "init", "train_subset", "val_size", "test_subset", "teacher_cache", "views",
                 "compile", "deploy_figures")
 
 
@@ -103,6 +109,8 @@ def config_from_args(args: argparse.Namespace):
     from .config import SearchConfig, build_config, config_path, resume_config
 
     explicit = {k: getattr(args, k) for k in CONFIG_FLAGS if getattr(args, k, None) is not None}
+    if "teacher" in explicit:  # --teacher may be repeated (an ensemble root)
+        explicit["teacher"] = tuple(explicit["teacher"])
     run_dir = Path(explicit.get("run_dir") or Path("runs") / explicit.get("name", "run"))
     saved = config_path(run_dir)
     if saved.exists():
@@ -111,8 +119,9 @@ def config_from_args(args: argparse.Namespace):
         except (ValueError, TypeError) as e:
             raise IterkdError(f"{saved} is not a valid iterkd config ({e}); move it away to start afresh") from None
         return resume_config(cfg, explicit), True
-    if explicit.get("teacher") and not Path(explicit["teacher"]).is_file():
-        raise IterkdError(f"teacher checkpoint {explicit['teacher']} does not exist")
+    for teacher in explicit.get("teacher", ()):
+        if not Path(teacher).is_file():
+            raise IterkdError(f"teacher checkpoint {teacher} does not exist")
     preset = explicit.pop("preset", None) or _auto_preset(explicit.get("device", "auto"))
     explicit["run_dir"] = str(run_dir)
     return build_config(preset, explicit), False

@@ -38,7 +38,7 @@ class SearchConfig:
     sampler: str = "greedy"  # greedy: the space's preferred order (closest to halving first); else Optuna chooses
     pruner: str = "none"
     objectives: str = "acc"  # or "acc,params": multi-objective study, Pareto front = study.best_trials
-    teacher: str | None = None  # checkpoint of a trained root
+    teacher: tuple[str, ...] | None = None  # checkpoint(s) of a trained root; several: an ensemble root
     storage: str | None = None  # default: sqlite:///<run_dir>/study.db
     seed: int = 0
     device: str = "auto"
@@ -51,7 +51,9 @@ class SearchConfig:
     weight_decay: float = 5e-4
     alpha: float = 0.9
     temperature: float = 4.0
-    hint_weight: float = 1.0
+    hint_weight: float | None = None  # default: losses.DEFAULT_HINT_WEIGHT[hint]
+    hint: str = "fitnet"  # fitnet | sp | none
+    init: str = "inherit"  # children start from their parent's weights (inherit) or from a random draw (scratch)
     train_subset: int | None = None
     val_size: int = 5000
     test_subset: int | None = None
@@ -66,6 +68,10 @@ class SearchConfig:
     def __post_init__(self):
         if not self.run_dir:
             object.__setattr__(self, "run_dir", str(Path("runs") / self.name))
+        if isinstance(self.teacher, str):
+            object.__setattr__(self, "teacher", (self.teacher,))
+        elif self.teacher is not None:
+            object.__setattr__(self, "teacher", tuple(self.teacher) or None)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
@@ -142,9 +148,14 @@ def validate(cfg: SearchConfig) -> SearchConfig:
     if cfg.variant.endswith("-child") and cfg.children != 1:
         raise IterkdError(f"--children {cfg.children} needs a *-children variant (parent-children or "
                           f"ancestors-children); {cfg.variant} trains one child per generation")
+    from .inherit import INIT_MODES
+    need(cfg.init in INIT_MODES, f"unknown --init {cfg.init!r}; choose one of {', '.join(INIT_MODES)}")
     # Loss weights are checked by the LossWeights type itself.
-    from .losses import LossWeights
-    LossWeights(cfg.alpha, cfg.temperature, cfg.hint_weight)
+    from .losses import DEFAULT_HINT_WEIGHT, HINTS, LossWeights
+    need(cfg.hint in HINTS, f"unknown --hint {cfg.hint!r}; choose one of {', '.join(HINTS)}")
+    if cfg.hint_weight is None:
+        cfg = replace(cfg, hint_weight=DEFAULT_HINT_WEIGHT[cfg.hint])
+    LossWeights(cfg.alpha, cfg.temperature, cfg.hint_weight, cfg.hint)
     return cfg
 
 
@@ -183,5 +194,6 @@ def search_command(cfg: SearchConfig) -> str:
     for f in fields(cfg):
         value = getattr(cfg, f.name)
         if value is not None and (f.name in always or (f.name not in skip and value != getattr(base, f.name))):
-            args += [f"--{f.name.replace('_', '-')}", str(value)]  # str(float) is its repr: exact on re-parse
+            for v in value if isinstance(value, tuple) else (value,):  # --teacher A --teacher B
+                args += [f"--{f.name.replace('_', '-')}", str(v)]  # str(float) is its repr: exact on re-parse
     return shlex.join(args)

@@ -44,6 +44,7 @@ class Node:
     loss: dict = field(default_factory=dict)
     history: tuple[float, ...] = ()
     deploy: dict = field(default_factory=dict)  # DEPLOY_COLUMNS that were measured
+    members: tuple[dict, ...] = ()  # an ensemble root's models: checkpoint, spec_summary, params, val_acc, test_acc
 
     @property
     def ok(self) -> bool:
@@ -61,7 +62,7 @@ class Node:
                    epochs=int(a.get("epochs", 0)), checkpoint=a.get("checkpoint"),
                    error=a.get("error", "interrupted" if t.state.name == "FAIL" else ""), failure=a.get("failure", ""),
                    loss=a.get("loss", {}), history=tuple(a.get("history", ())),
-                   deploy={k: a[k] for k in DEPLOY_COLUMNS if k in a})
+                   deploy={k: a[k] for k in DEPLOY_COLUMNS if k in a}, members=tuple(a.get("members", ())))
 
 
 def node_attrs(*, generation: int, parents, teachers, operator: str, spec: VGGSpec, key: str,

@@ -1,6 +1,9 @@
-"""The composite distillation loss: Hinton KD + cross-entropy + FitNets hint.
+"""The composite distillation loss: Hinton KD + cross-entropy + a hint on block activations.
 
 total = alpha * KD + (1 - alpha) * CE + hint_weight * hint
+
+The hint is FitNets' (a regressor maps a student block onto a teacher block, MSE) or similarity-
+preserving (Tung & Mori 2019: the students' and teachers' batch-wise similarity matrices must match).
 """
 from __future__ import annotations
 
@@ -12,17 +15,26 @@ import torch.nn.functional as F
 from .errors import IterkdError
 
 
+HINTS = ("fitnet", "sp", "none")
+# The hint weight when none is given: FitNets' MSE is of order 1; the SP loss is divided by b^2 and
+# Tung & Mori weigh it by gamma = 3000 (their CIFAR-10 setting).
+DEFAULT_HINT_WEIGHT = {"fitnet": 1.0, "sp": 3000.0, "none": 0.0}
+
+
 @dataclass(frozen=True)
 class LossWeights:
     """alpha weighs KD against CE (alpha=0: labels only); temperature softens both distributions
-    (Hinton et al. 2015 use 2-20; 4 is common for CIFAR-scale data); hint_weight scales the
-    FitNets MSE term (0 disables it)."""
+    (Hinton et al. 2015 use 2-20; 4 is common for CIFAR-scale data); hint_weight scales the hint
+    term of kind `hint` (0 or 'none' disables it)."""
 
     alpha: float = 0.9
     temperature: float = 4.0
     hint_weight: float = 1.0
+    hint: str = "fitnet"
 
     def __post_init__(self):
+        if self.hint not in HINTS:
+            raise IterkdError(f"unknown --hint {self.hint!r}; choose one of {', '.join(HINTS)}")
         if not 0.0 <= self.alpha <= 1.0:
             raise IterkdError(f"--alpha must be in [0, 1], got {self.alpha}")
         if not self.temperature > 0:
@@ -52,6 +64,21 @@ def kd_loss(student_logits: torch.Tensor, target_probs: torch.Tensor, temperatur
 def hint_loss(regressed: torch.Tensor, teacher_feat: torch.Tensor) -> torch.Tensor:
     """FitNets hint: mean squared error between the regressed student map and the teacher's."""
     return F.mse_loss(regressed.float(), teacher_feat.float())
+
+
+def similarity_matrix(feat: torch.Tensor) -> torch.Tensor:
+    """b x b matrix of a batch's activations: G = Q Q^T with Q the batch flattened to b x (c*h*w),
+    each row then L2-normalised (Tung & Mori 2019, eq. 1-2)."""
+    q = feat.float().flatten(1)
+    return F.normalize(q @ q.t(), p=2, dim=1)
+
+
+def sp_loss(student_feat: torch.Tensor, teacher_feat: torch.Tensor) -> torch.Tensor:
+    """Similarity-preserving distillation loss for one pair of blocks: ||G_S - G_T||_F^2 / b^2
+    (Tung & Mori 2019, eq. 3). Channels and spatial sizes may differ; only the batch must match."""
+    b = student_feat.shape[0]
+    diff = similarity_matrix(student_feat) - similarity_matrix(teacher_feat)
+    return (diff * diff).sum() / (b * b)
 
 
 def composite_loss(student_logits: torch.Tensor, labels: torch.Tensor, weights: LossWeights,

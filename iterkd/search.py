@@ -30,7 +30,8 @@ from .losses import LossWeights
 from .models import VGG
 from .spaces import load_space
 from .device import resolve_device
-from .train import TrainSettings, train
+from .inherit import inherit_weights
+from .train import TrainResult, TrainSettings, evaluate, evaluate_ensemble, recalibrate_bn, train
 from .variants import VARIANTS, Slot, candidate_seed, diverse_order
 
 
@@ -67,8 +68,8 @@ class Search:
             write_atomic(config_path(self.run_dir), saved.to_json())
             self.study.set_user_attr("config", json.loads(saved.to_json()))  # reports read it from the study
         self._data: DataSplits | None = None
-        self._models: dict[int, VGG] = {}
-        self._caches: dict[int, TeacherCache] = {}
+        self._models: dict[int | str, VGG] = {}  # node, or 'node-member' of an ensemble root
+        self._caches: dict[int | str, TeacherCache] = {}
 
     # -- setup --------------------------------------------------------------------------------------
     def _prepare_run_dir(self) -> None:
@@ -95,7 +96,7 @@ class Search:
         # Children share the run's augmentation views, so one teacher cache serves all of them.
         views = dict(views=c.views, augment_seed=c.seed) if child else {}
         return TrainSettings(epochs=epochs, batch_size=c.batch_size, lr=c.lr, weight_decay=c.weight_decay,
-                             loss=LossWeights(c.alpha, c.temperature, c.hint_weight), seed=seed,
+                             loss=LossWeights(c.alpha, c.temperature, c.hint_weight, c.hint), seed=seed,
                              compile=c.compile, **views)
 
     # -- the loop -----------------------------------------------------------------------------------
@@ -202,7 +203,7 @@ class Search:
         if root is not None:
             return root
         if self.cfg.teacher:
-            return self._root_from_teacher(Path(self.cfg.teacher))
+            return self._root_from_teachers([Path(p) for p in self.cfg.teacher])
         spec = self.space.root_spec(self.info.channels, self.info.num_classes, self.info.size, self.cfg.width)
         torch.manual_seed(self.cfg.seed)
         model = VGG(spec)
@@ -212,23 +213,39 @@ class Search:
             m, self.data, self.settings(self.cfg.root_epochs, self.cfg.seed), on_epoch=on_epoch,
             desc=f"root {spec.summary()}", progress=self.progress))
 
-    def _root_from_teacher(self, path: Path) -> Node:
-        from .train import evaluate
-
-        model = load_model(path)
-        spec, info = model.spec, self.info
-        if (spec.in_channels, spec.num_classes, spec.input_size) != (info.channels, info.num_classes, info.size):
-            raise IterkdError(
-                f"teacher {path} takes {spec.in_channels}-channel {spec.input_size}px input with {spec.num_classes} "
-                f"classes, but {info.name} has {info.channels} channels, {info.size}px, {info.num_classes} classes")
-        attrs = node_attrs(generation=0, parents=(), teachers=(), operator=f"teacher:{path.name}", spec=spec,
+    def _root_from_teachers(self, paths: list[Path]) -> Node:
+        """The root from given checkpoints. One: that model. Several: an ensemble whose averaged
+        probabilities are the root's outputs (its accuracy is the reference for --max-drop and its
+        members teach together); children derive from the member with the best validation accuracy,
+        which is also the hint teacher and the root's checkpoint. Members are copied into the run."""
+        info, members = self.info, []
+        for path in paths:
+            model = load_model(path).to(self.device)
+            spec = model.spec
+            if (spec.in_channels, spec.num_classes, spec.input_size) != (info.channels, info.num_classes, info.size):
+                raise IterkdError(
+                    f"teacher {path} takes {spec.in_channels}-channel {spec.input_size}px input with {spec.num_classes} "
+                    f"classes, but {info.name} has {info.channels} channels, {info.size}px, {info.num_classes} classes")
+            members.append((path, model, evaluate(model, self.data.val_x, self.data.val_y, self.data)))
+        best = max(range(len(members)), key=lambda i: (members[i][2], -i))
+        path, model, _ = members[best]
+        name = path.name if len(paths) == 1 else f"ensemble of {len(paths)}"
+        attrs = node_attrs(generation=0, parents=(), teachers=(), operator=f"teacher:{name}", spec=model.spec,
                            key="root")
+        if len(paths) > 1:
+            attrs["members"] = []
+            for i, (p, m, val) in enumerate(members):
+                ckpt = Path("checkpoints") / f"root-member-{i}.safetensors"
+                save_checkpoint(self.run_dir / ckpt, m, source=str(p), val_acc=val)
+                attrs["members"].append({"checkpoint": str(ckpt), "source": p.name, "spec_summary": m.spec.summary(),
+                                         "params": m.spec.params(), "val_acc": val,
+                                         "test_acc": evaluate(m, self.data.test_x, self.data.test_y, self.data)})
+            attrs["ensemble_params"] = sum(m.spec.params() for _, m, _ in members)
+        models = [m for _, m, _ in members]
 
         def measure(m, on_epoch):
-            m.to(self.device)
-            val = evaluate(m, self.data.val_x, self.data.val_y, self.data)
-            test = evaluate(m, self.data.test_x, self.data.test_y, self.data)
-            from .train import TrainResult
+            val = evaluate_ensemble(models, self.data.val_x, self.data.val_y, self.data)
+            test = evaluate_ensemble(models, self.data.test_x, self.data.test_y, self.data)
             return TrainResult(val, test, 0.0, 0, [val], 0.0)
 
         return self._run_trial(attrs, model, measure)
@@ -251,31 +268,42 @@ class Search:
         seed = candidate_seed(self.cfg.seed, key)
         torch.manual_seed(seed)
         model = VGG(move.spec)
-        teachers = [self._model(t) for t in slot.teachers]
         hint_teacher = self._model(parent)
-        caches = [self._teacher_cache(t) for t in slot.teachers] if self.cfg.teacher_cache else []
-        weights = [t.val_acc for t in slot.teachers] if self.cfg.teacher_weights == "accuracy" else None
+        init = {"init": self.cfg.init, **(inherit_weights(model, hint_teacher) if self.cfg.init == "inherit" else {})}
+        # Accuracy before training, BN statistics re-estimated: how much of the parent the child starts with.
+        recalibrate_bn(model.to(self.device), self.data)
+        init["init_val_acc"] = evaluate(model, self.data.val_x, self.data.val_y, self.data)
+        # An ensemble root teaches through its members; each counts as one teacher.
+        members = [(t, i) for t in slot.teachers for i in range(max(1, len(t.members)))]
+        teachers = [self._model(t, i) for t, i in members]
+        caches = [self._teacher_cache(t, i) for t, i in members] if self.cfg.teacher_cache else []
+        weights = [t.members[i]["val_acc"] if t.members else t.val_acc for t, i in members] \
+            if self.cfg.teacher_weights == "accuracy" else None
         settings = replace(self.settings(self.cfg.epochs, seed, child=True), lr=kd["lr"],
-                           loss=LossWeights(kd["alpha"], kd["temperature"], kd["hint_weight"]))
+                           loss=LossWeights(kd["alpha"], kd["temperature"], kd["hint_weight"], self.cfg.hint))
         attrs = node_attrs(generation=generation, parents=(parent.node,), teachers=[t.node for t in slot.teachers],
                            operator=move.label, spec=move.spec, key=key, loss=kd, epochs=self.cfg.epochs)
+        attrs.update(init)
         return self._run_trial(attrs, model, lambda m, on_epoch: train(
             m, self.data, settings, teachers=teachers, teacher_weights=weights, hint_teacher=hint_teacher,
             teacher_cache=caches, on_epoch=on_epoch, progress=self.progress, desc=f"gen {generation} {move.label}"),
             trial=trial, parent=parent)
 
-    def _model(self, node: Node) -> VGG:
-        if node.node not in self._models:
-            self._models[node.node] = load_model(self.run_dir / node.checkpoint).to(self.device)
-        return self._models[node.node]
+    def _model(self, node: Node, member: int | None = None) -> VGG:
+        """A node's model; with `member`, that model of an ensemble root (a plain node is its own member 0)."""
+        key = node.node if member is None or not node.members else f"{node.node}-{member}"
+        if key not in self._models:
+            path = node.checkpoint if key == node.node else node.members[member]["checkpoint"]
+            self._models[key] = load_model(self.run_dir / path).to(self.device)
+        return self._models[key]
 
-    def _teacher_cache(self, node: Node) -> TeacherCache:
+    def _teacher_cache(self, node: Node, member: int = 0) -> TeacherCache:
         """A teacher's soft labels, shared by every student it teaches; kept in RUN/cache for resumed runs."""
-        if node.node not in self._caches:
-            self._caches[node.node] = TeacherCache(self._model(node), self.data, seed=self.cfg.seed,
-                                                   views=self.cfg.views, directory=self.run_dir / "cache",
-                                                   node=node.node)
-        return self._caches[node.node]
+        key = node.node if not node.members else f"{node.node}-{member}"
+        if key not in self._caches:
+            self._caches[key] = TeacherCache(self._model(node, member), self.data, seed=self.cfg.seed,
+                                             views=self.cfg.views, directory=self.run_dir / "cache", node=key)
+        return self._caches[key]
 
     def _run_trial(self, attrs: dict, model: VGG, fit, *, trial: optuna.Trial | None = None,
                    parent: Node | None = None) -> Node:

@@ -18,7 +18,7 @@ from .cache import TeacherCache
 from .data import DataSplits, epoch_view, eval_batches, train_batches
 from .device import autocast, compile_mode, memory_format
 from .errors import TrainingDiverged
-from .losses import LossWeights, composite_loss, hint_loss, teacher_probs
+from .losses import LossWeights, composite_loss, hint_loss, sp_loss, teacher_probs
 from .models import VGG, HintRegressor, hint_blocks
 
 
@@ -64,13 +64,53 @@ def evaluate(model: VGG, x: torch.Tensor, y: torch.Tensor, data: DataSplits) -> 
     return 100.0 * correct.item() / max(1, len(y))
 
 
+@torch.no_grad()
+def recalibrate_bn(model: VGG, data: DataSplits, images: int = 2048) -> None:
+    """Re-estimate BN running statistics from the first `images` training images (un-augmented,
+    exact averages), leaving every weight alone: a child's inherited statistics describe its parent."""
+    device = next(model.parameters()).device
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    momenta = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the batches below
+    model.train()
+    with autocast(device):
+        for xb, _ in eval_batches(data.train_x[:images], data.train_y[:images], data.info):
+            model(xb.contiguous(memory_format=memory_format(device)))
+    for m, momentum in zip(bns, momenta):
+        m.momentum = momentum
+    model.eval()
+
+
+@torch.no_grad()
+def evaluate_ensemble(models: Sequence[VGG], x: torch.Tensor, y: torch.Tensor, data: DataSplits) -> float:
+    """Top-1 accuracy in percent of the models' averaged probabilities (one model: `evaluate`)."""
+    if len(models) == 1:
+        return evaluate(models[0], x, y, data)
+    device = next(models[0].parameters()).device
+    states = [m.training for m in models]
+    for m in models:
+        m.eval()
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    with autocast(device):
+        for xb, yb in eval_batches(x, y, data.info):
+            xb = xb.contiguous(memory_format=memory_format(device))
+            probs = torch.stack([m(xb).float().softmax(1) for m in models]).mean(0)
+            correct += (probs.argmax(1) == yb).sum()
+    for m, was_training in zip(models, states):
+        m.train(was_training)
+    return 100.0 * correct.item() / max(1, len(y))
+
+
 def train(model: VGG, data: DataSplits, settings: TrainSettings, *, teachers: Sequence[VGG] = (),
           teacher_weights: list[float] | None = None, hint_teacher: VGG | None = None,
           teacher_cache: Sequence[TeacherCache] = (), on_epoch: Callable[[int, float], None] | None = None,
           desc: str = "train", progress: bool = True) -> TrainResult:
     """Train `model` in place on `data` (already on the target device) and return its accuracies.
 
-    With `teachers` the loss is alpha*KD + (1-alpha)*CE (+ hint from `hint_teacher`); without,
+    With `teachers` the loss is alpha*KD + (1-alpha)*CE (+ the `settings.loss.hint` term between
+    `hint_teacher` and the student: FitNets or similarity-preserving); without,
     plain CE. `teacher_cache`, one per teacher in the same order, replaces the teachers' forward
     passes by lookups; the hint teacher then runs only up to its hint block. `on_epoch(epoch,
     val_acc)` may raise to stop training (e.g. Optuna pruning). Raises TrainingDiverged when the
@@ -90,11 +130,12 @@ def train(model: VGG, data: DataSplits, settings: TrainSettings, *, teachers: Se
                          "augment_seed and views")
 
     regressor, hint_idx = None, None
-    if hint_teacher is not None and settings.loss.hint_weight > 0 and teachers:
+    if hint_teacher is not None and settings.loss.hint != "none" and settings.loss.hint_weight > 0 and teachers:
         hint_idx = hint_blocks(model.spec, hint_teacher.spec)
-        s_ch = model.spec.block_output_shapes()[hint_idx[0]][0]
-        t_ch = hint_teacher.spec.block_output_shapes()[hint_idx[1]][0]
-        regressor = HintRegressor(s_ch, t_ch).to(device)
+        if settings.loss.hint == "fitnet":  # SP compares batch similarity matrices: no regressor
+            s_ch = model.spec.block_output_shapes()[hint_idx[0]][0]
+            t_ch = hint_teacher.spec.block_output_shapes()[hint_idx[1]][0]
+            regressor = HintRegressor(s_ch, t_ch).to(device)
         hint_teacher.to(device, memory_format=fmt).eval().requires_grad_(False)
     hint_pos = next((i for i, t in enumerate(teachers) if t is hint_teacher), None)
     # Copied to the device once, not in every step.
@@ -141,12 +182,14 @@ def train(model: VGG, data: DataSplits, settings: TrainSettings, *, teachers: Se
                             else:
                                 outs = [t.forward_features(x) for t in teachers]
                                 t_logits = [o[0] for o in outs]
-                            if regressor is not None:  # a live hint teacher already ran; else only up to the hint block
+                            if hint_idx is not None:  # a live hint teacher already ran; else only up to the hint block
                                 t_feat = outs[hint_pos][1][hint_idx[1]] if outs and hint_pos is not None \
                                     else hint_teacher.block_output(x, hint_idx[1])
                         target = teacher_probs(t_logits, settings.loss.temperature, weights)
                         if regressor is not None:
                             hint = hint_loss(regressor(feats[hint_idx[0]], t_feat.shape[-2:]), t_feat)
+                        elif hint_idx is not None:
+                            hint = sp_loss(feats[hint_idx[0]], t_feat)
                     loss = composite_loss(logits, y, settings.loss, target, hint)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from iterkd.errors import IterkdError
-from iterkd.losses import LossWeights, composite_loss, hint_loss, kd_loss, teacher_probs
+from iterkd.losses import LossWeights, composite_loss, hint_loss, kd_loss, similarity_matrix, sp_loss, teacher_probs
 
 
 def softmax(xs, t):
@@ -53,7 +53,25 @@ def test_composite_loss_weights_the_terms():
     assert composite_loss(logits, labels, w).item() == pytest.approx(ce, rel=1e-5)  # no teacher: plain CE
 
 
-@pytest.mark.parametrize("kwargs", [dict(alpha=1.5), dict(temperature=0), dict(hint_weight=-1)])
+def test_similarity_matrix_is_the_row_normalised_batch_gram_matrix():
+    feat = torch.tensor([[3.0, 0.0], [3.0, 4.0]]).view(2, 2, 1, 1)  # Q Q^T = [[9, 9], [9, 25]]
+    g = similarity_matrix(feat)
+    n0, n1 = math.hypot(9, 9), math.hypot(9, 25)
+    torch.testing.assert_close(g, torch.tensor([[9 / n0, 9 / n0], [9 / n1, 25 / n1]]))
+
+
+def test_sp_loss_is_squared_frobenius_distance_over_b_squared():
+    student = torch.tensor([[1.0, 0.0], [0.0, 1.0]]).view(2, 2, 1, 1)  # G_S = I
+    teacher = torch.tensor([[1.0, 0.0, 0.0], [1.0, 0.0, 0.0]]).view(2, 3, 1, 1)  # G_T rows = [1, 1] / sqrt 2
+    # diff = [[1 - r, -r], [-r, 1 - r]] with r = 1/sqrt 2: 2 ((1 - r)^2 + r^2) / 2^2 = 1 - 1/sqrt 2
+    assert sp_loss(student, teacher).item() == pytest.approx(1 - 1 / math.sqrt(2), rel=1e-6)
+    # Maps of other shapes, same batch: only the similarity pattern matters, not scale or size.
+    x = torch.randn(4, 8, 4, 4)
+    assert sp_loss(x, 3 * x).item() == pytest.approx(0.0, abs=1e-6)
+    assert sp_loss(x, torch.randn(4, 16, 2, 2)).item() > 0
+
+
+@pytest.mark.parametrize("kwargs", [dict(alpha=1.5), dict(temperature=0), dict(hint_weight=-1), dict(hint="attention")])
 def test_invalid_weights_are_user_errors(kwargs):
     with pytest.raises(IterkdError):
         LossWeights(**kwargs)

@@ -156,3 +156,34 @@ def test_teacher_caches_are_files_in_the_run_and_a_resumed_run_reuses_them(tmp_p
     assert [name for name, _ in computed] == [f"node-1-seed-0-views-4-n-{n}.safetensors"] * 4
     study = open_study(f"sqlite:///{tmp_path}/study.db", cfg.name)
     assert study.trials[-1].user_attrs["teacher_cache_hit_rate"] == pytest.approx(1 - 4 / 8)
+
+
+def test_several_teachers_make_an_ensemble_root_that_teaches_generation_1(tmp_path, smoke_run, monkeypatch):
+    import iterkd.search as search_mod
+    from iterkd.checkpoints import load_model
+    from iterkd.data import load_data
+    from iterkd.train import evaluate_ensemble
+
+    cfg, first = smoke_run
+    study = open_study(f"sqlite:///{cfg.run_dir}/study.db", cfg.name)
+    child = next(t for t in study.trials if t.user_attrs.get("generation") == 1 and t.state.name == "COMPLETE")
+    paths = [f"{cfg.run_dir}/{first.root.checkpoint}", f"{cfg.run_dir}/{child.user_attrs['checkpoint']}"]
+    taught_by = []
+    real_train = search_mod.train
+
+    def record(model, data, settings, **kw):
+        taught_by.append(len(kw.get("teachers", ())))
+        return real_train(model, data, settings, **kw)
+
+    monkeypatch.setattr(search_mod, "train", record)
+    out = run_search(smoke_config(tmp_path, teacher=tuple(paths), max_generations=1), progress=False)
+
+    root = out.root
+    assert root.operator == "teacher:ensemble of 2" and len(root.members) == 2
+    models = [load_model(tmp_path / m["checkpoint"]) for m in root.members]  # copied into the run
+    data = load_data("synthetic", None, val_size=cfg.val_size, seed=cfg.seed)
+    assert root.val_acc == pytest.approx(evaluate_ensemble(models, data.val_x, data.val_y, data))
+    best = max(root.members, key=lambda m: m["val_acc"])
+    assert root.spec.summary() == best["spec_summary"]  # children derive from the best member
+    assert taught_by and all(n == 2 for n in taught_by)  # both members teach every child of generation 1
+    assert out.final.generation == 1 and out.final.teachers == (root.node,)
