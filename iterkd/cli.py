@@ -1,4 +1,4 @@
-"""Command line: `iterkd search | spaces | report | export | select | dashboard | bench`. User mistakes
+"""Command line: `iterkd search | spaces | report | export | compare | select | dashboard | bench`. User mistakes
 (IterkdError) are printed as one line with a non-zero exit; anything else is a bug and keeps its traceback."""
 from __future__ import annotations
 
@@ -286,6 +286,21 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_compare(args) -> int:
+    from .compare import compare_run, text_table
+
+    try:
+        c = compare_run(args.run, seeds=args.seeds, epochs=args.epochs, preset=args.preset, device=args.device,
+                        data_dir=args.data_dir, storage=args.storage, progress=not args.no_progress)
+    except KeyboardInterrupt:
+        print(f"\niterkd: interrupted; finished models are kept in {Path(args.run) / 'compare.json'}. "
+              f"Resume with: iterkd compare {args.run}", file=sys.stderr)
+        return 130
+    print(text_table(c.rows))
+    print(f"compare: {c.markdown_path}  (per seed: {c.json_path}; {c.trained} models trained now)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="iterkd", description="Iterative knowledge-distillation compression search.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -328,6 +343,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--storage", help="the run's storage URL when it is not RUN/study.db (passwords are not saved)")
     p.add_argument("--data-dir", help="where the run's dataset is, for the verification images (default: the run's)")
     p.set_defaults(func=cmd_export)
+    p = sub.add_parser("compare", help="did the search pay off? retrain the final architecture from scratch with "
+                                       "labels only and with KD from the root, over seeds, beside the run's result")
+    p.add_argument("run", help="run directory (runs/NAME)")
+    p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per method (default 3)")
+    p.add_argument("--epochs", type=int, help="epochs per model (default: the run's epochs per child)")
+    p.add_argument("--preset", help="take the epochs per child of this preset (smoke, quick, full); --epochs wins")
+    p.add_argument("--device", help="auto, cpu or cuda (default: the run's)")
+    p.add_argument("--data-dir", help="where the run's dataset is (default: the run's)")
+    p.add_argument("--storage", help="the run's storage URL when it is not RUN/study.db (passwords are not saved)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_compare)
     return parser
 
 

@@ -35,6 +35,16 @@ from .train import TrainResult, TrainSettings, evaluate, evaluate_ensemble, reca
 from .variants import VARIANTS, Slot, candidate_seed, diverse_order
 
 
+def train_settings(cfg: SearchConfig, epochs: int, seed: int, *, child: bool = False) -> TrainSettings:
+    """The TrainSettings of a run's root, or of a child before its own KD settings (also `iterkd compare`'s)."""
+    c = cfg
+    # Children share the run's augmentation views, so one teacher cache serves all of them.
+    views = dict(views=c.views, augment_seed=c.seed) if child else {}
+    return TrainSettings(epochs=epochs, batch_size=c.batch_size, lr=c.lr, weight_decay=c.weight_decay,
+                         loss=LossWeights(c.alpha, c.temperature, c.hint_weight, c.hint), seed=seed,
+                         compile=c.compile, **views)
+
+
 @dataclass(frozen=True)
 class SearchOutcome:
     root: Node
@@ -92,12 +102,7 @@ class Search:
         return self._data
 
     def settings(self, epochs: int, seed: int, *, child: bool = False) -> TrainSettings:
-        c = self.cfg
-        # Children share the run's augmentation views, so one teacher cache serves all of them.
-        views = dict(views=c.views, augment_seed=c.seed) if child else {}
-        return TrainSettings(epochs=epochs, batch_size=c.batch_size, lr=c.lr, weight_decay=c.weight_decay,
-                             loss=LossWeights(c.alpha, c.temperature, c.hint_weight, c.hint), seed=seed,
-                             compile=c.compile, **views)
+        return train_settings(self.cfg, epochs, seed, child=child)
 
     # -- the loop -----------------------------------------------------------------------------------
     def run(self) -> SearchOutcome:
