@@ -89,8 +89,8 @@ PRESETS: dict[str, dict] = {
     "smoke": dict(dataset="synthetic", space="tiny", width=1 / 16, epochs=4, root_epochs=3, batch_size=64,
                   val_size=400, max_generations=2, lr=0.05, deploy_figures=False),
     # A CPU demo (< 10 min on 2 cores): 1/8-width root, 20k training images, 5 epochs for the root and
-    # 8 per child (children start from scratch; at 5 the second generation of the quick run lost 1.12 pts),
-    # two generations (the quick3 run reached its second accepted generation 8 min 55 s after starting).
+    # 8 per child (chosen when children started from scratch: at 5 the second generation lost 1.12 pts),
+    # two generations (docs/results.md has the timings).
     "quick": dict(width=1 / 8, epochs=8, root_epochs=5, batch_size=128, train_subset=20000, val_size=5000,
                   max_generations=2, lr=0.05),
     # Paper scale, for a GPU: full-width root and the whole training set.
