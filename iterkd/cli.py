@@ -145,7 +145,7 @@ def cmd_search(args) -> int:
     try:
         out = search.run()
     except KeyboardInterrupt:
-        print(f"\niterkd: interrupted; finished nodes are kept. Resume with: iterkd search --run-dir {cfg.run_dir}",
+        print(f"\niterkd: interrupted; finished nodes are kept. Resume with: iterkd resume {cfg.run_dir}",
               file=sys.stderr)
         return 130
     import pandas as pd
@@ -162,6 +162,16 @@ def cmd_search(args) -> int:
 
     print(f"report: {write_report(cfg.run_dir, storage=cfg.storage).html}")
     return 0
+
+
+def cmd_resume(args) -> int:
+    """`iterkd resume RUN`: `search` on an existing run, its settings read from RUN/config.json."""
+    from .config import config_path
+
+    if not config_path(args.run).is_file():
+        raise IterkdError(f"no run to resume at {args.run} (no config.json there); start one with iterkd search")
+    args.run_dir = args.run
+    return cmd_search(args)
 
 
 def cmd_report(args) -> int:
@@ -307,6 +317,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("search", help="run (or resume) a compression search")
     _add_search_flags(p)
     p.set_defaults(func=cmd_search)
+    p = sub.add_parser("resume", help="continue a stopped or crashed run with its saved settings")
+    p.add_argument("run", metavar="RUN", help="the run directory, e.g. runs/run")
+    _add_search_flags(p)  # only the settings that do not change what a node is may differ (else an error)
+    p.set_defaults(func=cmd_resume)
     p = sub.add_parser("spaces", help="list the shipped search spaces with their root size (3x32x32, 10 classes)")
     p.set_defaults(func=cmd_spaces)
     p = sub.add_parser("select", help="make a node the parent of the next generation (overrides the automatic choice)")
