@@ -462,6 +462,11 @@ def node_table(view: RunView, nodes: pd.DataFrame) -> pd.DataFrame:
         "seconds": [_num(s, ".1f") for s in nodes.seconds],
         "status": nodes.status,
     })
+    # Deployment figures, where the run measured them (not the smoke preset, not --no-deploy-figures).
+    if "latency_ms_b1" in nodes and nodes.latency_ms_b1.notna().any():
+        out.insert(12, "CPU ms (b1)", [_num(v, ".2f") for v in nodes.latency_ms_b1.to_numpy()])
+        out.insert(13, "CPU img/s (b64)", [_num(v, ",.0f") for v in nodes.throughput_b64.to_numpy()])
+        out.insert(14, "ONNX", [_si(v, "B") if pd.notna(v) else "—" for v in nodes.onnx_bytes.to_numpy()])
     return out.reset_index(drop=True)
 
 
@@ -485,23 +490,40 @@ def generation_tables(view: RunView) -> list[tuple[str, pd.DataFrame]]:
 
 
 def root_vs_final_table(view: RunView) -> pd.DataFrame:
-    """Root vs final model: architecture, size, cost and accuracy, with the change between them."""
+    """Root vs final model: architecture, size, cost and accuracy, with the change between them, and
+    the CPU deployment figures when the run measured them for both."""
     root, final = view.root, view.final
+    rows = {"architecture": ("spec", lambda v: VGGSpec.from_json(v).summary(), None),
+            "params": ("params", lambda v: f"{int(v):,}", "smaller"),
+            "bytes": ("bytes", lambda v: _si(v, "B"), "smaller"),
+            "FLOPs": ("flops", _si, "fewer"),
+            "validation accuracy %": ("val_acc", lambda v: _num(v, ".2f"), "drop"),
+            "test accuracy %": ("test_acc", lambda v: _num(v, ".2f"), "drop")}
+    if root is not None and final is not None and pd.notna(root.get("latency_ms_b1")) \
+            and pd.notna(final.get("latency_ms_b1")):
+        threads = _num(final.get("cpu_threads"), ".0f")
+        threads = f"{threads} thread{'s' * (threads != '1')}"
+        rows[f"CPU latency, batch 1, {threads} (ms)"] = ("latency_ms_b1", lambda v: _num(v, ".2f"), "faster")
+        rows[f"CPU throughput, batch 64, {threads} (img/s)"] = ("throughput_b64", lambda v: _num(v, ",.0f"),
+                                                                        "more")
+        rows["ONNX file"] = ("onnx_bytes", lambda v: _si(v, "B"), "smaller")
     cols = {}
     for label, row in ((f"root (#{root.node})" if root is not None else "root", root),
                        (f"final (#{final.node})" if final is not None else "final", final)):
-        cols[label] = ["—"] * 6 if row is None else [
-            VGGSpec.from_json(row.spec).summary(), f"{int(row.params):,}", _si(row.bytes, "B"), _si(row.flops),
-            _num(row.val_acc, ".2f"), _num(row.test_acc, ".2f")]
-    change = [""] * 6
-    if root is not None and final is not None:
-        change[1:4] = [f"{_smaller(root[k], final[k]):.2f}× {word}"
-                       for k, word in (("params", "smaller"), ("bytes", "smaller"), ("flops", "fewer"))]
-        change[4] = f"drop {_num(root.val_acc - final.val_acc, '.2f')} pts"
-        change[5] = f"drop {_num(root.test_acc - final.test_acc, '.2f')} pts"
+        cols[label] = ["—" if row is None else show(row[key]) for key, show, _ in rows.values()]
+    change = []
+    for key, _, word in rows.values():
+        if root is None or final is None or word is None or pd.isna(root[key]) or pd.isna(final[key]) \
+                or not root[key] or not final[key]:
+            change.append("")
+        elif word == "drop":
+            change.append(f"drop {_num(root[key] - final[key], '.2f')} pts")
+        elif word == "more":  # throughput: higher is better
+            change.append(f"{final[key] / root[key]:.2f}× {word}")
+        else:
+            change.append(f"{_smaller(root[key], final[key]):.2f}× {word}")
     cols["change"] = change
-    return pd.DataFrame(cols, index=["architecture", "params", "bytes", "FLOPs", "validation accuracy %",
-                                     "test accuracy %"])
+    return pd.DataFrame(cols, index=list(rows))
 
 
 def facts(view: RunView) -> list[tuple[str, str]]:

@@ -119,12 +119,17 @@ def test_smoke_report_numbers_match_lineage_csv(smoke_run, tmp_path):
         assert shown["params"] == f"{row.params:,}" and shown["status"] == row.status
         assert shown["val %"] == f"{row.val_acc:.2f}" and shown["test %"] == f"{row.test_acc:.2f}"
         assert shown["drop pts"] == f"{row.drop:.2f}" and shown["operator"] == row.operator
+        # the deployment figures the smoke fixture measured, per node
+        assert shown["CPU ms (b1)"] == f"{row.latency_ms_b1:.2f}" and shown["CPU img/s (b64)"] == f"{row.throughput_b64:,.0f}"
     root, final = csv[csv.status == "root"].iloc[0], csv[csv.node == smoke_run[1].final.node].iloc[0]
     assert summary.columns[1:3].tolist() == [f"root (#{root.node})", f"final (#{final.node})"]
     params = summary.set_index("").loc["params"]
     assert params.iloc[0] == f"{root.params:,}" and params.iloc[1] == f"{final.params:,}"
     assert params["change"] == f"{root.params / final.params:.2f}× smaller"
     assert summary.set_index("").loc["validation accuracy %", "change"] == f"drop {root.val_acc - final.val_acc:.2f} pts"
+    latency = summary.set_index("").filter(like="CPU latency, batch 1", axis=0).iloc[0]
+    assert latency.iloc[:2].tolist() == [f"{root.latency_ms_b1:.2f}", f"{final.latency_ms_b1:.2f}"]
+    assert latency["change"] == f"{root.latency_ms_b1 / final.latency_ms_b1:.2f}× faster"
     assert "max-generations" in md and "Partial report" not in md
     assert dict(zip(settings.setting, settings.value))["variant"] == "parent-child"
     # The HTML page carries the same summary and both images inline, and fetches nothing.
