@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import math
 import sys
 from pathlib import Path
@@ -68,6 +69,8 @@ def _add_search_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-download", dest="download", action="store_const", const=False,
                    help="never try to download missing dataset files")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    g.add_argument("--workers", type=int, help="coordinate only: queue candidates in the study and start N local "
+                   "`iterkd worker` processes (0: workers started elsewhere; docs/distributed.md)")
     g.add_argument("--no-deploy-figures", dest="deploy_figures", action="store_const", const=False,
                    help="skip each node's CPU latency/throughput and ONNX size (a few seconds per node)")
     g = p.add_argument_group("training (override the preset)")
@@ -100,7 +103,7 @@ CONFIG_FLAGS = ("space", "dataset", "variant", "max_drop", "max_generations", "c
                 "teacher_weights", "teacher", "sampler", "pruner", "objectives", "name", "run_dir", "storage", "preset", "seed", "device", "data_dir",
                 "download", "width", "epochs", "root_epochs", "batch_size", "lr", "weight_decay", "alpha",
                 "temperature", "hint_weight", "hint", "init", "train_subset", "val_size", "test_subset", "teacher_cache", "views",
-                "compile", "deploy_figures")
+                "compile", "deploy_figures", "workers")
 
 
 def config_from_args(args: argparse.Namespace):
@@ -232,6 +235,28 @@ def cmd_select(args) -> int:
     return 0
 
 
+def cmd_worker(args) -> int:
+    """`iterkd worker`: train the nodes a coordinator queued, until its search is over."""
+    from .config import SearchConfig, config_path
+    from .lineage import default_storage
+    from .worker import STORAGE_ENV, run_worker
+
+    saved = config_path(args.run_dir) if args.run_dir else None
+    name = args.run or (SearchConfig.from_json(saved.read_text()).name if saved and saved.is_file() else None)
+    if not name:
+        raise IterkdError("iterkd worker needs --run NAME (the coordinator's --name) or --run-dir of an existing run")
+    storage = args.storage or os.environ.get(STORAGE_ENV) or (default_storage(Path(args.run_dir)) if args.run_dir else None)
+    if not storage:
+        raise IterkdError("iterkd worker needs --storage URL (the coordinator's), e.g. postgresql://USER@HOST/DB")
+    try:
+        run_worker(storage, name, run_dir=args.run_dir, device=args.device, data_dir=args.data_dir,
+                   progress=not args.no_progress)
+    except KeyboardInterrupt:
+        print("\niterkd: worker stopped; its node failed and the coordinator queues it again", file=sys.stderr)
+        return 130
+    return 0
+
+
 def cmd_dashboard(args) -> int:
     try:
         from optuna_dashboard import run_server
@@ -321,6 +346,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", metavar="RUN", help="the run directory, e.g. runs/run")
     _add_search_flags(p)  # only the settings that do not change what a node is may differ (else an error)
     p.set_defaults(func=cmd_resume)
+    p = sub.add_parser("worker", help="train nodes that a coordinator (iterkd search --workers N) queued; "
+                       "start any number, on any machine (docs/distributed.md)")
+    p.add_argument("--storage", help=f"the coordinator's storage URL (or $ITERKD_STORAGE; default: RUN_DIR's study.db)")
+    p.add_argument("--run", help="the run's name (the coordinator's --name); default: read from --run-dir")
+    p.add_argument("--run-dir", help="the run directory as this machine sees it (shared filesystem); "
+                   "default: the coordinator's")
+    p.add_argument("--device", help="auto, cpu or cuda (default: the run's)")
+    p.add_argument("--data-dir", help="where datasets live on this machine")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_worker)
     p = sub.add_parser("spaces", help="list the shipped search spaces with their root size (3x32x32, 10 classes)")
     p.set_defaults(func=cmd_spaces)
     p = sub.add_parser("select", help="make a node the parent of the next generation (overrides the automatic choice)")

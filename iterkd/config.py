@@ -63,6 +63,9 @@ class SearchConfig:
     teacher_cache: bool = True
     views: int = 4
     compile: str = "auto"  # torch.compile: auto | off | default | reduce-overhead
+    # None: this process trains every node. N >= 0: it only coordinates (queues each generation's
+    # candidates in the study) and starts N local `iterkd worker` processes; 0 = workers from elsewhere.
+    workers: int | None = None
     deploy_figures: bool = True  # per node: CPU latency, throughput, ONNX size (seconds per node: an ONNX export)
 
     def __post_init__(self):
@@ -100,7 +103,7 @@ PRESETS: dict[str, dict] = {
 
 # Settings that may differ when a run is resumed: they do not change what a node is.
 RESUMABLE_OVERRIDES = {"device", "data_dir", "download", "max_generations", "storage", "teacher_cache", "compile",
-                       "deploy_figures"}
+                       "deploy_figures", "workers"}
 
 
 def build_config(preset: str, overrides: dict) -> SearchConfig:
@@ -144,6 +147,10 @@ def validate(cfg: SearchConfig) -> SearchConfig:
     need(cfg.train_subset is None or cfg.train_subset >= 1, "--train-subset must be at least 1")
     need(cfg.views >= 1, f"--views must be at least 1, got {cfg.views}")
     need(cfg.compile in COMPILE_MODES, f"--compile must be one of {', '.join(COMPILE_MODES)}, got {cfg.compile!r}")
+    need(cfg.workers is None or cfg.workers >= 0, f"--workers must be 0 or more, got {cfg.workers}")
+    need(cfg.workers is None or cfg.sampler == "greedy",
+         f"--workers needs --sampler greedy (the coordinator fixes each queued candidate's move in the space's "
+         f"order); --sampler {cfg.sampler} chooses moves inside the trial and runs in one process only")
     need(cfg.name and "/" not in cfg.name, f"--name must be a plain name without '/', got {cfg.name!r}")
     if cfg.variant.endswith("-child") and cfg.children != 1:
         raise IterkdError(f"--children {cfg.children} needs a *-children variant (parent-children or "
@@ -189,7 +196,7 @@ def search_command(cfg: SearchConfig) -> str:
 
     base = build_config(cfg.preset, {"name": cfg.name})
     always = ("space", "dataset", "variant", "max_drop")
-    skip = {"name", "preset", "run_dir", "storage", "device", "data_dir", "download", "deploy_figures"}
+    skip = {"name", "preset", "run_dir", "storage", "device", "data_dir", "download", "deploy_figures", "workers"}
     args = ["iterkd", "search", "--name", cfg.name, "--preset", cfg.preset]
     for f in fields(cfg):
         value = getattr(cfg, f.name)

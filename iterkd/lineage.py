@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
@@ -65,6 +66,10 @@ class Node:
                    deploy={k: a[k] for k in DEPLOY_COLUMNS if k in a}, members=tuple(a.get("members", ())))
 
 
+NODE_ATTRS = ("generation", "parents", "teachers", "operator", "spec", "spec_summary", "params", "bytes", "flops",
+              "key", "loss", "epochs")  # what node_attrs writes: all a worker needs to train a queued node
+
+
 def node_attrs(*, generation: int, parents, teachers, operator: str, spec: VGGSpec, key: str,
                loss: dict | None = None, epochs: int = 0) -> dict:
     """User attributes a trial gets when its node starts: who it comes from and what it is."""
@@ -91,17 +96,27 @@ def default_storage(run_dir: Path) -> str:
     return f"sqlite:///{(Path(run_dir) / 'study.db').resolve()}"
 
 
+HEARTBEAT_S = 10  # a worker's heartbeat interval (seconds)
+GRACE_S = 60  # a RUNNING trial without a heartbeat for this long belongs to a dead worker
+
+
 def open_study(storage: str, name: str, *, create: bool = True, directions: tuple[str, ...] = ("maximize",),
                sampler: optuna.samplers.BaseSampler | None = None,
-               pruner: optuna.pruners.BasePruner | None = None) -> optuna.Study:
+               pruner: optuna.pruners.BasePruner | None = None, heartbeat: bool = False) -> optuna.Study:
     """Open (or create) the run's study; bad or unreachable storage URLs become one-line errors.
-    Samplers and pruners are not stored by Optuna: every process passes its own."""
+    Samplers and pruners are not stored by Optuna: every process passes its own. `heartbeat`: a
+    coordinator's view, which fails RUNNING trials whose worker stopped beating (docs/distributed.md)."""
     if "://" not in storage:
         raise IterkdError(f"--storage {redact_url(storage)!r} is not a database URL; expected e.g. "
                           "sqlite:///runs/NAME/study.db or postgresql://USER@HOST/DB")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
-        rdb = optuna.storages.RDBStorage(storage, engine_kwargs=_engine_kwargs(storage))
+        # Workers record a heartbeat while they train; a trial whose heartbeat is older than the
+        # grace period is failed by the coordinator (optuna.storages.fail_stale_trials) and retried.
+        beat = dict(heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S) if heartbeat else {}
+        with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna since v2.9
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            rdb = optuna.storages.RDBStorage(storage, engine_kwargs=_engine_kwargs(storage), **beat)
         if create:
             return optuna.create_study(storage=rdb, study_name=name, directions=list(directions), sampler=sampler,
                                        pruner=pruner, load_if_exists=True)

@@ -23,16 +23,21 @@ from .choices import make_pruner, make_sampler, move_params, suggest_kd, suggest
 from .config import SearchConfig, config_path
 from .data import DataSplits, dataset_info, load_data
 from .errors import IterkdError, TrainingDiverged
-from .lineage import (Node, ancestry, default_storage, lineage_card, lineage_frame, node_attrs, node_status,
+from .lineage import (NODE_ATTRS, Node, ancestry, default_storage, lineage_card, lineage_frame, node_attrs, node_status,
                       nodes, open_study, redact_url, root_node, selections, set_selection, write_atomic,
                       write_lineage_csv, write_note)
 from .losses import LossWeights
+from .arch import VGGSpec
 from .models import VGG
 from .spaces import load_space
 from .device import resolve_device
 from .inherit import inherit_weights
 from .train import TrainResult, TrainSettings, evaluate, evaluate_ensemble, recalibrate_bn, train
 from .variants import VARIANTS, Slot, candidate_seed, diverse_order
+
+
+MAX_RETRIES = 3  # a candidate whose worker dies more often than this stops the search with its error
+POLL_S = 1.0  # how often a coordinator looks at the queued trials
 
 
 def train_settings(cfg: SearchConfig, epochs: int, seed: int, *, child: bool = False) -> TrainSettings:
@@ -70,7 +75,8 @@ class Search:
         self.sampler = make_sampler(cfg.sampler, cfg.seed)
         self.study = open_study(cfg.storage or default_storage(self.run_dir), cfg.name,
                                 directions=("maximize", "minimize") if self.multi_objective else ("maximize",),
-                                sampler=self.sampler, pruner=make_pruner(cfg.pruner, cfg.epochs))
+                                sampler=self.sampler, pruner=make_pruner(cfg.pruner, cfg.epochs),
+                                heartbeat=self.remote)
         self.artifacts = FileSystemArtifactStore(str(self.run_dir / "artifacts"))
         if not config_path(self.run_dir).exists():  # saved only once the run can really start
             # Passwords never reach disk or the study: a resumed run asks for --storage again.
@@ -106,6 +112,24 @@ class Search:
 
     # -- the loop -----------------------------------------------------------------------------------
     def run(self) -> SearchOutcome:
+        if self.remote:
+            from .worker import LocalWorkers
+
+            self.study.set_user_attr("coordinator", "running")
+            with LocalWorkers(self.cfg, self.cfg.workers) as self._workers:
+                try:
+                    return self._run()
+                finally:
+                    self.study.set_user_attr("coordinator", "done")  # idle workers exit
+        return self._run()
+
+    @property
+    def remote(self) -> bool:
+        """True when workers (`iterkd worker`, or `--workers N` local ones) train the nodes and
+        this process only enqueues, waits and selects."""
+        return self.cfg.workers is not None
+
+    def _run(self) -> SearchOutcome:
         start = time.perf_counter()
         self._fail_interrupted_trials()
         root = self._ensure_root()
@@ -156,10 +180,15 @@ class Search:
 
     def _select(self, ok: list[Node], root: Node) -> list[Node]:
         within = [n for n in ok if root.val_acc - n.val_acc <= self.cfg.max_drop]
+        # Ties go to the candidate proposed first: the number of the first trial made for its key, so
+        # a candidate retried after a crash (a later trial number) keeps its place.
+        first: dict[str, int] = {}
+        for n in nodes(self.study):
+            first.setdefault(n.key, n.node)
         if self.cfg.select == "smallest-within-budget":
-            ranked = sorted(within, key=lambda n: (n.spec.params(), -n.val_acc, n.node))
+            ranked = sorted(within, key=lambda n: (n.spec.params(), -n.val_acc, first[n.key]))
         else:
-            ranked = sorted(within, key=lambda n: (-n.val_acc, n.spec.params(), n.node))
+            ranked = sorted(within, key=lambda n: (-n.val_acc, n.spec.params(), first[n.key]))
         return ranked[:self.cfg.beam]
 
     def _ancestors(self, node: Node) -> list[Node]:
@@ -174,24 +203,113 @@ class Search:
     def _fill_slot(self, generation: int, slot: Slot) -> list[Node]:
         """Train `slot.count` children of one parent (or reuse those a previous run trained). A child
         that diverges is replaced by another move; if every child was pruned, more moves are tried
-        until one completes or the space has none left, so one bad child does not end the search."""
+        until one completes or the space has none left, so one bad child does not end the search.
+        In process, candidates are trained one at a time; with workers, as many as are still needed
+        are queued at once (the same moves, in the same order) and trained in parallel."""
         results: list[Node] = []
-        for attempt in itertools.count():
+        attempts = itertools.count()
+        while True:
             settled = [n for n in results if n.ok or n.state == "PRUNED"]
             if len(settled) >= slot.count and any(n.ok for n in results):
                 return results
-            key = slot.key(generation, attempt)
-            node = self._existing(key)
-            if node is not None:
-                self.log(f"gen {generation}: reusing node {node.node} {node.operator} (already trained)")
-            else:
-                tried = {n.spec for n in results}
-                moves = [m for m in diverse_order(self.space.moves(slot.parent.spec)) if m.spec not in tried]
+            wave = max(1, slot.count - len(settled)) if self.remote else 1
+            queued: list[int] = []
+            planned = {n.spec for n in results}
+            grew = False
+            for _ in range(wave):
+                key = slot.key(generation, next(attempts))
+                node = self._existing(key)
+                if node is not None:
+                    self.log(f"gen {generation}: reusing node {node.node} {node.operator} (already trained)")
+                    results.append(node)
+                    planned.add(node.spec)
+                    grew = True
+                    continue
+                moves = [m for m in diverse_order(self.space.moves(slot.parent.spec)) if m.spec not in planned]
                 if not moves:
-                    return results
-                node = self._train_candidate(generation, slot, key, moves)
-            results.append(node)
-        return results
+                    break
+                if self.remote:
+                    number = self._in_flight(key)
+                    if number is None:
+                        number = self._enqueue(self._child_attrs(generation, slot, key, moves[0]),
+                                               move_params(moves[0], slot.parent.spec))
+                    queued.append(number)
+                    planned.add(VGGSpec.from_json(self.study.get_trials(deepcopy=False)[number].user_attrs["spec"]))
+                else:
+                    results.append(self._train_candidate(generation, slot, key, moves))
+                grew = True
+            if not grew:
+                return results
+            results += self._await(queued)
+
+    def _child_attrs(self, generation: int, slot: Slot, key: str, move) -> dict:
+        return node_attrs(generation=generation, parents=(slot.parent.node,), teachers=[t.node for t in slot.teachers],
+                          operator=move.label, spec=move.spec, key=key, epochs=self.cfg.epochs)
+
+    # -- workers ------------------------------------------------------------------------------------
+    def _enqueue(self, attrs: dict, params: dict | None = None) -> int:
+        """Queue one node as a WAITING trial (Optuna's enqueue_trial) for any worker to take; its
+        move is fixed by `params`, its KD settings are sampled by the worker's trial."""
+        self.study.enqueue_trial(params or {}, user_attrs=attrs)
+        number = max(t.number for t in self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,))
+                     if t.user_attrs.get("key") == attrs["key"])
+        self.log(f"gen {attrs['generation']}: queued node {number} {attrs['operator']} for the workers")
+        return number
+
+    def _in_flight(self, key: str) -> int | None:
+        """A queued or running trial for this candidate, left by an earlier coordinator: wait for it."""
+        for t in self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,
+                                                               optuna.trial.TrialState.RUNNING)):
+            if t.user_attrs.get("key") == key:
+                return t.number
+        return None
+
+    def _await(self, numbers: list[int]) -> list[Node]:
+        """Wait until the workers have finished these trials. A trial whose worker died (its process
+        is gone, or its heartbeat went stale) is failed and its candidate queued again."""
+        pending, done, tries = list(numbers), [], {}
+        while pending:
+            self._fail_interrupted_trials()
+            with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna since v2.9
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                optuna.storages.fail_stale_trials(self.study)  # workers on other machines: heartbeats
+            trials = self.study.get_trials(deepcopy=False)
+            for number in [n for n in pending if trials[n].state.is_finished()]:
+                pending.remove(number)
+                t = trials[number]
+                node = Node.from_trial(t)
+                if t.state == optuna.trial.TrialState.FAIL and node.failure != "diverged":
+                    key = t.user_attrs["key"]
+                    tries[key] = tries.get(key, 0) + 1
+                    if tries[key] > MAX_RETRIES:
+                        raise IterkdError(f"node {number} ({t.user_attrs['operator']}) failed {tries[key]} times on "
+                                          f"workers; last error: {node.error}")
+                    attrs = {k: v for k, v in t.user_attrs.items() if k in NODE_ATTRS}
+                    pending.append(self._enqueue(attrs, t.system_attrs.get("fixed_params")))
+                else:
+                    done.append(node)
+            if pending:
+                self._workers.check()
+                time.sleep(POLL_S)
+        done.sort(key=lambda n: n.node)
+        for n in done:
+            if n.state == "COMPLETE":
+                self._log_node(n)
+        return done
+
+    def work(self, trial: optuna.Trial) -> Node:
+        """Train the node a coordinator queued as this (claimed) trial: the worker's side of _enqueue."""
+        a = trial.user_attrs
+        if a["key"] == "root":
+            return self._train_root(trial)
+        by_id = {n.node: n for n in nodes(self.study)}
+        parent = by_id[a["parents"][0]]
+        spec = VGGSpec.from_json(a["spec"])
+        moves = [m for m in self.space.moves(parent.spec) if m.spec == spec]
+        if not moves:
+            raise IterkdError(f"trial {trial.number}: {spec.summary()} is not a move of node {parent.node} in this space")
+        slot = Slot(parent, tuple(by_id[i] for i in a["teachers"]), 1)
+        return self._train_candidate(int(a["generation"]), slot, a["key"], moves, trial=trial)
 
     # -- nodes --------------------------------------------------------------------------------------
     def _existing(self, key: str) -> Node | None:
@@ -209,14 +327,24 @@ class Search:
             return root
         if self.cfg.teacher:
             return self._root_from_teachers([Path(p) for p in self.cfg.teacher])
+        if self.remote:
+            number = self._in_flight("root")
+            return self._await([self._enqueue(self._root_attrs()) if number is None else number])[0]
+        return self._train_root()
+
+    def _root_attrs(self) -> dict:
         spec = self.space.root_spec(self.info.channels, self.info.num_classes, self.info.size, self.cfg.width)
+        return node_attrs(generation=0, parents=(), teachers=(), operator="root", spec=spec, key="root",
+                          epochs=self.cfg.root_epochs)
+
+    def _train_root(self, trial: optuna.Trial | None = None) -> Node:
+        attrs = self._root_attrs()
+        spec = VGGSpec.from_json(attrs["spec"])
         torch.manual_seed(self.cfg.seed)
         model = VGG(spec)
-        attrs = node_attrs(generation=0, parents=(), teachers=(), operator="root", spec=spec, key="root",
-                           epochs=self.cfg.root_epochs)
         return self._run_trial(attrs, model, lambda m, on_epoch: train(
             m, self.data, self.settings(self.cfg.root_epochs, self.cfg.seed), on_epoch=on_epoch,
-            desc=f"root {spec.summary()}", progress=self.progress))
+            desc=f"root {spec.summary()}", progress=self.progress), trial=trial)
 
     def _root_from_teachers(self, paths: list[Path]) -> Node:
         """The root from given checkpoints. One: that model. Several: an ensemble whose averaged
@@ -255,16 +383,18 @@ class Search:
 
         return self._run_trial(attrs, model, measure)
 
-    def _train_candidate(self, generation: int, slot: Slot, key: str, moves: list) -> Node:
-        """Ask the study for a trial, let it choose the move and KD settings, train, record."""
+    def _train_candidate(self, generation: int, slot: Slot, key: str, moves: list,
+                         trial: optuna.Trial | None = None) -> Node:
+        """Ask the study for a trial (or take the one a worker claimed, its move fixed when it was
+        queued), let it choose the move and KD settings, train, record."""
         parent = slot.parent
-        if self.cfg.sampler == "greedy":  # the space's preferred move; only KD ranges are sampled
+        if trial is None and self.cfg.sampler == "greedy":  # the space's preferred move; only KD ranges are sampled
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 self.study.sampler = optuna.samplers.PartialFixedSampler(move_params(moves[0], parent.spec),
                                                                          self.sampler)
         try:  # a trial samples through study.sampler when it suggests, so keep it until then
-            trial = self.study.ask()
+            trial = trial or self.study.ask()
             move = suggest_move(trial, self.space, parent.spec, moves)
             kd = suggest_kd(trial, self.space, {"alpha": self.cfg.alpha, "temperature": self.cfg.temperature,
                                                 "hint_weight": self.cfg.hint_weight, "lr": self.cfg.lr})
@@ -315,7 +445,9 @@ class Search:
         """Run one node as one Optuna trial: attributes first (so a crash leaves a visible RUNNING
         trial), then training, checkpoint (also an Optuna artifact), accuracies, and the final state."""
         trial = trial or self.study.ask()
-        for k, v in {**attrs, "host": socket.gethostname(), "pid": os.getpid()}.items():
+        # pid before host: a coordinator fails a RUNNING trial of its host whose pid is gone, and
+        # must never see this trial with the host set and no pid yet.
+        for k, v in {**attrs, "pid": os.getpid(), "host": socket.gethostname()}.items():
             trial.set_user_attr(k, v)
 
         def on_epoch(epoch: int, val_acc: float) -> None:
@@ -329,16 +461,18 @@ class Search:
 
         try:
             result = fit(model, on_epoch)
+            ckpt = Path("checkpoints") / f"node-{trial.number}.safetensors"
+            save_checkpoint(self.run_dir / ckpt, model, node=trial.number, val_acc=result.val_acc)
+            artifact_id = self._attach(trial, self.run_dir / ckpt)
         except TrainingDiverged as e:
             return self._finish(trial, optuna.trial.TrialState.FAIL, error=str(e), failure="diverged")
         except optuna.TrialPruned as e:
             return self._finish(trial, optuna.trial.TrialState.PRUNED, error=str(e))
-        except BaseException:  # Ctrl-C or a bug: the trial fails, its candidate is retried on resume
+        except BaseException as e:  # Ctrl-C, a full disk or a bug: the trial fails, its candidate is retried on resume
+            if not isinstance(e, KeyboardInterrupt):
+                trial.set_user_attr("error", (str(e).splitlines() or [type(e).__name__])[0][:300])
             self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
             raise
-        ckpt = Path("checkpoints") / f"node-{trial.number}.safetensors"
-        save_checkpoint(self.run_dir / ckpt, model, node=trial.number, val_acc=result.val_acc)
-        artifact_id = self._attach(trial, self.run_dir / ckpt)
         self._models[trial.number] = model.eval()
         root = root_node(nodes(self.study))
         drop = 0.0 if root is None else root.val_acc - result.val_acc
@@ -400,9 +534,14 @@ class Search:
         """RUNNING trials left by a process of this machine that no longer exists are marked failed
         ('interrupted'), so their candidates are trained again."""
         host = socket.gethostname()
+        if not self.remote:  # trials queued for workers by an earlier coordinator: nobody will take them
+            for t in self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,)):
+                # Study.tell takes RUNNING trials only; the storage call is what it does underneath.
+                self.study._storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)  # noqa: SLF001
+                self.log(f"node {t.number} was queued for workers; it will be trained here instead")
         for t in self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
             pid = t.user_attrs.get("pid")
-            if t.user_attrs.get("host") == host and pid != os.getpid() and not _alive(pid):
+            if t.user_attrs.get("host") == host and isinstance(pid, int) and pid != os.getpid() and not _alive(pid):
                 self.study.tell(t.number, state=optuna.trial.TrialState.FAIL)
                 self.log(f"node {t.number} was interrupted by a crash; its candidate will be trained again")
 
