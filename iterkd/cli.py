@@ -216,7 +216,7 @@ def open_run(run_dir: str):
 
 
 def cmd_select(args) -> int:
-    from .lineage import nodes, selections, set_selection
+    from .lineage import node_status, nodes, selections, set_selection, set_status
 
     _, study, _ = open_run(args.run)
     by_id = {n.node: n for n in nodes(study)}
@@ -229,6 +229,9 @@ def cmd_select(args) -> int:
         sel = study.user_attrs.get("selections", {})
         study.set_user_attr("selections", {g: ids for g, ids in sel.items() if int(g) <= node.generation})
     set_selection(study, node.generation, [node.node], by="user")
+    accepted = {i for ids in selections(study).values() for i in ids}
+    for n in by_id.values():  # the dashboard's status column follows the new choice
+        set_status(study, n.node, node_status(n, accepted))
     study.set_user_attr("stop_reason", "")
     print(f"node {node.node} ({node.spec.summary()}, {node.spec.params():,} params, val {node.val_acc:.2f}%) "
           f"is now the parent of generation {node.generation + 1}; continue with: iterkd search --run-dir {args.run}")

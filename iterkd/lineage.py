@@ -233,6 +233,36 @@ def lineage_card(n: Node, root: Node | None, status: str | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
+def set_status(study: optuna.Study, number: int, status: str) -> bool:
+    """Record a node's status (root/accepted/rejected/failed/pruned) as its trial's `status` user
+    attribute, for the dashboard. Acceptance is decided after the trial has ended, and Optuna's API
+    refuses to change a finished trial, so this writes the attribute row through Optuna's RDB models
+    (the storage iterkd always uses). Reports and lineage.csv compute the status from the study's
+    selections, so if this fails (another storage, a schema change) only the dashboard column is
+    missing: returns False then."""
+    try:
+        from optuna.storages._rdb import models
+
+        backend = getattr(study._storage, "_backend", study._storage)  # noqa: SLF001 - under the trial cache
+        trial_id = study.get_trials(deepcopy=False)[number]._trial_id  # noqa: SLF001
+        session = backend.scoped_session()
+        try:
+            row = session.query(models.TrialUserAttributeModel).filter_by(trial_id=trial_id, key="status").one_or_none()
+            if row is None:
+                session.add(models.TrialUserAttributeModel(trial_id=trial_id, key="status", value_json=json.dumps(status)))
+            else:
+                row.value_json = json.dumps(status)
+            session.commit()
+        except Exception:
+            session.rollback()
+            raise
+        finally:
+            session.close()
+    except Exception:
+        return False
+    return True
+
+
 def write_note(study: optuna.Study, number: int, body: str) -> None:
     """Set a trial's dashboard note; notes live in study attributes, so this works after the trial ended."""
     from optuna_dashboard import save_note

@@ -24,7 +24,7 @@ from .config import SearchConfig, config_path
 from .data import DataSplits, dataset_info, load_data
 from .errors import IterkdError, TrainingDiverged
 from .lineage import (NODE_ATTRS, Node, ancestry, default_storage, lineage_card, lineage_frame, node_attrs, node_status,
-                      nodes, open_study, redact_url, root_node, selections, set_selection, write_atomic,
+                      nodes, open_study, redact_url, root_node, selections, set_selection, set_status, write_atomic,
                       write_lineage_csv, write_note)
 from .losses import LossWeights
 from .arch import VGGSpec
@@ -166,8 +166,10 @@ class Search:
     def _refresh_notes(self, generation_nodes: list[Node], root: Node) -> None:
         """Rewrite a generation's dashboard notes once selection has decided each node's status."""
         accepted = {i for ids in selections(self.study).values() for i in ids}
-        for n in generation_nodes:
-            write_note(self.study, n.node, lineage_card(n, root, node_status(n, accepted)))
+        for n in [root] * (root.node not in {g.node for g in generation_nodes}) + generation_nodes:
+            status = node_status(n, accepted)
+            write_note(self.study, n.node, lineage_card(n, root, status))
+            set_status(self.study, n.node, status)  # the dashboard's status column
 
     def _frontier(self, root: Node) -> tuple[list[Node], int]:
         """The accepted nodes to grow from, and the next generation number (resume-aware)."""

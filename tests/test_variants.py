@@ -120,6 +120,8 @@ def test_select_makes_a_node_the_parent_of_the_next_generation(tmp_path, capsys)
     study = open_study(f"sqlite:///{tmp_path}/study.db", cfg.name)
     assert {"generation": 1, "nodes": [other], "by": "user"} in study.user_attrs["selection_log"]
     assert df.set_index("node").status[other] == "accepted"
+    status = {t.number: t.user_attrs["status"] for t in study.trials}  # the dashboard's column follows the choice
+    assert status == dict(zip(df.node, df.status))
     gen2 = df[df.generation == 2]
     assert len(gen2) == 2 and all(p == [other] for p in gen2.parents)
     assert main(["select", str(tmp_path), "--node", "99"]) == 2
@@ -152,7 +154,11 @@ def test_dashboard_serves_the_run_on_loopback(smoke_run):
         trials = detail["trials"]
         assert len(trials) == 3
         attrs = {a["key"]: a["value"] for a in trials[1]["user_attrs"]}
-        assert {"generation", "parents", "teachers", "spec_summary", "params", "val_acc", "drop", "budget"} <= set(attrs)
+        assert {"generation", "parents", "teachers", "spec_summary", "params", "val_acc", "drop", "budget",
+                "status"} <= set(attrs)
+        statuses = [{a["key"]: a["value"] for a in t["user_attrs"]}["status"] for t in trials]
+        assert [json.loads(v) if v.startswith('"') else v for v in statuses] == \
+            pd.read_csv(f"{cfg.run_dir}/lineage.csv").status.tolist()  # the dashboard's column = lineage.csv's
         assert "Node 1" in trials[1]["note"]["body"] and "accepted" in trials[1]["note"]["body"]
         assert trials[1]["artifacts"], "checkpoint is attached as an artifact"
     finally:
