@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -142,7 +142,17 @@ def _engine_kwargs(storage: str) -> dict:
 # -- the view -------------------------------------------------------------------------------------
 
 def nodes(study: optuna.Study) -> list[Node]:
-    return [n for t in study.get_trials(deepcopy=False) if (n := Node.from_trial(t)) is not None]
+    """Every node of the study. A node whose checkpoint was found damaged (study attribute `damaged`)
+    reads as failed: it is trained again, and never used as a teacher or parent."""
+    damaged = set(study.user_attrs.get("damaged", ()))
+    out = []
+    for t in study.get_trials(deepcopy=False):
+        n = Node.from_trial(t)
+        if n is not None and n.node in damaged:
+            n = replace(n, state="FAIL", error=f"checkpoint {n.checkpoint} was found damaged", failure="damaged")
+        if n is not None:
+            out.append(n)
+    return out
 
 
 def selections(study: optuna.Study) -> dict[int, list[int]]:

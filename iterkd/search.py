@@ -18,7 +18,7 @@ import torch
 from optuna.artifacts import FileSystemArtifactStore, upload_artifact
 
 from .cache import TeacherCache
-from .checkpoints import load_model, save_checkpoint
+from .checkpoints import load_model, read_checkpoint, save_checkpoint
 from .choices import make_pruner, make_sampler, move_params, suggest_kd, suggest_move
 from .config import SearchConfig, config_path
 from .data import DataSplits, dataset_info, load_data
@@ -132,6 +132,7 @@ class Search:
     def _run(self) -> SearchOutcome:
         start = time.perf_counter()
         self._fail_interrupted_trials()
+        self._check_checkpoints()
         root = self._ensure_root()
         frontier, generation = self._frontier(root)
         stop = ""
@@ -531,6 +532,31 @@ class Search:
         drop = f"drop {root.val_acc - n.val_acc:+.2f} pts" if n.generation else "root"
         self.log(f"gen {n.generation} node {n.node:>3}  {n.operator:<28} {n.spec.params():>11,} params "
                  f"({ratio:.1f}x smaller)  val {n.val_acc:.2f}%  test {n.test_acc:.2f}%  {drop}  {n.seconds:.0f}s")
+
+    def _check_checkpoints(self) -> None:
+        """Verify the checkpoints a resumed run will load: the root's and every accepted node's. A
+        damaged one is reported with its path, its node then reads as failed (lineage.nodes) and is
+        trained again, and the generations selected from it onwards are decided again."""
+        sel = selections(self.study)
+        all_nodes = nodes(self.study)
+        root = root_node(all_nodes)
+        needed = {i for ids in sel.values() for i in ids} | ({root.node} if root else set())
+        damaged: dict[int, str] = {}
+        for n in all_nodes:
+            if n.node in needed and n.ok:
+                paths = [n.checkpoint] + [m["checkpoint"] for m in n.members]
+                for path in filter(None, paths):
+                    try:
+                        read_checkpoint(self.run_dir / path)
+                    except IterkdError as e:
+                        damaged[n.node] = str(e)
+        if not damaged:
+            return
+        for i, why in damaged.items():
+            self.log(f"node {i}: {why}. It will be trained again.")
+        self.study.set_user_attr("damaged", sorted(set(self.study.user_attrs.get("damaged", ())) | set(damaged)))
+        first = min(n.generation for n in all_nodes if n.node in damaged)
+        self.study.set_user_attr("selections", {str(g): ids for g, ids in sel.items() if g < first})
 
     def _fail_interrupted_trials(self) -> None:
         """RUNNING trials left by a process of this machine that no longer exists are marked failed

@@ -14,7 +14,7 @@ import pytest
 
 from iterkd import run_search
 from iterkd.cli import main
-from iterkd.lineage import nodes, open_study
+from iterkd.lineage import nodes, open_study, selections
 from tests.conftest import smoke_config
 
 FLAGS = ["--preset", "smoke", "--max-drop", "60", "--max-generations", "2", "--no-progress", "--seed", "0"]
@@ -121,3 +121,22 @@ def test_resume_needs_an_existing_run(tmp_path, capsys):
     assert main(["resume", str(tmp_path / "nothing")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no run to resume" in err[0]
+
+
+def test_a_damaged_checkpoint_is_reported_and_its_node_trained_again(tmp_path, reference, capsys):
+    run_dir = tmp_path / "run"
+    run_search(smoke_config(run_dir, name="run"), progress=False)
+    root_ckpt, damaged = (run_dir / "checkpoints" / f"node-{i}.safetensors" for i in (0, 1))
+    root_bytes = root_ckpt.read_bytes()
+    damaged.write_bytes(damaged.read_bytes()[:200])  # truncated while the run was stopped
+
+    assert main(["resume", str(run_dir), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert f"node 1: checkpoint {damaged} is corrupt" in out and "trained again" in out
+    study = open_study(f"sqlite:///{run_dir}/study.db", "run")
+    by_id = {n.node: n for n in nodes(study)}
+    assert by_id[1].state == "FAIL" and by_id[1].failure == "damaged"  # never used again
+    chain = [by_id[0]] + [by_id[ids[0]] for _, ids in sorted(selections(study).items())]
+    assert [(n.generation, n.operator, n.spec.to_json()) for n in chain] == [(g, op, spec) for g, _, _, op, spec, _ in reference]
+    assert chain[1].node != 1 and chain[1].key == by_id[1].key  # the same candidate, trained again
+    assert root_ckpt.read_bytes() == root_bytes  # the root was fine and not retrained
