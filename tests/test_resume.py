@@ -140,3 +140,20 @@ def test_a_damaged_checkpoint_is_reported_and_its_node_trained_again(tmp_path, r
     assert [(n.generation, n.operator, n.spec.to_json()) for n in chain] == [(g, op, spec) for g, _, _, op, spec, _ in reference]
     assert chain[1].node != 1 and chain[1].key == by_id[1].key  # the same candidate, trained again
     assert root_ckpt.read_bytes() == root_bytes  # the root was fine and not retrained
+
+
+def test_ctrl_c_fails_the_trial_and_says_how_to_resume(tmp_path):
+    run_dir = tmp_path / "run"
+    log = tmp_path / "search.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "iterkd", "search", "--run-dir", str(run_dir), *FLAGS],
+                                stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    ready, deadline = _running(1, 0.5), time.monotonic() + 300
+    while not ready(_trials(run_dir / "study.db"), run_dir) and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)  # what Ctrl-C sends
+    assert proc.wait(timeout=120) == 130
+    text = log.read_text()
+    assert f"Resume with: iterkd resume {run_dir}" in text and "Traceback" not in text
+    assert dict(_trials(run_dir / "study.db"))[1] == "FAIL"  # the study is consistent: nothing left RUNNING
+    assert "RUNNING" not in dict(_trials(run_dir / "study.db")).values()
