@@ -89,8 +89,17 @@ def run_worker(storage: str, name: str, *, run_dir: str | None = None, device: s
     if not config_path(cfg.run_dir).exists():
         raise IterkdError(f"run directory {cfg.run_dir} has no config.json: a worker needs the run directory the "
                           "coordinator writes (a shared filesystem path); give it with --run-dir")
-    signal.signal(signal.SIGTERM, _interrupt)  # stopped by the coordinator: fail the trial cleanly
-    search = Search(cfg, progress=progress, log=log)
+    main_thread = threading.current_thread() is threading.main_thread()  # signal handlers live there only
+    previous = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None  # SIGTERM fails the trial cleanly
+    try:
+        return _work(Search(cfg, progress=progress, log=log), name, storage, log, poll_s)
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _work(search, name: str, storage: str, log: Callable[[str], None], poll_s: float) -> int:
+    """The worker loop: claim, train with a heartbeat, tell; until the coordinator is done."""
     trained = 0
     log(f"worker {os.getpid()}: waiting for nodes of run {name!r} in {redact_url(storage)}")
     while True:
@@ -105,6 +114,12 @@ def run_worker(storage: str, name: str, *, run_dir: str | None = None, device: s
         with Heartbeat(search.study, trial):
             try:
                 search.work(trial)
+            except optuna.exceptions.UpdateFinishedTrialError:
+                # The coordinator gave this trial up (its heartbeat went stale, e.g. the database was
+                # out of reach) and has queued the candidate again: drop this result, take more work.
+                log(f"worker {os.getpid()}: node {trial.number} was failed by the coordinator meanwhile "
+                    "(heartbeat missed); its result is dropped")
+                continue
             except BaseException as e:
                 _fail(search.study, trial, e)
                 raise

@@ -142,3 +142,45 @@ def test_queued_trials_are_trained_in_process_when_resumed_without_workers(tmp_p
     out = run_search(replace(cfg, workers=None), progress=False)
     assert shape(_study(cfg)) == reference and out.root.node == 1
     assert _study(cfg).get_trials()[0].state.name == "FAIL"
+
+
+def test_a_worker_on_another_machine_that_stops_beating_is_failed_and_its_node_retried(tmp_path, monkeypatch):
+    """No pid to check across machines: the coordinator relies on the trial's heartbeat."""
+    from iterkd import lineage
+    from iterkd.search import Search
+    from iterkd.worker import run_worker
+
+    from iterkd import worker
+
+    monkeypatch.setattr(lineage, "GRACE_S", 2)  # seconds without a heartbeat before a trial is stale
+    monkeypatch.setattr(worker, "HEARTBEAT_S", 0.2)  # healthy workers beat well within it
+    cfg = _config(tmp_path, None, workers=0)
+    coordinator = Search(cfg, progress=False)
+    number = coordinator._enqueue(coordinator._root_attrs())
+    remote = open_study(f"sqlite:///{cfg.run_dir}/study.db", cfg.name, create=False)
+    lost = claim(remote)  # a worker elsewhere takes the root ...
+    lost.set_user_attr("pid", 1)
+    lost.set_user_attr("host", "another-machine")
+    remote._storage.record_heartbeat(lost._trial_id)  # ... beats once, and its machine goes down
+
+    class NoLocalWorkers:
+        def check(self):
+            pass
+
+    coordinator._workers = NoLocalWorkers()
+    result = {}
+
+    def coordinate():
+        try:
+            result["root"] = coordinator._await([number])[0]
+        finally:  # whatever happens, the worker below stops
+            coordinator.study.set_user_attr("coordinator", "done")
+
+    thread = threading.Thread(target=coordinate)
+    thread.start()
+    trained = run_worker(f"sqlite:///{cfg.run_dir}/study.db", cfg.name, progress=False, log=lambda _: None,
+                         poll_s=0.2)  # a healthy worker, here; it trains the queued retry
+    thread.join(timeout=60)
+    assert not thread.is_alive()
+    assert trained == 1 and result["root"].ok and result["root"].node != number
+    assert _study(cfg).get_trials(deepcopy=False)[number].state.name == "FAIL"
