@@ -514,7 +514,7 @@ def root_vs_final_table(view: RunView) -> pd.DataFrame:
     change = []
     for key, _, word in rows.values():
         if root is None or final is None or word is None or pd.isna(root[key]) or pd.isna(final[key]) \
-                or not root[key] or not final[key]:
+                or (word != "drop" and not (root[key] and final[key])):  # ratios: nothing to divide by
             change.append("")
         elif word == "drop":
             change.append(f"drop {_num(root[key] - final[key], '.2f')} pts")

@@ -232,12 +232,14 @@ class Search:
                 if not moves:
                     break
                 if self.remote:
-                    number = self._in_flight(key)
-                    if number is None:
-                        number = self._enqueue(self._child_attrs(generation, slot, key, moves[0]),
-                                               move_params(moves[0], slot.parent.spec))
-                    queued.append(number)
-                    planned.add(VGGSpec.from_json(self.study.get_trials(deepcopy=False)[number].user_attrs["spec"]))
+                    waiting = self._in_flight(key)
+                    if waiting is None:
+                        queued.append(self._enqueue(self._child_attrs(generation, slot, key, moves[0]),
+                                                    move_params(moves[0], slot.parent.spec)))
+                        planned.add(moves[0].spec)
+                    else:
+                        queued.append(waiting.number)
+                        planned.add(VGGSpec.from_json(waiting.user_attrs["spec"]))
                 else:
                     results.append(self._train_candidate(generation, slot, key, moves))
                 grew = True
@@ -259,12 +261,12 @@ class Search:
         self.log(f"gen {attrs['generation']}: queued node {number} {attrs['operator']} for the workers")
         return number
 
-    def _in_flight(self, key: str) -> int | None:
+    def _in_flight(self, key: str) -> optuna.trial.FrozenTrial | None:
         """A queued or running trial for this candidate, left by an earlier coordinator: wait for it."""
         for t in self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,
                                                                optuna.trial.TrialState.RUNNING)):
             if t.user_attrs.get("key") == key:
-                return t.number
+                return t
         return None
 
     def _await(self, numbers: list[int]) -> list[Node]:
@@ -331,8 +333,8 @@ class Search:
         if self.cfg.teacher:
             return self._root_from_teachers([Path(p) for p in self.cfg.teacher])
         if self.remote:
-            number = self._in_flight("root")
-            return self._await([self._enqueue(self._root_attrs()) if number is None else number])[0]
+            waiting = self._in_flight("root")
+            return self._await([self._enqueue(self._root_attrs()) if waiting is None else waiting.number])[0]
         return self._train_root()
 
     def _root_attrs(self) -> dict:

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from iterkd import build_config, run_search
+from iterkd.lineage import nodes
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 
@@ -24,3 +25,13 @@ def smoke_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("smoke_run")
     cfg = smoke_config(run_dir, deploy_figures=True)
     return cfg, run_search(cfg, progress=False)
+
+
+def lineage_shape(study) -> list[tuple]:
+    """A lineage without timings or trial numbers: each finished node's place, origin, move and spec.
+    Nodes go in candidate order (generation, then key), which a candidate retried after a kill keeps;
+    they are renumbered, since a failed (killed) trial takes a trial number of its own."""
+    kept = sorted((n for n in nodes(study) if n.state != "FAIL"), key=lambda n: (n.generation, n.key))
+    index = {n.node: i for i, n in enumerate(kept)}
+    return [(n.generation, tuple(index[p] for p in n.parents), tuple(index[t] for t in n.teachers), n.operator,
+             n.spec.to_json(), n.state) for n in kept]

@@ -17,9 +17,9 @@ import pytest
 from iterkd import run_search
 from iterkd.cli import main
 from iterkd.errors import IterkdError
-from iterkd.lineage import nodes, open_study
+from iterkd.lineage import open_study
 from iterkd.worker import claim
-from tests.conftest import smoke_config
+from tests.conftest import lineage_shape, smoke_config
 
 POSTGRES = os.environ.get("ITERKD_TEST_POSTGRES", "postgresql://iterkd:iterkd@127.0.0.1:5432/iterkd")
 # Two siblings per generation, so two workers train at once. The smallest child within the budget
@@ -40,22 +40,13 @@ def storage(request, tmp_path):
     return None if request.param == "sqlite" else _postgres_or_skip()
 
 
-def shape(study) -> list[tuple]:
-    """A lineage without timings or trial numbers: each finished node's place, origin, move and spec.
-    Nodes go in candidate order (generation, then key), which a retried candidate keeps."""
-    kept = sorted((n for n in nodes(study) if n.state != "FAIL"), key=lambda n: (n.generation, n.key))
-    index = {n.node: i for i, n in enumerate(kept)}
-    return [(n.generation, tuple(index[p] for p in n.parents), tuple(index[t] for t in n.teachers), n.operator,
-             n.spec.to_json(), n.state) for n in kept]
-
-
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """The same search in one process."""
     run_dir = tmp_path_factory.mktemp("reference")
     cfg = smoke_config(run_dir, name="reference", **SEARCH)
     run_search(cfg, progress=False)
-    return shape(open_study(f"sqlite:///{run_dir}/study.db", "reference"))
+    return lineage_shape(open_study(f"sqlite:///{run_dir}/study.db", "reference"))
 
 
 def _config(tmp_path, storage, workers):
@@ -71,7 +62,7 @@ def test_two_workers_train_every_candidate_once_and_grow_the_same_lineage(tmp_pa
     cfg = _config(tmp_path, storage, workers=2)
     out = run_search(cfg, progress=False)
     study = _study(cfg)
-    assert shape(study) == reference
+    assert lineage_shape(study) == reference
     trials = study.get_trials(deepcopy=False)
     assert Counter(t.state.name for t in trials) == Counter(COMPLETE=len(reference))  # none lost, none failed
     keys = Counter(t.user_attrs["key"] for t in trials)
@@ -105,7 +96,7 @@ def test_a_killed_worker_costs_one_retry_and_the_run_completes(tmp_path, referen
     assert killed is not None, "no worker was ever seen training a child"
     assert not coordinator.is_alive() and "out" in result  # the run completed with one worker left
     study = _study(cfg)
-    assert shape(study) == reference
+    assert lineage_shape(study) == reference
     states = {t.number: t.state.name for t in study.get_trials(deepcopy=False)}
     assert states[killed] == "FAIL"
     key = study.get_trials(deepcopy=False)[killed].user_attrs["key"]
@@ -140,7 +131,7 @@ def test_queued_trials_are_trained_in_process_when_resumed_without_workers(tmp_p
     search._enqueue(search._root_attrs())  # what the coordinator's first step leaves behind
     assert [t.state.name for t in search.study.get_trials()] == ["WAITING"]
     out = run_search(replace(cfg, workers=None), progress=False)
-    assert shape(_study(cfg)) == reference and out.root.node == 1
+    assert lineage_shape(_study(cfg)) == reference and out.root.node == 1
     assert _study(cfg).get_trials()[0].state.name == "FAIL"
 
 

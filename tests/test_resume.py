@@ -15,18 +15,9 @@ import pytest
 from iterkd import run_search
 from iterkd.cli import main
 from iterkd.lineage import nodes, open_study, selections
-from tests.conftest import smoke_config
+from tests.conftest import lineage_shape, smoke_config
 
 FLAGS = ["--preset", "smoke", "--max-drop", "60", "--max-generations", "2", "--no-progress", "--seed", "0"]
-
-
-def shape(study) -> list[tuple]:
-    """What a lineage is, without timings: each finished node's place, origin, move and spec. Nodes
-    are renumbered in order, since a failed (killed) trial takes a trial number of its own."""
-    kept = [n for n in nodes(study) if n.state != "FAIL"]
-    index = {n.node: i for i, n in enumerate(kept)}
-    return [(n.generation, tuple(index[p] for p in n.parents), tuple(index[t] for t in n.teachers), n.operator,
-             n.spec.to_json(), n.state) for n in kept]
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +25,7 @@ def reference(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("reference")
     cfg = smoke_config(run_dir, name="run")
     run_search(cfg, progress=False)
-    return shape(open_study(f"sqlite:///{run_dir}/study.db", "run"))
+    return lineage_shape(open_study(f"sqlite:///{run_dir}/study.db", "run"))
 
 
 def _trials(db: Path) -> list[tuple[int, str]]:
@@ -105,7 +96,7 @@ def test_kill_9_then_resume_keeps_finished_nodes_and_makes_the_same_lineage(tmp_
 
     assert main(["resume", str(run_dir), "--no-progress"]) == 0
     study = open_study(f"sqlite:///{run_dir}/study.db", "run")
-    assert shape(study) == reference
+    assert lineage_shape(study) == reference
     states = {t.number: t.state.name for t in study.trials}
     assert all(states[n] == "COMPLETE" for n in finished)  # finished work kept as it was ...
     for name, mtime in checkpoints.items():  # ... and never retrained (its checkpoint untouched)
