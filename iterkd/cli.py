@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import argparse
-import os
 import math
+import os
+import signal
 import sys
 from pathlib import Path
 
 from .device import COMPILE_MODES
 from .errors import IterkdError
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (kill, systemd, job schedulers): stop like Ctrl-C, the running trial failed and resumable."""
+
+
+def _terminate(signum, frame):
+    raise Terminated
 
 
 class _Parser(argparse.ArgumentParser):
@@ -138,19 +147,22 @@ def _auto_preset(device: str) -> str:
 
 def cmd_search(args) -> int:
     from .search import Search, summary_table
-    from .lineage import redact_url
+    from .storage import redact_url
 
     cfg, resumed = config_from_args(args)
     print(f"iterkd: {'resuming' if resumed else 'starting'} run {cfg.name!r} in {cfg.run_dir} "
           f"(preset {cfg.preset}, space {cfg.space}, dataset {cfg.dataset}, variant {cfg.variant}, "
           f"max-drop {cfg.max_drop:g})" + (f", storage {redact_url(cfg.storage)}" if cfg.storage else ""))
-    search = Search(cfg, progress=not args.no_progress)
+    previous = signal.signal(signal.SIGTERM, _terminate)  # kill, systemd and schedulers: as Ctrl-C
     try:
+        search = Search(cfg, progress=not args.no_progress)
         out = search.run()
-    except KeyboardInterrupt:
-        print(f"\niterkd: interrupted; finished nodes are kept. Resume with: iterkd resume {cfg.run_dir}",
-              file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        print(f"\niterkd: {'terminated' if isinstance(e, Terminated) else 'interrupted'}; finished nodes are kept. "
+              f"Resume with: iterkd resume {cfg.run_dir}", file=sys.stderr)
+        return 143 if isinstance(e, Terminated) else 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     import pandas as pd
 
     with pd.option_context("display.width", 160, "display.max_columns", 20, "display.max_rows", 200):
@@ -169,9 +181,9 @@ def cmd_search(args) -> int:
 
 def cmd_resume(args) -> int:
     """`iterkd resume RUN`: `search` on an existing run, its settings read from RUN/config.json."""
-    from .config import config_path
+    from .run import read_config
 
-    if not config_path(args.run).is_file():
+    if not Path(args.run).is_dir() or read_config(Path(args.run)) is None:
         raise IterkdError(f"no run to resume at {args.run} (no config.json there); start one with iterkd search")
     args.run_dir = args.run
     return cmd_search(args)
@@ -200,57 +212,47 @@ def cmd_spaces(args) -> int:
     return 0
 
 
-def open_run(run_dir: str):
-    """(config, study, storage URL) of an existing run directory, or a one-line error saying what is missing."""
-    from .config import SearchConfig, config_path
-    from .lineage import default_storage, open_study
-
-    path = config_path(run_dir)
-    if not Path(run_dir).is_dir():
-        raise IterkdError(f"no run directory {run_dir}")
-    if not path.exists():
-        raise IterkdError(f"{run_dir} has no config.json: not an iterkd run directory (or one that never started)")
-    cfg = SearchConfig.from_json(path.read_text())
-    storage = cfg.storage if cfg.storage and "***" not in cfg.storage else default_storage(Path(run_dir))
-    return cfg, open_study(storage, cfg.name, create=False), storage
-
-
 def cmd_select(args) -> int:
-    from .lineage import node_status, nodes, selections, set_selection, set_status
+    from .lineage import drop_selections, node_status, set_selection
+    from .run import open_run
+    from .storage import set_status
 
-    _, study, _ = open_run(args.run)
-    by_id = {n.node: n for n in nodes(study)}
+    run = open_run(args.run, storage=args.storage)
+    by_id = run.nodes
     node = by_id.get(args.node)
     if node is None or not node.ok:
         raise IterkdError(f"node {args.node} is not a trained node of {args.run}; "
                           f"trained nodes: {', '.join(str(i) for i, n in sorted(by_id.items()) if n.ok)}")
-    later = {g: ids for g, ids in selections(study).items() if g > node.generation}
-    if later:  # growing from an earlier node abandons the selections made after it (kept in the log)
-        sel = study.user_attrs.get("selections", {})
-        study.set_user_attr("selections", {g: ids for g, ids in sel.items() if int(g) <= node.generation})
-    set_selection(study, node.generation, [node.node], by="user")
-    accepted = {i for ids in selections(study).values() for i in ids}
+    # Growing from an earlier node abandons the selections made after it (the selection log keeps them).
+    drop_selections(run.study, from_generation=node.generation + 1)
+    set_selection(run.study, node.generation, [node.node], by="user")
+    chosen = run.accepted
     for n in by_id.values():  # the dashboard's status column follows the new choice
-        set_status(study, n.node, node_status(n, accepted))
-    study.set_user_attr("stop_reason", "")
+        set_status(run.study, n.node, node_status(n, chosen))
+    run.study.set_user_attr("stop_reason", "")
     print(f"node {node.node} ({node.spec.summary()}, {node.spec.params():,} params, val {node.val_acc:.2f}%) "
-          f"is now the parent of generation {node.generation + 1}; continue with: iterkd search --run-dir {args.run}")
+          f"is now the parent of generation {node.generation + 1}; continue with: iterkd resume {args.run}")
     return 0
 
 
 def cmd_worker(args) -> int:
     """`iterkd worker`: train the nodes a coordinator queued, until its search is over."""
-    from .config import SearchConfig, config_path
-    from .lineage import default_storage
+    from .run import read_config
+    from .storage import default_storage
     from .worker import STORAGE_ENV, run_worker
 
-    saved = config_path(args.run_dir) if args.run_dir else None
-    name = args.run or (SearchConfig.from_json(saved.read_text()).name if saved and saved.is_file() else None)
+    saved = read_config(Path(args.run_dir)) if args.run_dir else None
+    name = args.run or (saved.name if saved else None)
     if not name:
         raise IterkdError("iterkd worker needs --run NAME (the coordinator's --name) or --run-dir of an existing run")
-    storage = args.storage or os.environ.get(STORAGE_ENV) or (default_storage(Path(args.run_dir)) if args.run_dir else None)
+    storage = args.storage or os.environ.get(STORAGE_ENV)
+    if not storage and saved and saved.storage and "***" not in saved.storage:
+        storage = saved.storage
+    if not storage and args.run_dir and not (saved and saved.storage):
+        storage = default_storage(Path(args.run_dir))
     if not storage:
-        raise IterkdError("iterkd worker needs --storage URL (the coordinator's), e.g. postgresql://USER@HOST/DB")
+        raise IterkdError("iterkd worker needs --storage URL (the coordinator's; passwords are never saved), "
+                          "e.g. postgresql://USER@HOST/DB")
     try:
         run_worker(storage, name, run_dir=args.run_dir, device=args.device, data_dir=args.data_dir,
                    progress=not args.no_progress)
@@ -267,10 +269,13 @@ def cmd_dashboard(args) -> int:
         raise IterkdError("the dashboard needs optuna-dashboard: pip install optuna-dashboard") from None
     from optuna.artifacts import FileSystemArtifactStore
 
-    cfg, _, storage = open_run(args.run)
-    print(f"iterkd: serving run {cfg.name!r} at http://{args.host}:{args.port}/dashboard (Ctrl-C to stop)", flush=True)
+    from .run import open_run
+
+    run = open_run(args.run, storage=args.storage)
+    print(f"iterkd: serving run {run.cfg.name!r} at http://{args.host}:{args.port}/dashboard (Ctrl-C to stop)",
+          flush=True)
     try:
-        run_server(storage, host=args.host, port=args.port,
+        run_server(run.storage, host=args.host, port=args.port,
                    artifact_store=FileSystemArtifactStore(str(Path(args.run) / "artifacts")))
     except OSError as e:
         raise IterkdError(f"cannot serve on {args.host}:{args.port} ({e.strerror}); choose another --port") from None
@@ -294,7 +299,8 @@ def cmd_bench(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .export import export_command, export_node, open_run, parse_formats
+    from .export import export_command, export_node, parse_formats
+    from .run import open_run
 
     formats = parse_formats(args.format)
     if args.threads < 1:
@@ -364,11 +370,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("select", help="make a node the parent of the next generation (overrides the automatic choice)")
     p.add_argument("run", help="run directory")
     p.add_argument("--node", type=int, required=True, help="node id (see lineage.csv)")
+    p.add_argument("--storage", help="the run's storage URL when it is not RUN/study.db (passwords are not saved)")
     p.set_defaults(func=cmd_select)
     p = sub.add_parser("dashboard", help="serve the run's study with optuna-dashboard (loopback by default)")
     p.add_argument("run", help="run directory")
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--storage", help="the run's storage URL when it is not RUN/study.db (passwords are not saved)")
     p.set_defaults(func=cmd_dashboard)
     p = sub.add_parser("report", help="write RUN/report.html and report.md (tree, accuracy vs size, tables)")
     p.add_argument("run_dir", metavar="RUN", help="the run directory, e.g. runs/run")

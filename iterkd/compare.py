@@ -14,17 +14,17 @@ from typing import Callable
 
 import torch
 
+from .checkpoints import load_model
 from .config import PRESETS
-from .data import load_data
 from .device import resolve_device
 from .errors import IterkdError
-from .export import Run, markdown_table, open_run
-from .checkpoints import load_model
-from .lineage import Node, ancestry, nodes, selections, write_atomic
-from .losses import LossWeights
+from .export import markdown_table
+from .files import write_atomic
+from .lineage import Node, ancestry, nodes
 from .models import VGG
-from .search import train_settings
+from .run import Run, open_run
 from .train import train
+from .trainer import train_settings
 
 METHODS = ("scratch-ce", "one-shot-kd")  # NOKD and BLKD in Mirzadeh et al.'s terms
 HEADERS = ["method", "params", "epochs", "n", "val acc % (mean ± std)", "test acc % (mean ± std)", "s / model"]
@@ -84,15 +84,8 @@ def mean_std(values: list[float]) -> str:
 
 
 def final_node(run: Run) -> Node:
-    """The run's final model: the study's `final_node`, else (search still running) the best of the
-    last accepted generation; an error when no child has been accepted yet."""
-    by_id = run.nodes
-    number = run.study.user_attrs.get("final_node")
-    if number is None:
-        sel = selections(run.study)
-        last = [by_id[i] for i in sel.get(max(sel), []) if i in by_id and by_id[i].ok] if sel else []
-        number = max(last, key=lambda n: (n.val_acc, -n.spec.params(), -n.node)).node if last else None
-    node = by_id.get(number)
+    """The run's final model (see Run.final_node); an error when no child has been accepted yet."""
+    node = run.final_node()
     if node is None or node.generation == 0 or not node.ok:
         raise IterkdError(f"run {run.run_dir} has no accepted child yet, so there is nothing to compare with the "
                           f"root; continue its search first: iterkd search --run-dir {run.run_dir}")
@@ -140,8 +133,7 @@ def compare_run(run_dir: str | Path, *, seeds: int = 3, epochs: int | None = Non
         log(f"compare: reusing {seeds * len(METHODS) - len(todo)} results from {json_path}")
     if todo:
         dev = resolve_device(device or cfg.device)
-        data = load_data(cfg.dataset, data_dir or cfg.data_dir, val_size=cfg.val_size, train_subset=cfg.train_subset,
-                         test_subset=cfg.test_subset, seed=cfg.seed, download=cfg.download).to(dev)
+        data = replace(cfg, data_dir=data_dir or cfg.data_dir).load_data(dev)
         hint_teacher = run.model(root).to(dev)  # live, not the run's cache: the same targets up to fp16 rounding
         # An ensemble root teaches through all its members, as it did in the run.
         teachers = [load_model(run.run_dir / m["checkpoint"]).to(dev) for m in root.members] or [hint_teacher]
@@ -154,8 +146,8 @@ def compare_run(run_dir: str | Path, *, seeds: int = 3, epochs: int | None = Non
             model = VGG(final.spec)
             kd = dict(teachers=teachers, hint_teacher=hint_teacher) if method == "one-shot-kd" else {}
             settings = replace(train_settings(cfg, n_epochs, seed, child=True), lr=kd_values["lr"],
-                               loss=LossWeights(kd_values["alpha"], kd_values["temperature"],
-                                                kd_values["hint_weight"], cfg.hint))
+                               loss=replace(cfg.loss_weights(), alpha=kd_values["alpha"],
+                                            temperature=kd_values["temperature"], hint_weight=kd_values["hint_weight"]))
             out = train(model, data, settings, progress=progress, desc=f"{method} seed {seed}", **kd)
             results.append(SeedResult(method, seed, n_epochs, final.node, final.spec.params(), out.val_acc,
                                       out.test_acc, round(out.seconds, 2), dev.type))

@@ -79,6 +79,20 @@ class SearchConfig:
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
 
+    def loss_weights(self):
+        """The run's loss weights (children's KD settings may then be sampled around them)."""
+        from .losses import LossWeights
+
+        return LossWeights(self.alpha, self.temperature, self.hint_weight, self.hint)
+
+    def load_data(self, device=None):
+        """The dataset this config names, split and subsampled as it says; on `device` when given."""
+        from .data import load_data
+
+        data = load_data(self.dataset, self.data_dir, val_size=self.val_size, train_subset=self.train_subset,
+                         test_subset=self.test_subset, seed=self.seed, download=self.download)
+        return data if device is None else data.to(device)
+
     @classmethod
     def from_json(cls, text: str) -> "SearchConfig":
         data = json.loads(text)

@@ -12,11 +12,12 @@ import optuna
 import torch
 
 from .checkpoints import load_model
-from .config import SearchConfig, config_path, search_command
+from .config import SearchConfig, search_command
 from .data import DatasetInfo, dataset_info, load_data, normalize
 from .errors import IterkdError
-from .lineage import (Node, ancestry, default_storage, node_status, nodes, open_study, redact_url, root_node,
-                      selections)
+from .lineage import Node, ancestry, nodes
+from .run import Run, open_run
+from .storage import redact_url
 from .models import VGG
 
 FORMATS = ("onnx", "torchscript", "safetensors")
@@ -25,74 +26,6 @@ MAX_ABS_DIFF = 1e-4  # fp32 logits of an exported file vs the PyTorch model; mor
 VERIFY_IMAGES = 64
 EXPORT_FORMAT = "iterkd-export-1"
 RAW_SIZE = {"fashion-mnist": 28, "mnist": 28}  # torchvision's image side; data.load_data zero-pads to info.size
-
-
-# -- a run, read back from its directory ------------------------------------------------------
-
-@dataclass
-class Run:
-    """A run directory with its config and study; `node(n)` picks a node that has a checkpoint."""
-
-    run_dir: Path
-    cfg: SearchConfig
-    study: optuna.Study
-
-    @property
-    def nodes(self) -> dict[int, Node]:
-        return {n.node: n for n in nodes(self.study)}
-
-    @property
-    def root(self) -> Node:
-        root = root_node(list(self.nodes.values()))
-        if root is None:
-            raise IterkdError(f"run {self.run_dir} has no trained root yet")
-        return root
-
-    def status(self, n: Node) -> str:
-        return node_status(n, {i for ids in selections(self.study).values() for i in ids})
-
-    def node(self, number: int | None = None) -> Node:
-        """The node `number`, or the run's final accepted model when None."""
-        by_id = self.nodes
-        trained = ", ".join(str(i) for i, n in by_id.items() if n.ok and n.checkpoint) or "none"
-        if number is None:
-            number = self.study.user_attrs.get("final_node")
-            if number is None:
-                raise IterkdError(f"run {self.run_dir} has no final model yet (its search has not finished); "
-                                  f"pass --node N to export a trained node ({trained})")
-        if number not in by_id:
-            raise IterkdError(f"run {self.run_dir} has no node {number}; its trained nodes are {trained}")
-        n = by_id[number]
-        if not (n.ok and n.checkpoint):
-            raise IterkdError(f"node {number} of run {self.run_dir} is {self.status(n)} and has no checkpoint; "
-                              f"export a trained node instead ({trained})")
-        return n
-
-    def model(self, n: Node) -> VGG:
-        return load_model(self.run_dir / n.checkpoint)
-
-
-def open_run(run_dir: str | Path, storage: str | None = None) -> Run:
-    """Read a run's config and open its study without ever creating one."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise IterkdError(f"no run at {run_dir}: the directory does not exist (runs are in runs/NAME)")
-    saved = config_path(run_dir)
-    if not saved.is_file():
-        raise IterkdError(f"{run_dir} is not an iterkd run (no config.json); pass the directory `iterkd search` wrote")
-    try:
-        cfg = SearchConfig.from_json(saved.read_text())
-    except (ValueError, TypeError) as e:
-        raise IterkdError(f"{saved} is not a valid iterkd config ({e})") from None
-    url = storage or cfg.storage
-    if url and "***" in url:
-        raise IterkdError(f"run {run_dir} uses storage {url}; passwords are never saved, so pass --storage "
-                          "with the full URL")
-    if not url:
-        if not (run_dir / "study.db").is_file():  # opening a missing SQLite file would create an empty one
-            raise IterkdError(f"run {run_dir} has no study.db; was its search started?")
-        url = default_storage(run_dir)
-    return Run(run_dir, cfg, open_study(url, cfg.name, create=False))
 
 
 # -- writers ----------------------------------------------------------------------------------

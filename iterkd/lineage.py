@@ -3,17 +3,15 @@ the trial's user attributes, the accepted nodes of each generation in the study'
 from __future__ import annotations
 
 import json
-import os
-import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 import optuna
 import pandas as pd
 
 from .arch import VGGSpec
-from .errors import IterkdError
+from .files import write_atomic
+from .storage import trial_handle
 
 LINEAGE_COLUMNS = ["node", "generation", "parents", "teachers", "operator", "spec", "params", "bytes", "flops",
                    "val_acc", "test_acc", "drop", "status", "seconds", "epochs", "alpha", "temperature",
@@ -78,67 +76,6 @@ def node_attrs(*, generation: int, parents, teachers, operator: str, spec: VGGSp
             "bytes": spec.state_bytes(), "flops": spec.flops(), "key": key, "loss": loss or {}, "epochs": epochs}
 
 
-# -- storage ------------------------------------------------------------------------------------
-
-def redact_url(url: str) -> str:
-    """The storage URL with any password replaced by '***', for logs, reports and the lineage."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<unparseable URL>"
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)
-    return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{netloc[-1]}"))
-
-
-def default_storage(run_dir: Path) -> str:
-    return f"sqlite:///{(Path(run_dir) / 'study.db').resolve()}"
-
-
-HEARTBEAT_S = 10  # a worker's heartbeat interval (seconds)
-GRACE_S = 60  # a RUNNING trial without a heartbeat for this long belongs to a dead worker
-
-
-def open_study(storage: str, name: str, *, create: bool = True, directions: tuple[str, ...] = ("maximize",),
-               sampler: optuna.samplers.BaseSampler | None = None,
-               pruner: optuna.pruners.BasePruner | None = None, heartbeat: bool = False) -> optuna.Study:
-    """Open (or create) the run's study; bad or unreachable storage URLs become one-line errors.
-    Samplers and pruners are not stored by Optuna: every process passes its own. `heartbeat`: a
-    coordinator's view, which fails RUNNING trials whose worker stopped beating (docs/distributed.md)."""
-    if "://" not in storage:
-        raise IterkdError(f"--storage {redact_url(storage)!r} is not a database URL; expected e.g. "
-                          "sqlite:///runs/NAME/study.db or postgresql://USER@HOST/DB")
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    try:
-        # Workers record a heartbeat while they train; a trial whose heartbeat is older than the
-        # grace period is failed by the coordinator (optuna.storages.fail_stale_trials) and retried.
-        beat = dict(heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S) if heartbeat else {}
-        with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna since v2.9
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            rdb = optuna.storages.RDBStorage(storage, engine_kwargs=_engine_kwargs(storage), **beat)
-        if create:
-            return optuna.create_study(storage=rdb, study_name=name, directions=list(directions), sampler=sampler,
-                                       pruner=pruner, load_if_exists=True)
-        return optuna.load_study(storage=rdb, study_name=name, sampler=sampler, pruner=pruner)
-    except KeyError:
-        raise IterkdError(f"no run named {name!r} in storage {redact_url(storage)}") from None
-    except ImportError as e:
-        raise IterkdError(f"storage {redact_url(storage)} needs a database driver that is not installed ({e.name or e}); "
-                          "for PostgreSQL: pip install 'iterkd[postgres]'") from None
-    except Exception as e:  # SQLAlchemy's errors: bad URL, refused connection, auth failure, ...
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise IterkdError(f"cannot open storage {redact_url(storage)}: {redact_url(first)[:300]}") from None
-
-
-def _engine_kwargs(storage: str) -> dict:
-    if storage.startswith("postgresql"):
-        return {"pool_pre_ping": True, "connect_args": {"connect_timeout": 10}}
-    if storage.startswith("sqlite"):
-        return {"connect_args": {"timeout": 60}}  # several local processes may write
-    return {}
-
-
 # -- the view -------------------------------------------------------------------------------------
 
 def nodes(study: optuna.Study) -> list[Node]:
@@ -155,17 +92,42 @@ def nodes(study: optuna.Study) -> list[Node]:
     return out
 
 
+# Accuracies are 100 * correct / n, so a drop exactly at the budget can come out a few ulps above it
+# (90.04 - 89.74 = 0.30000000000000426); drops within this many points of --max-drop count as within.
+BUDGET_TOLERANCE_PTS = 1e-9
+
+
+def within_budget(drop_pts: float, max_drop_pts: float) -> bool:
+    """The one budget test: stop rule, selection, the `budget` attribute and the trial's constraint."""
+    return drop_pts <= max_drop_pts + BUDGET_TOLERANCE_PTS
+
+
 def selections(study: optuna.Study) -> dict[int, list[int]]:
     """Accepted node ids per generation (the parents of the next generation)."""
     return {int(g): list(ids) for g, ids in study.user_attrs.get("selections", {}).items()}
 
 
+def accepted(study: optuna.Study) -> set[int]:
+    """Every node some generation accepted (selected as a parent of the next)."""
+    return {i for ids in selections(study).values() for i in ids}
+
+
 def set_selection(study: optuna.Study, generation: int, node_ids: list[int], by: str = "search") -> None:
-    sel = study.user_attrs.get("selections", {})
-    sel[str(generation)] = list(node_ids)
-    study.set_user_attr("selections", sel)
+    """Accept `node_ids` as generation `generation`'s parents of the next; logged with who chose."""
+    sel = selections(study)
+    sel[generation] = list(node_ids)
+    _write_selections(study, sel)
     log = study.user_attrs.get("selection_log", [])
     study.set_user_attr("selection_log", log + [{"generation": generation, "nodes": list(node_ids), "by": by}])
+
+
+def drop_selections(study: optuna.Study, *, from_generation: int) -> None:
+    """Forget the selections of `from_generation` onwards (they are decided again); the log keeps them."""
+    _write_selections(study, {g: ids for g, ids in selections(study).items() if g < from_generation})
+
+
+def _write_selections(study: optuna.Study, sel: dict[int, list[int]]) -> None:
+    study.set_user_attr("selections", {str(g): list(ids) for g, ids in sorted(sel.items())})
 
 
 def ancestry(all_nodes: list[Node], node: Node) -> list[Node]:
@@ -194,7 +156,7 @@ def lineage_frame(study: optuna.Study) -> pd.DataFrame:
     """One row per node with the columns of LINEAGE_COLUMNS (drop in accuracy points vs the root)."""
     all_nodes = nodes(study)
     root = root_node(all_nodes)
-    accepted = {i for ids in selections(study).values() for i in ids}
+    chosen = accepted(study)
     rows = []
     for n in all_nodes:
         drop = None if (root is None or n.val_acc is None) else round(root.val_acc - n.val_acc, 4)
@@ -202,19 +164,11 @@ def lineage_frame(study: optuna.Study) -> pd.DataFrame:
             "node": n.node, "generation": n.generation, "parents": json.dumps(list(n.parents)),
             "teachers": json.dumps(list(n.teachers)), "operator": n.operator, "spec": n.spec.to_json(),
             "params": n.spec.params(), "bytes": n.spec.state_bytes(), "flops": n.spec.flops(),
-            "val_acc": n.val_acc, "test_acc": n.test_acc, "drop": drop, "status": node_status(n, accepted),
+            "val_acc": n.val_acc, "test_acc": n.test_acc, "drop": drop, "status": node_status(n, chosen),
             "seconds": n.seconds, "epochs": n.epochs, "alpha": n.loss.get("alpha"),
             "temperature": n.loss.get("temperature"), "hint_weight": n.loss.get("hint_weight"),
             "checkpoint": n.checkpoint, "error": n.error, **{k: n.deploy.get(k) for k in DEPLOY_COLUMNS}})
     return pd.DataFrame(rows, columns=LINEAGE_COLUMNS)
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write via a temp file and rename, so readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def write_lineage_csv(study: optuna.Study, path: Path) -> pd.DataFrame:
@@ -243,39 +197,8 @@ def lineage_card(n: Node, root: Node | None, status: str | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def set_status(study: optuna.Study, number: int, status: str) -> bool:
-    """Record a node's status (root/accepted/rejected/failed/pruned) as its trial's `status` user
-    attribute, for the dashboard. Acceptance is decided after the trial has ended, and Optuna's API
-    refuses to change a finished trial, so this writes the attribute row through Optuna's RDB models
-    (the storage iterkd always uses). Reports and lineage.csv compute the status from the study's
-    selections, so if this fails (another storage, a schema change) only the dashboard column is
-    missing: returns False then."""
-    try:
-        from optuna.storages._rdb import models
-
-        backend = getattr(study._storage, "_backend", study._storage)  # noqa: SLF001 - under the trial cache
-        trial_id = study.get_trials(deepcopy=False)[number]._trial_id  # noqa: SLF001
-        session = backend.scoped_session()
-        try:
-            row = session.query(models.TrialUserAttributeModel).filter_by(trial_id=trial_id, key="status").one_or_none()
-            if row is None:
-                session.add(models.TrialUserAttributeModel(trial_id=trial_id, key="status", value_json=json.dumps(status)))
-            else:
-                row.value_json = json.dumps(status)
-            session.commit()
-        except Exception:
-            session.rollback()
-            raise
-        finally:
-            session.close()
-    except Exception:
-        return False
-    return True
-
-
 def write_note(study: optuna.Study, number: int, body: str) -> None:
     """Set a trial's dashboard note; notes live in study attributes, so this works after the trial ended."""
     from optuna_dashboard import save_note
 
-    frozen = study.get_trials(deepcopy=False)[number]
-    save_note(optuna.trial.Trial(study, frozen._trial_id), body)  # Trial is only a handle here: no state change
+    save_note(trial_handle(study, number), body)  # the handle changes no state

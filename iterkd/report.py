@@ -25,7 +25,10 @@ from matplotlib.ticker import FuncFormatter, LogLocator
 
 from .arch import VGGSpec
 from .errors import IterkdError
-from .lineage import default_storage, lineage_frame, open_study, redact_url, selections, write_atomic
+from .files import write_atomic
+from .lineage import lineage_frame
+from .run import open_run
+from .storage import redact_url
 
 FORMATS = ("csv", "parquet")
 
@@ -98,32 +101,19 @@ class Report:
 # -- reading a run ------------------------------------------------------------------------------------
 
 def load_run(run_dir: str | Path, storage: str | None = None) -> RunView:
-    """Open a run's study read-only and collect what a report needs; user mistakes (no such run,
-    an empty study) become one-line errors, an unfinished run becomes gaps."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise IterkdError(f"run directory {run_dir} does not exist; give the directory of an `iterkd search` "
-                          "run, e.g. runs/run")
-    config = _read_config(run_dir)
-    url = storage or config.get("storage") or default_storage(run_dir)
-    if "***" in url:
-        raise IterkdError(f"run {run_dir} uses storage {url}; passwords are never saved, so pass --storage "
-                          "with the full URL")
-    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).is_file():
-        # Checked here because SQLite would otherwise create an empty database file.
-        what = "no config.json and no study.db" if not config else f"no study file {url.removeprefix('sqlite:///')}"
-        raise IterkdError(f"{run_dir} has {what}: not an iterkd run directory, or its search never started")
-    name = config.get("name") or _only_study_name(url, run_dir)
-    study = open_study(url, name, create=False)
+    """Open a run read-only (run.open_run) and collect what a report needs; user mistakes (no such
+    run, an empty study) become one-line errors, an unfinished run becomes gaps."""
+    run = open_run(run_dir, storage)
+    run_dir, study, name = run.run_dir, run.study, run.cfg.name
     gaps = []
-    if not config:
-        config = study.user_attrs.get("config", {})
+    config = json.loads(run.cfg.to_json()) if run.settings_from != "defaults" else {}
+    if run.settings_from != "config.json":
         gaps.append("config.json (the settings were read from the study)" if config else
                     "the run's settings (no config.json, none in the study)")
     frame = lineage_frame(study)
     if frame.empty:
         raise IterkdError(f"run {name!r} in {run_dir} has no nodes yet (its study is empty); nothing to report. "
-                          f"Start or resume it with: iterkd search --run-dir {run_dir}")
+                          f"Start or resume it with: iterkd resume {run_dir}")
     attrs = study.user_attrs
     stop_reason, final_node, wall = attrs.get("stop_reason"), attrs.get("final_node"), attrs.get("wall_seconds")
     if not stop_reason:
@@ -132,7 +122,8 @@ def load_run(run_dir: str | Path, storage: str | None = None) -> RunView:
     if (frame.status == "root").sum() == 0:
         gaps.append("a finished root (sizes and drops cannot be relative to it)")
     if final_node is None:
-        final_node = _best_accepted(frame, selections(study))
+        best = run.final_node()
+        final_node = None if best is None else best.node
         gaps.append("the final model (not recorded" +
                     (f"; node {final_node}, the best accepted so far, is shown instead)" if final_node is not None
                      else ")"))
@@ -144,7 +135,7 @@ def load_run(run_dir: str | Path, storage: str | None = None) -> RunView:
     unfinished = frame[frame.status.isin(["running", "queued"])].node.tolist()
     if unfinished:
         gaps.append(f"results of node(s) {', '.join(map(str, unfinished))} (still marked running: a crash "
-                    f"leaves them so; `iterkd search --run-dir {run_dir}` resumes them)")
+                    f"leaves them so; `iterkd resume {run_dir}` resumes them)")
     return RunView(run_dir, name, config, frame, stop_reason, final_node, wall, tuple(gaps), span)
 
 
@@ -153,36 +144,6 @@ def _span_seconds(study: optuna.Study) -> float | None:
     times = [(t.datetime_start, t.datetime_complete or t.datetime_start)
              for t in study.get_trials(deepcopy=False) if t.datetime_start]
     return (max(e for _, e in times) - min(s for s, _ in times)).total_seconds() if times else None
-
-
-def _read_config(run_dir: Path) -> dict:
-    path = run_dir / "config.json"
-    if not path.exists():
-        return {}
-    try:
-        return json.loads(path.read_text())
-    except ValueError as e:
-        raise IterkdError(f"{path} is not valid JSON ({e}); the report needs the run's name from it") from None
-
-
-def _only_study_name(url: str, run_dir: Path) -> str:
-    try:
-        names = optuna.study.get_all_study_names(storage=url)
-    except Exception:
-        names = []
-    if len(names) != 1:
-        raise IterkdError(f"{run_dir} has no config.json naming its study, and its storage holds "
-                          f"{len(names)} studies; restore config.json or pass the run directory of a single run")
-    return names[0]
-
-
-def _best_accepted(frame: pd.DataFrame, sel: dict[int, list[int]]) -> int | None:
-    if sel:
-        last = frame[frame.node.isin(sel[max(sel)])]
-        if len(last):
-            return int(last.sort_values(["val_acc", "params"], ascending=[False, True]).node.iloc[0])
-    roots = frame[frame.status == "root"]
-    return int(roots.node.iloc[-1]) if len(roots) else None
 
 
 def _first_parent(parents_json: str) -> int | None:

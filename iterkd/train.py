@@ -18,6 +18,7 @@ from .cache import TeacherCache
 from .data import DataSplits, epoch_view, eval_batches, train_batches
 from .device import autocast, compile_mode, memory_format
 from .errors import TrainingDiverged
+from .faults import fault_point
 from .losses import LossWeights, composite_loss, hint_loss, sp_loss, teacher_probs
 from .models import VGG, HintRegressor, hint_blocks
 
@@ -169,6 +170,8 @@ def train(model: VGG, data: DataSplits, settings: TrainSettings, *, teachers: Se
             for step, (idx, x, y) in enumerate(train_batches(data, settings.batch_size, epoch, settings.seed,
                                                              views=settings.views, augmented=settings.augment,
                                                              augment_seed=settings.augment_seed)):
+                if step == steps_per_epoch // 2:
+                    fault_point("mid-epoch")  # crash tests (iterkd.faults); a no-op otherwise
                 x = x.contiguous(memory_format=fmt)
                 if mode == "reduce-overhead":
                     torch.compiler.cudagraph_mark_step_begin()  # the previous step's graph outputs are dead

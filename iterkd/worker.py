@@ -6,55 +6,57 @@ it and tell the result. A worker records an Optuna heartbeat while it trains, so
 fails (and queues again) the trial of a worker that died anywhere."""
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
 import sys
 import threading
 import time
+import warnings
 from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
 import optuna
 
+from . import storage as storage_mod
 from .config import SearchConfig, config_path
 from .errors import IterkdError
-from .lineage import HEARTBEAT_S, default_storage, open_study, redact_url
+from .lineage import NODE_ATTRS, Node
+from .node import log_node, owner_attrs
+from .run import Run, fail_interrupted_trials, open_run
+from .storage import claim_waiting, default_storage, record_heartbeat, redact_url
+from .trainer import NodeTrainer
 
 STORAGE_ENV = "ITERKD_STORAGE"  # how local workers get the storage URL: never on a command line (ps shows those)
+MAX_RETRIES = 3  # a candidate whose worker dies more often than this stops the search with its error
+POLL_S = 1.0  # how often a coordinator looks at the queued trials
 
 
 def claim(study: optuna.Study) -> optuna.Trial | None:
-    """Take one WAITING trial for this process, or None. The WAITING → RUNNING change is atomic in
-    the database (a row lock), so two workers never take the same trial; this is what Optuna's own
-    `Study.ask` does with enqueued trials, without its fallback of creating a fresh trial."""
-    storage = study._storage  # noqa: SLF001 - the storage API is public; Study does not expose it otherwise
-    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,)):
-        try:
-            if storage.set_trial_state_values(t._trial_id, state=optuna.trial.TrialState.RUNNING):  # noqa: SLF001
-                return optuna.Trial(study, t._trial_id)  # noqa: SLF001
-        except optuna.exceptions.UpdateFinishedTrialError:
-            continue
-    return None
+    """Take one queued trial for this process, or None, and record this process as its owner."""
+    trial = claim_waiting(study)
+    if trial is not None:
+        for k, v in owner_attrs().items():  # pid first: a coordinator must never see the host without it
+            trial.set_user_attr(k, v)
+    return trial
 
 
 class Heartbeat:
     """Record the trial's heartbeat in the storage every HEARTBEAT_S seconds while training."""
 
     def __init__(self, study: optuna.Study, trial: optuna.Trial):
-        self._storage, self._trial_id = study._storage, trial._trial_id  # noqa: SLF001
+        self._study, self._trial = study, trial
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, daemon=True)
 
     def _beat(self) -> None:
         while True:
             try:
-                self._storage.record_heartbeat(self._trial_id)
+                record_heartbeat(self._study, self._trial)
             except Exception:  # a database hiccup: the next beat tries again; the grace period covers it
                 pass
-            if self._stop.wait(HEARTBEAT_S):
+            if self._stop.wait(storage_mod.HEARTBEAT_S):
                 return
 
     def __enter__(self) -> "Heartbeat":
@@ -66,54 +68,42 @@ class Heartbeat:
         self._thread.join()
 
 
-def worker_config(study: optuna.Study, storage: str, *, run_dir: str | None = None, device: str | None = None,
-                  data_dir: str | None = None) -> SearchConfig:
-    """The run's settings as the coordinator saved them in the study, with this machine's paths."""
-    saved = study.user_attrs.get("config")
-    if not saved:
-        raise IterkdError(f"study {study.study_name!r} in {redact_url(storage)} is not an iterkd run (no config)")
-    cfg = SearchConfig.from_json(json.dumps(saved))
-    here = {k: v for k, v in dict(run_dir=run_dir, device=device, data_dir=data_dir).items() if v is not None}
-    return replace(cfg, storage=storage, workers=None, **here)  # a worker trains in its own process
-
-
 def run_worker(storage: str, name: str, *, run_dir: str | None = None, device: str | None = None,
                data_dir: str | None = None, progress: bool = True, log: Callable[[str], None] = print,
                poll_s: float = 1.0) -> int:
     """Train queued nodes until the coordinator says the search is over and nothing is queued.
     Returns how many nodes this worker trained."""
-    from .search import Search
-
-    cfg = worker_config(open_study(storage, name, create=False), storage, run_dir=run_dir, device=device,
-                        data_dir=data_dir)
-    if not config_path(cfg.run_dir).exists():
-        raise IterkdError(f"run directory {cfg.run_dir} has no config.json: a worker needs the run directory the "
+    run = open_run(None, storage, name=name)  # the run's settings as the coordinator saved them in the study
+    here = {k: v for k, v in dict(run_dir=run_dir, device=device, data_dir=data_dir).items() if v is not None}
+    run = replace(run, cfg=replace(run.cfg, storage=storage, workers=None, **here), run_dir=Path(run_dir or run.run_dir))
+    if not config_path(run.run_dir).exists():
+        raise IterkdError(f"run directory {run.run_dir} has no config.json: a worker needs the run directory the "
                           "coordinator writes (a shared filesystem path); give it with --run-dir")
     main_thread = threading.current_thread() is threading.main_thread()  # signal handlers live there only
     previous = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None  # SIGTERM fails the trial cleanly
     try:
-        return _work(Search(cfg, progress=progress, log=log), name, storage, log, poll_s)
+        return _work(run, NodeTrainer(run, progress=progress, log=log), log, poll_s)
     finally:
         if main_thread:
             signal.signal(signal.SIGTERM, previous)
 
 
-def _work(search, name: str, storage: str, log: Callable[[str], None], poll_s: float) -> int:
+def _work(run: Run, trainer: NodeTrainer, log: Callable[[str], None], poll_s: float) -> int:
     """The worker loop: claim, train with a heartbeat, tell; until the coordinator is done."""
-    trained = 0
-    log(f"worker {os.getpid()}: waiting for nodes of run {name!r} in {redact_url(storage)}")
+    trained, study = 0, run.study
+    log(f"worker {os.getpid()}: waiting for nodes of run {run.cfg.name!r} in {redact_url(run.storage)}")
     while True:
-        trial = claim(search.study)
+        trial = claim(study)
         if trial is None:
-            if search.study.user_attrs.get("coordinator") == "done":
+            if study.user_attrs.get("coordinator") == "done":
                 log(f"worker {os.getpid()}: the search is over; trained {trained} node(s)")
                 return trained
             time.sleep(poll_s)
             continue
         log(f"worker {os.getpid()}: training node {trial.number} ({trial.user_attrs.get('operator')})")
-        with Heartbeat(search.study, trial):
+        with Heartbeat(study, trial):
             try:
-                search.work(trial)
+                trainer.train_queued(trial)
             except optuna.exceptions.UpdateFinishedTrialError:
                 # The coordinator gave this trial up (its heartbeat went stale, e.g. the database was
                 # out of reach) and has queued the candidate again: drop this result, take more work.
@@ -121,7 +111,7 @@ def _work(search, name: str, storage: str, log: Callable[[str], None], poll_s: f
                     "(heartbeat missed); its result is dropped")
                 continue
             except BaseException as e:
-                _fail(search.study, trial, e)
+                _fail(study, trial, e)
                 raise
         trained += 1
 
@@ -138,6 +128,61 @@ def _fail(study: optuna.Study, trial: optuna.Trial, e: BaseException) -> None:
         trial.set_user_attr("error", (str(e).splitlines() or [type(e).__name__])[0][:300])
         trial.set_user_attr("failure", "worker-error")
     study.tell(trial, state=optuna.trial.TrialState.FAIL)
+
+
+class WorkQueue:
+    """The coordinator's side: queue candidates as WAITING trials for any worker to take, wait for
+    them, and queue again a candidate whose worker died (its process is gone, or its heartbeat went
+    stale), up to MAX_RETRIES times."""
+
+    def __init__(self, run: Run, workers: "LocalWorkers", log: Callable[[str], None] = print):
+        self.run, self.study, self.workers, self.log = run, run.study, workers, log
+
+    def enqueue(self, attrs: dict, params: dict | None = None) -> int:
+        """Queue one node (Optuna's enqueue_trial); its move is fixed by `params`, its KD settings
+        are sampled by the worker's trial."""
+        self.study.enqueue_trial(params or {}, user_attrs=attrs)
+        waiting = self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,))
+        number = max(t.number for t in waiting if t.user_attrs.get("key") == attrs["key"])
+        self.log(f"gen {attrs['generation']}: queued node {number} {attrs['operator']} for the workers")
+        return number
+
+    def in_flight(self, key: str) -> optuna.trial.FrozenTrial | None:
+        """A queued or running trial for this candidate, left by an earlier coordinator: wait for it."""
+        states = (optuna.trial.TrialState.WAITING, optuna.trial.TrialState.RUNNING)
+        return next((t for t in self.study.get_trials(deepcopy=False, states=states) if t.user_attrs.get("key") == key),
+                    None)
+
+    def wait(self, numbers: list[int]) -> list[Node]:
+        """Wait until the workers have finished these trials; a crashed worker's candidate is queued again."""
+        pending, done, tries = list(numbers), [], {}
+        while pending:
+            fail_interrupted_trials(self.study, self.log, remote=True)
+            with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna since v2.9
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                optuna.storages.fail_stale_trials(self.study)  # workers on other machines: heartbeats
+            trials = self.study.get_trials(deepcopy=False)
+            for number in [n for n in pending if trials[n].state.is_finished()]:
+                pending.remove(number)
+                t, node = trials[number], Node.from_trial(trials[number])
+                if t.state != optuna.trial.TrialState.FAIL or node.failure == "diverged":
+                    done.append(node)
+                    continue
+                key = t.user_attrs["key"]
+                tries[key] = tries.get(key, 0) + 1
+                if tries[key] > MAX_RETRIES:
+                    raise IterkdError(f"node {number} ({t.user_attrs['operator']}) failed {tries[key]} times on "
+                                      f"workers; last error: {node.error}")
+                attrs = {k: v for k, v in t.user_attrs.items() if k in NODE_ATTRS}
+                pending.append(self.enqueue(attrs, t.system_attrs.get("fixed_params")))
+            if pending:
+                self.workers.check()
+                time.sleep(POLL_S)
+        done.sort(key=lambda n: n.node)
+        for n in done:
+            if n.state == "COMPLETE":
+                log_node(self.run, n, self.log)
+        return done
 
 
 class LocalWorkers:

@@ -10,8 +10,8 @@ import pytest
 from iterkd import compare
 from iterkd.cli import main
 from iterkd.errors import IterkdError
-from iterkd.lineage import open_study
-from iterkd.search import train_settings
+from iterkd.storage import open_study
+from iterkd.trainer import train_settings
 
 ARGS = ["--seeds", "2", "--epochs", "1", "--no-progress"]
 

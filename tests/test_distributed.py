@@ -17,8 +17,8 @@ import pytest
 from iterkd import run_search
 from iterkd.cli import main
 from iterkd.errors import IterkdError
-from iterkd.lineage import open_study
-from iterkd.worker import claim
+from iterkd.storage import open_study
+from iterkd.worker import WorkQueue, claim
 from tests.conftest import lineage_shape, smoke_config
 
 POSTGRES = os.environ.get("ITERKD_TEST_POSTGRES", "postgresql://iterkd:iterkd@127.0.0.1:5432/iterkd")
@@ -128,7 +128,7 @@ def test_queued_trials_are_trained_in_process_when_resumed_without_workers(tmp_p
 
     cfg = _config(tmp_path, None, workers=0)  # a coordinator with no workers queues the root, then is stopped
     search = Search(cfg, progress=False)
-    search._enqueue(search._root_attrs())  # what the coordinator's first step leaves behind
+    WorkQueue(search.opened, workers=None, log=lambda _: None).enqueue(search.trainer.root_attrs())  # a coordinator's first step
     assert [t.state.name for t in search.study.get_trials()] == ["WAITING"]
     out = run_search(replace(cfg, workers=None), progress=False)
     assert lineage_shape(_study(cfg)) == reference and out.root.node == 1
@@ -137,33 +137,31 @@ def test_queued_trials_are_trained_in_process_when_resumed_without_workers(tmp_p
 
 def test_a_worker_on_another_machine_that_stops_beating_is_failed_and_its_node_retried(tmp_path, monkeypatch):
     """No pid to check across machines: the coordinator relies on the trial's heartbeat."""
-    from iterkd import lineage
+    from iterkd import storage
     from iterkd.search import Search
     from iterkd.worker import run_worker
 
-    from iterkd import worker
-
-    monkeypatch.setattr(lineage, "GRACE_S", 2)  # seconds without a heartbeat before a trial is stale
-    monkeypatch.setattr(worker, "HEARTBEAT_S", 0.2)  # healthy workers beat well within it
+    monkeypatch.setattr(storage, "GRACE_S", 2)  # seconds without a heartbeat before a trial is stale
+    monkeypatch.setattr(storage, "HEARTBEAT_S", 0.2)  # healthy workers beat well within it
     cfg = _config(tmp_path, None, workers=0)
     coordinator = Search(cfg, progress=False)
-    number = coordinator._enqueue(coordinator._root_attrs())
-    remote = open_study(f"sqlite:///{cfg.run_dir}/study.db", cfg.name, create=False)
-    lost = claim(remote)  # a worker elsewhere takes the root ...
-    lost.set_user_attr("pid", 1)
-    lost.set_user_attr("host", "another-machine")
-    remote._storage.record_heartbeat(lost._trial_id)  # ... beats once, and its machine goes down
 
     class NoLocalWorkers:
         def check(self):
             pass
 
-    coordinator._workers = NoLocalWorkers()
+    queue = WorkQueue(coordinator.opened, NoLocalWorkers(), log=lambda _: None)
+    number = queue.enqueue(coordinator.trainer.root_attrs())
+    remote = open_study(f"sqlite:///{cfg.run_dir}/study.db", cfg.name, create=False)
+    lost = claim(remote)  # a worker elsewhere takes the root ...
+    lost.set_user_attr("pid", 1)
+    lost.set_user_attr("host", "another-machine")
+    storage.record_heartbeat(remote, lost)  # ... beats once, and its machine goes down
     result = {}
 
     def coordinate():
         try:
-            result["root"] = coordinator._await([number])[0]
+            result["root"] = queue.wait([number])[0]
         finally:  # whatever happens, the worker below stops
             coordinator.study.set_user_attr("coordinator", "done")
 

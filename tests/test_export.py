@@ -10,8 +10,10 @@ import torch
 import iterkd
 from iterkd.checkpoints import load_model
 from iterkd.errors import IterkdError
-from iterkd.export import FILES, load, onnx_session, open_run, validation_batch
-from iterkd.lineage import DEPLOY_COLUMNS, open_study
+from iterkd.export import FILES, load, onnx_session, validation_batch
+from iterkd.run import open_run
+from iterkd.lineage import DEPLOY_COLUMNS
+from iterkd.storage import open_study
 from tests.test_cli import one_line_error, run
 
 

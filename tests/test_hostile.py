@@ -9,7 +9,8 @@ import pytest
 from iterkd import checkpoints
 from iterkd.arch import VGGSpec
 from iterkd.checkpoints import save_checkpoint
-from iterkd.lineage import nodes, open_study
+from iterkd.lineage import nodes
+from iterkd.storage import open_study
 from iterkd.models import VGG
 from tests.test_cli import one_line_error, run
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from iterkd import run_search
-from iterkd.lineage import LINEAGE_COLUMNS, lineage_frame, open_study
+from iterkd.lineage import LINEAGE_COLUMNS, lineage_frame
+from iterkd.storage import open_study
 from iterkd.search import Search
 from tests.conftest import smoke_config
 
@@ -54,10 +55,10 @@ def test_rerunning_a_finished_run_retrains_nothing(smoke_run):
 
 
 def test_an_interrupted_run_resumes_without_retraining_finished_nodes(tmp_path, monkeypatch):
-    import iterkd.search as search_mod
+    import iterkd.trainer as trainer_mod
 
     cfg = smoke_config(tmp_path, max_generations=2)
-    real = search_mod.train
+    real = trainer_mod.train
     calls = {"n": 0}
 
     def interrupt_second_child(model, data, settings, **kw):
@@ -67,14 +68,14 @@ def test_an_interrupted_run_resumes_without_retraining_finished_nodes(tmp_path, 
                 raise KeyboardInterrupt  # Ctrl-C in the middle of generation 2's training
         return real(model, data, settings, **kw)
 
-    monkeypatch.setattr(search_mod, "train", interrupt_second_child)
+    monkeypatch.setattr(trainer_mod, "train", interrupt_second_child)
     with pytest.raises(KeyboardInterrupt):
         Search(cfg, progress=False).run()
     study = open_study(f"sqlite:///{tmp_path}/study.db", cfg.name)
     assert list(lineage_frame(study).status) == ["root", "accepted", "failed"]
     trained = {t.number: t.datetime_complete for t in study.trials}
 
-    monkeypatch.setattr(search_mod, "train", real)
+    monkeypatch.setattr(trainer_mod, "train", real)
     out = Search(cfg, progress=False).run()
     study = open_study(f"sqlite:///{tmp_path}/study.db", cfg.name)
     df = lineage_frame(study)
@@ -86,9 +87,9 @@ def test_an_interrupted_run_resumes_without_retraining_finished_nodes(tmp_path, 
 
 def test_a_child_whose_loss_diverges_fails_and_the_next_move_is_tried(tmp_path, monkeypatch):
     cfg = smoke_config(tmp_path, max_generations=1)
-    import iterkd.search as search_mod
+    import iterkd.trainer as trainer_mod
 
-    real = search_mod.train
+    real = trainer_mod.train
     state = {"children": 0}
 
     def nan_first_child(model, data, settings, **kw):
@@ -100,7 +101,7 @@ def test_a_child_whose_loss_diverges_fails_and_the_next_move_is_tried(tmp_path, 
                         p.fill_(float("nan"))
         return real(model, data, settings, **kw)
 
-    monkeypatch.setattr(search_mod, "train", nan_first_child)
+    monkeypatch.setattr(trainer_mod, "train", nan_first_child)
     out = Search(cfg, progress=False).run()
     df = lineage_frame(open_study(f"sqlite:///{tmp_path}/study.db", cfg.name))
     assert list(df.status) == ["root", "failed", "accepted"]
@@ -119,18 +120,18 @@ def test_teacher_checkpoint_becomes_the_root(tmp_path, smoke_run):
 
 
 def test_teacher_caches_are_files_in_the_run_and_a_resumed_run_reuses_them(tmp_path, monkeypatch):
-    import iterkd.search as search_mod
+    import iterkd.trainer as trainer_mod
     from iterkd.cache import TeacherCache
 
     cfg = smoke_config(tmp_path, variant="ancestors-child", max_generations=2)
-    real_train = search_mod.train
+    real_train = trainer_mod.train
 
     def interrupt_generation_2(model, data, settings, **kw):
         if len(kw.get("teachers", ())) == 2:  # root + node 1 teach generation 2
             raise KeyboardInterrupt
         return real_train(model, data, settings, **kw)
 
-    monkeypatch.setattr(search_mod, "train", interrupt_generation_2)
+    monkeypatch.setattr(trainer_mod, "train", interrupt_generation_2)
     with pytest.raises(KeyboardInterrupt):
         Search(cfg, progress=False).run()
     n = 2000 - cfg.val_size  # the synthetic training set minus validation
@@ -147,7 +148,7 @@ def test_teacher_caches_are_files_in_the_run_and_a_resumed_run_reuses_them(tmp_p
             computed.append((self.path.name, view))
         return was_computed
 
-    monkeypatch.setattr(search_mod, "train", real_train)
+    monkeypatch.setattr(trainer_mod, "train", real_train)
     monkeypatch.setattr(TeacherCache, "ensure_view", record)
     search = Search(cfg, progress=False)
     out = search.run()
@@ -159,7 +160,7 @@ def test_teacher_caches_are_files_in_the_run_and_a_resumed_run_reuses_them(tmp_p
 
 
 def test_several_teachers_make_an_ensemble_root_that_teaches_generation_1(tmp_path, smoke_run, monkeypatch):
-    import iterkd.search as search_mod
+    import iterkd.trainer as trainer_mod
     from iterkd.checkpoints import load_model
     from iterkd.data import load_data
     from iterkd.train import evaluate_ensemble
@@ -169,13 +170,13 @@ def test_several_teachers_make_an_ensemble_root_that_teaches_generation_1(tmp_pa
     child = next(t for t in study.trials if t.user_attrs.get("generation") == 1 and t.state.name == "COMPLETE")
     paths = [f"{cfg.run_dir}/{first.root.checkpoint}", f"{cfg.run_dir}/{child.user_attrs['checkpoint']}"]
     taught_by = []
-    real_train = search_mod.train
+    real_train = trainer_mod.train
 
     def record(model, data, settings, **kw):
         taught_by.append(len(kw.get("teachers", ())))
         return real_train(model, data, settings, **kw)
 
-    monkeypatch.setattr(search_mod, "train", record)
+    monkeypatch.setattr(trainer_mod, "train", record)
     out = run_search(smoke_config(tmp_path, teacher=tuple(paths), max_generations=1), progress=False)
 
     root = out.root
@@ -187,3 +188,20 @@ def test_several_teachers_make_an_ensemble_root_that_teaches_generation_1(tmp_pa
     assert root.spec.summary() == best["spec_summary"]  # children derive from the best member
     assert taught_by and all(n == 2 for n in taught_by)  # both members teach every child of generation 1
     assert out.final.generation == 1 and out.final.teachers == (root.node,)
+
+
+def test_a_drop_exactly_at_the_budget_is_within_it():
+    from iterkd.lineage import within_budget
+
+    root, child = 100 * 4502 / 5000, 100 * 4487 / 5000  # 90.04 % and 89.74 % of 5,000 validation images
+    assert root - child > 0.3  # what float arithmetic makes of a drop of exactly 0.30 points
+    assert within_budget(root - child, 0.3)
+    assert not within_budget(root - 100 * 4486 / 5000, 0.3)  # one image more is over
+
+
+def test_a_diverging_root_is_one_line(tmp_path, capsys):
+    from iterkd.cli import main
+
+    assert main(["search", "--preset", "smoke", "--run-dir", str(tmp_path / "r"), "--lr", "1e9", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("iterkd: error: the root diverged (") and "lower --lr" in err[0]

@@ -14,7 +14,8 @@ import pytest
 from iterkd import run_search
 from iterkd.cli import main
 from iterkd.errors import IterkdError
-from iterkd.lineage import lineage_frame, open_study
+from iterkd.lineage import lineage_frame
+from iterkd.storage import open_study
 from iterkd.spaces import load_space
 from tests.conftest import smoke_config
 

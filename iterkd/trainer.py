@@ -1,0 +1,192 @@
+"""What a node is trained with: the root (on labels, or given checkpoints), and each child (its move
+in the space, weights inherited from its parent, its teachers and their soft-label caches, its KD
+settings). `NodeTrainer` holds what nodes share in one process (data, loaded teachers, caches); the
+local search and `iterkd worker` both train through it, and it records each node with `run_node`."""
+from __future__ import annotations
+
+import warnings
+from dataclasses import replace
+from pathlib import Path
+from typing import Callable
+
+import optuna
+import torch
+
+from .cache import TeacherCache
+from .checkpoints import load_model, save_checkpoint
+from .choices import move_params, suggest_kd, suggest_move
+from .data import DataSplits, dataset_info
+from .device import resolve_device
+from .errors import IterkdError
+from .inherit import inherit_weights
+from .lineage import Node, node_attrs, nodes
+from .models import VGG
+from .node import create_trial, run_node
+from .run import Run
+from .spaces import Move, load_space
+from .train import TrainResult, TrainSettings, evaluate, evaluate_ensemble, recalibrate_bn, train
+from .variants import Slot, candidate_seed
+
+
+def train_settings(cfg, epochs: int, seed: int, *, child: bool = False) -> TrainSettings:
+    """The TrainSettings of a run's root, or of a child before its own KD settings (also `iterkd compare`'s)."""
+    # Children share the run's augmentation views, so one teacher cache serves all of them.
+    views = dict(views=cfg.views, augment_seed=cfg.seed) if child else {}
+    return TrainSettings(epochs=epochs, batch_size=cfg.batch_size, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                         loss=cfg.loss_weights(), seed=seed, compile=cfg.compile, **views)
+
+
+class NodeTrainer:
+    def __init__(self, run: Run, *, data: DataSplits | None = None, progress: bool = True,
+                 log: Callable[[str], None] = print):
+        self.run, self.cfg, self.progress, self.log = run, run.cfg, progress, log
+        self.space = load_space(self.cfg.space)
+        self.info = dataset_info(self.cfg.dataset)
+        self.device = resolve_device(self.cfg.device)
+        self._data = data  # loaded on first use when not given
+        self._models: dict[int | str, VGG] = {}  # node, or 'node-member' of an ensemble root
+        self._caches: dict[int | str, TeacherCache] = {}
+
+    @property
+    def data(self) -> DataSplits:
+        if self._data is None:
+            self._data = self.cfg.load_data(self.device)
+        return self._data
+
+    # -- the root -----------------------------------------------------------------------------------
+    def root_attrs(self) -> dict:
+        spec = self.space.root_spec(self.info.channels, self.info.num_classes, self.info.size, self.cfg.width)
+        return node_attrs(generation=0, parents=(), teachers=(), operator="root", spec=spec, key="root",
+                          epochs=self.cfg.root_epochs)
+
+    def train_root(self, trial: optuna.Trial | None = None) -> Node:
+        """The root trained on labels; `trial` when a worker claimed it, else a new one."""
+        attrs = self.root_attrs()
+        trial = trial or create_trial(self.run.study, attrs)
+        torch.manual_seed(self.cfg.seed)
+        model = VGG(self.space.root_spec(self.info.channels, self.info.num_classes, self.info.size, self.cfg.width))
+        settings = train_settings(self.cfg, self.cfg.root_epochs, self.cfg.seed)
+        return self._record(trial, model, lambda m, on_epoch: train(
+            m, self.data, settings, on_epoch=on_epoch, desc=f"root {m.spec.summary()}", progress=self.progress))
+
+    def root_from_teachers(self, paths: list[Path]) -> Node:
+        """The root from given checkpoints. One: that model. Several: an ensemble whose averaged
+        probabilities are the root's outputs (its accuracy is the reference for --max-drop and its
+        members teach together); children derive from the member with the best validation accuracy,
+        which is also the hint teacher and the root's checkpoint. Members are copied into the run."""
+        info, data, members = self.info, self.data, []
+        for path in paths:
+            model = load_model(path).to(self.device)
+            spec = model.spec
+            if (spec.in_channels, spec.num_classes, spec.input_size) != (info.channels, info.num_classes, info.size):
+                raise IterkdError(
+                    f"teacher {path} takes {spec.in_channels}-channel {spec.input_size}px input with {spec.num_classes} "
+                    f"classes, but {info.name} has {info.channels} channels, {info.size}px, {info.num_classes} classes")
+            members.append((path, model, evaluate(model, data.val_x, data.val_y, data)))
+        best = max(range(len(members)), key=lambda i: (members[i][2], -i))
+        path, model, _ = members[best]
+        name = path.name if len(paths) == 1 else f"ensemble of {len(paths)}"
+        attrs = node_attrs(generation=0, parents=(), teachers=(), operator=f"teacher:{name}", spec=model.spec,
+                           key="root")
+        if len(paths) > 1:
+            attrs["members"] = []
+            for i, (p, m, val) in enumerate(members):
+                ckpt = Path("checkpoints") / f"root-member-{i}.safetensors"
+                save_checkpoint(self.run.run_dir / ckpt, m, source=str(p), val_acc=val)
+                attrs["members"].append({"checkpoint": str(ckpt), "source": p.name, "spec_summary": m.spec.summary(),
+                                         "params": m.spec.params(), "val_acc": val,
+                                         "test_acc": evaluate(m, data.test_x, data.test_y, data)})
+            attrs["ensemble_params"] = sum(m.spec.params() for _, m, _ in members)
+        models = [m for _, m, _ in members]
+
+        def measure(m, on_epoch):
+            val = evaluate_ensemble(models, data.val_x, data.val_y, data)
+            test = evaluate_ensemble(models, data.test_x, data.test_y, data)
+            return TrainResult(val, test, 0.0, 0, [val], 0.0)
+
+        return self._record(create_trial(self.run.study, attrs), model, measure)
+
+    # -- children -----------------------------------------------------------------------------------
+    def child_attrs(self, generation: int, slot: Slot, key: str, move: Move, loss: dict | None = None) -> dict:
+        return node_attrs(generation=generation, parents=(slot.parent.node,), teachers=[t.node for t in slot.teachers],
+                          operator=move.label, spec=move.spec, key=key, loss=loss, epochs=self.cfg.epochs)
+
+    def train_child(self, generation: int, slot: Slot, key: str, moves: list[Move],
+                    trial: optuna.Trial | None = None) -> Node:
+        """Create the candidate's trial (or take the one a worker claimed, its move fixed when it was
+        queued), let it choose the move and KD settings, inherit, train with its teachers, record."""
+        parent = slot.parent
+        if trial is None:
+            # greedy: the space's preferred move, fixed when the trial is queued; else Optuna chooses it
+            greedy = self.cfg.sampler == "greedy"
+            attrs = self.child_attrs(generation, slot, key, moves[0])
+            if not greedy:  # the move is not chosen yet: no spec until it is, so no node shows a wrong one
+                attrs = {k: attrs[k] for k in ("generation", "parents", "teachers", "key", "epochs")}
+            trial = create_trial(self.run.study, attrs, move_params(moves[0], parent.spec) if greedy else None)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            move = suggest_move(trial, self.space, parent.spec, moves)
+            cfg = self.cfg
+            kd = suggest_kd(trial, self.space, {"alpha": cfg.alpha, "temperature": cfg.temperature,
+                                                "hint_weight": cfg.hint_weight, "lr": cfg.lr})
+        seed = candidate_seed(cfg.seed, key)
+        torch.manual_seed(seed)
+        model = VGG(move.spec)
+        hint_teacher = self.model(parent)
+        init = {"init": cfg.init, **(inherit_weights(model, hint_teacher) if cfg.init == "inherit" else {})}
+        # Accuracy before training, BN statistics re-estimated: how much of the parent the child starts with.
+        recalibrate_bn(model.to(self.device), self.data)
+        init["init_val_acc"] = evaluate(model, self.data.val_x, self.data.val_y, self.data)
+        for k, v in {**self.child_attrs(generation, slot, key, move, kd), **init}.items():
+            if trial.user_attrs.get(k) != v:
+                trial.set_user_attr(k, v)
+        # An ensemble root teaches through its members; each counts as one teacher.
+        members = [(t, i) for t in slot.teachers for i in range(max(1, len(t.members)))]
+        teachers = [self.model(t, i) for t, i in members]
+        caches = [self.teacher_cache(t, i) for t, i in members] if cfg.teacher_cache else []
+        weights = [t.members[i]["val_acc"] if t.members else t.val_acc for t, i in members] \
+            if cfg.teacher_weights == "accuracy" else None
+        settings = replace(train_settings(cfg, cfg.epochs, seed, child=True), lr=kd["lr"],
+                           loss=replace(cfg.loss_weights(), alpha=kd["alpha"], temperature=kd["temperature"],
+                                        hint_weight=kd["hint_weight"]))
+        return self._record(trial, model, lambda m, on_epoch: train(
+            m, self.data, settings, teachers=teachers, teacher_weights=weights, hint_teacher=hint_teacher,
+            teacher_cache=caches, on_epoch=on_epoch, progress=self.progress, desc=f"gen {generation} {move.label}"),
+            parent=parent)
+
+    def train_queued(self, trial: optuna.Trial) -> Node:
+        """Train the node a coordinator queued as this (claimed) trial: the worker's side of queueing."""
+        a = trial.user_attrs
+        if a["key"] == "root":
+            return self.train_root(trial)
+        by_id = {n.node: n for n in nodes(self.run.study)}
+        parent = by_id[a["parents"][0]]
+        spec = Node.from_trial(self.run.study.get_trials(deepcopy=False)[trial.number]).spec
+        moves = [m for m in self.space.moves(parent.spec) if m.spec == spec]
+        if not moves:
+            raise IterkdError(f"trial {trial.number}: {spec.summary()} is not a move of node {parent.node} in this space")
+        slot = Slot(parent, tuple(by_id[i] for i in a["teachers"]), 1)
+        return self.train_child(int(a["generation"]), slot, a["key"], moves, trial=trial)
+
+    # -- shared by the nodes of a process -----------------------------------------------------------
+    def _record(self, trial: optuna.Trial, model: VGG, fit, *, parent: Node | None = None) -> Node:
+        node = run_node(self.run, trial, model, fit, parent=parent, log=self.log)
+        if node.ok:
+            self._models[node.node] = model.eval()
+        return node
+
+    def model(self, node: Node, member: int | None = None) -> VGG:
+        """A node's model; with `member`, that model of an ensemble root (a plain node is its own member 0)."""
+        key = node.node if member is None or not node.members else f"{node.node}-{member}"
+        if key not in self._models:
+            path = node.checkpoint if key == node.node else node.members[member]["checkpoint"]
+            self._models[key] = load_model(self.run.run_dir / path).to(self.device)
+        return self._models[key]
+
+    def teacher_cache(self, node: Node, member: int = 0) -> TeacherCache:
+        """A teacher's soft labels, shared by every student it teaches; kept in RUN/cache for resumed runs."""
+        key = node.node if not node.members else f"{node.node}-{member}"
+        if key not in self._caches:
+            self._caches[key] = TeacherCache(self.model(node, member), self.data, seed=self.cfg.seed,
+                                             views=self.cfg.views, directory=self.run.run_dir / "cache", node=key)
+        return self._caches[key]
