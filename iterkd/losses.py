@@ -2,23 +2,78 @@
 
 total = alpha * KD + (1 - alpha) * CE + hint_weight * hint
 
-The hint is FitNets' (a regressor maps a student block onto a teacher block, MSE) or similarity-
-preserving (Tung & Mori 2019: the students' and teachers' batch-wise similarity matrices must match).
+The hint kinds live in a registry (`register_hint`): FitNets' (a regressor maps a student block
+onto a teacher block, MSE) and similarity-preserving (Tung & Mori 2019: the students' and
+teachers' batch-wise similarity matrices must match). The trainer calls the kind the config names.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from .errors import IterkdError
+from .models import HintRegressor
+
+# (student block output, teacher block output, the kind's regressor or None) -> scalar loss
+HintFn = Callable[[torch.Tensor, torch.Tensor, Optional[nn.Module]], torch.Tensor]
 
 
-HINTS = ("fitnet", "sp", "none")
-# The hint weight when none is given: FitNets' MSE is of order 1; the SP loss is divided by b^2 and
-# Tung & Mori weigh it by gamma = 3000 (their CIFAR-10 setting).
-DEFAULT_HINT_WEIGHT = {"fitnet": 1.0, "sp": 3000.0, "none": 0.0}
+@dataclass(frozen=True)
+class HintKind:
+    """One registered hint term. `regressor(student_channels, teacher_channels)`, when given, builds
+    a trainable module that trains with the student (and is thrown away after); the trainer passes
+    it to `loss`, which decides how to apply it."""
+
+    name: str
+    loss: HintFn
+    default_weight: float
+    regressor: Callable[[int, int], nn.Module] | None = None
+
+
+_HINT_KINDS: dict[str, HintKind] = {}
+# Valid --hint names, "none" (no hint term) last; rebuilt by register_hint/unregister_hint, so read
+# it as `losses.HINTS` at the time of use rather than importing the tuple once at module level.
+HINTS: tuple[str, ...] = ("none",)
+# The hint weight when none is given, per kind (a dict updated in place, so every importer sees new kinds).
+DEFAULT_HINT_WEIGHT: dict[str, float] = {"none": 0.0}
+
+
+def register_hint(name: str, *, default_weight: float,
+                  regressor: Callable[[int, int], nn.Module] | None = None) -> Callable[[HintFn], HintFn]:
+    """Decorator: register `fn(student_feat, teacher_feat, regressor) -> loss` as hint kind `name`,
+    usable as `--hint name` / `LossWeights(hint=name)` with no change to the trainer."""
+    if name == "none" or name in _HINT_KINDS:
+        raise ValueError(f"hint kind {name!r} is already taken")
+
+    def register(fn: HintFn) -> HintFn:
+        _HINT_KINDS[name] = HintKind(name, fn, default_weight, regressor)
+        _refresh_names()
+        return fn
+    return register
+
+
+def unregister_hint(name: str) -> None:
+    """Remove a registered hint kind (tests register toy kinds and clean up after themselves)."""
+    del _HINT_KINDS[name]
+    _refresh_names()
+
+
+def hint_kind(name: str) -> HintKind:
+    """The registered hint kind `name`; a user error listing the valid names otherwise."""
+    if name not in _HINT_KINDS:
+        raise IterkdError(f"unknown --hint {name!r}; choose one of {', '.join(HINTS)}")
+    return _HINT_KINDS[name]
+
+
+def _refresh_names() -> None:
+    global HINTS
+    HINTS = (*_HINT_KINDS, "none")
+    DEFAULT_HINT_WEIGHT.clear()
+    DEFAULT_HINT_WEIGHT.update({k.name: k.default_weight for k in _HINT_KINDS.values()}, none=0.0)
 
 
 @dataclass(frozen=True)
@@ -33,8 +88,8 @@ class LossWeights:
     hint: str = "fitnet"
 
     def __post_init__(self):
-        if self.hint not in HINTS:
-            raise IterkdError(f"unknown --hint {self.hint!r}; choose one of {', '.join(HINTS)}")
+        if self.hint != "none":
+            hint_kind(self.hint)  # raises the user error listing the registered kinds
         if not 0.0 <= self.alpha <= 1.0:
             raise IterkdError(f"--alpha must be in [0, 1], got {self.alpha}")
         if not self.temperature > 0:
@@ -79,6 +134,21 @@ def sp_loss(student_feat: torch.Tensor, teacher_feat: torch.Tensor) -> torch.Ten
     b = student_feat.shape[0]
     diff = similarity_matrix(student_feat) - similarity_matrix(teacher_feat)
     return (diff * diff).sum() / (b * b)
+
+
+# The two built-in kinds, in the order --hint lists them.
+@register_hint("fitnet", default_weight=1.0, regressor=HintRegressor)
+def fitnet_hint(student_feat: torch.Tensor, teacher_feat: torch.Tensor, regressor: nn.Module) -> torch.Tensor:
+    """FitNets (Romero et al. 2015): the student map through the regressor (channels, then spatial
+    size) against the teacher's. Its MSE is of order 1, comparable with KD: default weight 1."""
+    return hint_loss(regressor(student_feat, teacher_feat.shape[-2:]), teacher_feat)
+
+
+@register_hint("sp", default_weight=3000.0)
+def sp_hint(student_feat: torch.Tensor, teacher_feat: torch.Tensor, regressor: None) -> torch.Tensor:
+    """Similarity-preserving: no regressor, maps of any channels and size. The loss is divided by
+    b^2 and so tiny; Tung & Mori weigh it by gamma = 3000 (their CIFAR-10 setting)."""
+    return sp_loss(student_feat, teacher_feat)
 
 
 def composite_loss(student_logits: torch.Tensor, labels: torch.Tensor, weights: LossWeights,

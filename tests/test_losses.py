@@ -4,7 +4,9 @@ import pytest
 import torch
 
 from iterkd.errors import IterkdError
-from iterkd.losses import LossWeights, composite_loss, hint_loss, kd_loss, similarity_matrix, sp_loss, teacher_probs
+from iterkd import losses
+from iterkd.losses import (LossWeights, composite_loss, hint_kind, hint_loss, kd_loss, register_hint, similarity_matrix,
+                           sp_loss, teacher_probs)
 
 
 def softmax(xs, t):
@@ -75,3 +77,14 @@ def test_sp_loss_is_squared_frobenius_distance_over_b_squared():
 def test_invalid_weights_are_user_errors(kwargs):
     with pytest.raises(IterkdError):
         LossWeights(**kwargs)
+
+
+def test_the_valid_hint_names_and_default_weights_come_from_the_registry():
+    assert losses.HINTS == ("fitnet", "sp", "none")
+    assert losses.DEFAULT_HINT_WEIGHT == {"fitnet": 1.0, "sp": 3000.0, "none": 0.0}
+    assert hint_kind("fitnet").regressor is not None and hint_kind("sp").regressor is None
+    with pytest.raises(IterkdError, match="unknown --hint 'at'; choose one of fitnet, sp, none$"):
+        hint_kind("at")
+    for taken in ("sp", "none"):  # a second kind under a taken name would silently replace the first
+        with pytest.raises(ValueError, match="already taken"):
+            register_hint(taken, default_weight=1.0)
