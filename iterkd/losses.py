@@ -8,8 +8,9 @@ teachers' batch-wise similarity matrices must match). The trainer calls the kind
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -76,6 +77,36 @@ def _refresh_names() -> None:
     DEFAULT_HINT_WEIGHT.update({k.name: k.default_weight for k in _HINT_KINDS.values()}, none=0.0)
 
 
+def fp32_loss(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """Decorator: compute `fn` in fp32 even under autocast. Its floating tensor arguments (also in
+    lists) are cast up and autocast is off inside: under bf16 autocast a matmul runs in bf16 even on
+    fp32 inputs, which put SP's Gram matrices ~0.4 % off; losses are cheap, so fp32 costs nothing."""
+
+    @functools.wraps(fn)
+    def in_fp32(*args: Any, **kwargs: Any) -> torch.Tensor:
+        args, kwargs = tuple(map(_fp32, args)), {k: _fp32(v) for k, v in kwargs.items()}
+        device = next(t.device.type for t in _tensors([*args, *kwargs.values()]))
+        if not torch.is_autocast_enabled(device):  # nested or plain fp32: skip the context's ~10 us
+            return fn(*args, **kwargs)
+        with torch.autocast(device, enabled=False):
+            return fn(*args, **kwargs)
+    return in_fp32
+
+
+def _fp32(value: Any) -> Any:
+    if type(value) in (list, tuple):  # several teachers' logits
+        return type(value)(map(_fp32, value))
+    return value.float() if isinstance(value, torch.Tensor) and value.is_floating_point() else value
+
+
+def _tensors(values: list[Any]):
+    for v in values:
+        if type(v) in (list, tuple):
+            yield from _tensors(list(v))
+        elif isinstance(v, torch.Tensor):
+            yield v
+
+
 @dataclass(frozen=True)
 class LossWeights:
     """alpha weighs KD against CE (alpha=0: labels only); temperature softens both distributions
@@ -98,36 +129,41 @@ class LossWeights:
             raise IterkdError(f"--hint-weight must be >= 0, got {self.hint_weight}")
 
 
+@fp32_loss
 def teacher_probs(teacher_logits: list[torch.Tensor], temperature: float,
                   weights: list[float] | None = None) -> torch.Tensor:
     """Temperature-softened target distribution; several teachers are averaged in probability
     space (optionally weighted), so one teacher is the plain Hinton target."""
-    probs = torch.stack([F.softmax(t.float() / temperature, dim=1) for t in teacher_logits])
+    probs = torch.stack([F.softmax(t / temperature, dim=1) for t in teacher_logits])
     if weights is None:
         return probs.mean(0)
     w = torch.as_tensor(weights, dtype=probs.dtype, device=probs.device)
     return (probs * (w / w.sum()).view(-1, 1, 1)).sum(0)
 
 
+@fp32_loss
 def kd_loss(student_logits: torch.Tensor, target_probs: torch.Tensor, temperature: float) -> torch.Tensor:
     """KL(teacher || student) on softened outputs, times T^2 so its gradients keep the scale of
     the CE term as T changes (Hinton et al. 2015, section 2)."""
-    log_p = F.log_softmax(student_logits.float() / temperature, dim=1)
+    log_p = F.log_softmax(student_logits / temperature, dim=1)
     return F.kl_div(log_p, target_probs, reduction="batchmean") * temperature**2
 
 
+@fp32_loss
 def hint_loss(regressed: torch.Tensor, teacher_feat: torch.Tensor) -> torch.Tensor:
     """FitNets hint: mean squared error between the regressed student map and the teacher's."""
-    return F.mse_loss(regressed.float(), teacher_feat.float())
+    return F.mse_loss(regressed, teacher_feat)
 
 
+@fp32_loss
 def similarity_matrix(feat: torch.Tensor) -> torch.Tensor:
     """b x b matrix of a batch's activations: G = Q Q^T with Q the batch flattened to b x (c*h*w),
     each row then L2-normalised (Tung & Mori 2019, eq. 1-2)."""
-    q = feat.float().flatten(1)
+    q = feat.flatten(1)
     return F.normalize(q @ q.t(), p=2, dim=1)
 
 
+@fp32_loss
 def sp_loss(student_feat: torch.Tensor, teacher_feat: torch.Tensor) -> torch.Tensor:
     """Similarity-preserving distillation loss for one pair of blocks: ||G_S - G_T||_F^2 / b^2
     (Tung & Mori 2019, eq. 3). Channels and spatial sizes may differ; only the batch must match."""
@@ -151,11 +187,12 @@ def sp_hint(student_feat: torch.Tensor, teacher_feat: torch.Tensor, regressor: N
     return sp_loss(student_feat, teacher_feat)
 
 
+@fp32_loss
 def composite_loss(student_logits: torch.Tensor, labels: torch.Tensor, weights: LossWeights,
                    target_probs: torch.Tensor | None = None,
                    hint: torch.Tensor | None = None) -> torch.Tensor:
     """The training loss of one batch; without teachers it is plain cross-entropy."""
-    ce = F.cross_entropy(student_logits.float(), labels)
+    ce = F.cross_entropy(student_logits, labels)
     if target_probs is None:
         return ce
     total = weights.alpha * kd_loss(student_logits, target_probs, weights.temperature) + (1 - weights.alpha) * ce
