@@ -80,7 +80,7 @@ def _refresh_names() -> None:
 def fp32_loss(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
     """Decorator: compute `fn` in fp32 even under autocast. Its floating tensor arguments (also in
     lists) are cast up and autocast is off inside: under bf16 autocast a matmul runs in bf16 even on
-    fp32 inputs, which put SP's Gram matrices ~0.4 % off; losses are cheap, so fp32 costs nothing."""
+    fp32 inputs, which put SP's Gram matrices ~0.4 % off; losses are small next to the model's passes."""
 
     @functools.wraps(fn)
     def in_fp32(*args: Any, **kwargs: Any) -> torch.Tensor:
