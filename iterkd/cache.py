@@ -1,7 +1,9 @@
 """Teacher soft-label cache: a teacher's logits computed once per (teacher node, sample, augmentation
-view) and reused by every student it teaches, kept as fp16 in the run directory for resumed runs."""
+view) and reused by every student it teaches, kept as fp16 in the run directory for resumed runs.
+A file is only ever reused for the same teacher weights, data, augmentation seed and views."""
 from __future__ import annotations
 
+import hashlib
 import zlib
 from pathlib import Path
 
@@ -13,7 +15,8 @@ from .data import DataSplits, view_batches
 from .device import autocast, memory_format
 from .models import VGG
 
-FORMAT = "iterkd-teacher-cache-1"
+# 2: the metadata names the teacher's weights (a version-1 file is recomputed once).
+FORMAT = "iterkd-teacher-cache-2"
 FP16_MAX = 65504.0
 
 
@@ -22,6 +25,18 @@ def data_fingerprint(data: DataSplits) -> str:
     in the same order (same dataset, validation split and subset)."""
     crc = zlib.crc32(data.train_x.cpu().numpy().tobytes())
     return f"{zlib.crc32(data.train_y.cpu().numpy().tobytes(), crc):08x}"
+
+
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    """First 16 hex digits of the sha256 of a model's state_dict (each tensor's name, dtype, shape
+    and bytes, in name order): the same node id and spec in a reused run directory may be another
+    study's teacher, whose outputs differ."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())  # raw bytes: also for bf16, which numpy lacks
+    return h.hexdigest()[:16]
 
 
 class TeacherCache:
@@ -45,8 +60,11 @@ class TeacherCache:
         self.device = data.train_x.device
         self.path = None if directory is None else \
             Path(directory) / f"node-{node}-seed-{seed}-views-{views}-n-{self.n}.safetensors"
+        self.weights = weights_fingerprint(teacher)
+        # The key of the file: _load reuses a file only when all of it matches.
         self.metadata = {"format": FORMAT, "seed": str(seed), "views": str(views), "n": str(self.n),
-                         "dataset": data.info.name, "data": data_fingerprint(data), "teacher": teacher.spec.to_json()}
+                         "dataset": data.info.name, "data": data_fingerprint(data), "teacher": teacher.spec.to_json(),
+                         "weights": self.weights}
         self._logits: dict[int, torch.Tensor] = {}  # view -> (n, classes) fp16 on the data's device
         self._seen: dict[int, torch.Tensor] = {}  # view -> (n,) bool: already looked up once
         self._lookups = torch.zeros((), dtype=torch.int64, device=self.device)
@@ -87,8 +105,8 @@ class TeacherCache:
         return True
 
     def _load(self) -> list[int]:
-        """Views from an existing file written for the same teacher, data, seed and views; a foreign,
-        stale or unreadable file is ignored (and replaced when the next view is saved)."""
+        """Views from an existing file written for the same teacher weights, data, seed and views; a
+        foreign, stale or unreadable file is ignored (and replaced when the next view is saved)."""
         if self.path is None or not self.path.is_file():
             return []
         shape = (self.n, self.teacher.spec.num_classes)

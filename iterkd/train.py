@@ -1,8 +1,9 @@
 """One training function for the root (labels only) and every child (teachers + labels + hint).
 
 Reads top to bottom: settings -> optimiser and schedule -> epochs of device-resident batches ->
-validation each epoch -> final validation/test accuracy. Teachers run in eval mode without grad;
-with a teacher cache their logits are looked up instead of computed.
+validation each epoch -> final validation/test accuracy. Teachers run in eval mode without grad:
+`teacher_targets` is what they say about a batch (with a teacher cache their logits are looked up
+instead of computed), `active_hint` the hint term of the kind the loss settings name.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
 from .cache import TeacherCache
@@ -19,8 +21,8 @@ from .data import DataSplits, epoch_view, eval_batches, train_batches
 from .device import autocast, compile_mode, memory_format
 from .errors import TrainingDiverged
 from .faults import fault_point
-from .losses import LossWeights, composite_loss, hint_loss, sp_loss, teacher_probs
-from .models import VGG, HintRegressor, hint_blocks
+from .losses import HintKind, LossWeights, composite_loss, hint_kind, teacher_probs
+from .models import VGG, hint_blocks
 
 
 @dataclass(frozen=True)
@@ -54,14 +56,25 @@ class TrainResult:
 @torch.no_grad()
 def evaluate(model: VGG, x: torch.Tensor, y: torch.Tensor, data: DataSplits) -> float:
     """Top-1 accuracy in percent."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    correct = torch.zeros((), dtype=torch.int64, device=device)
+    return evaluate_ensemble([model], x, y, data)
+
+
+@torch.no_grad()
+def evaluate_ensemble(models: Sequence[VGG], x: torch.Tensor, y: torch.Tensor, data: DataSplits) -> float:
+    """Top-1 accuracy in percent of the models' averaged probabilities (softmax keeps the order of
+    the logits, so one model scores as its own argmax)."""
+    device = next(models[0].parameters()).device
+    states = [m.training for m in models]
+    for m in models:
+        m.eval()
+    correct = torch.zeros((), dtype=torch.int64, device=device)  # summed on the device: one sync at the end
     with autocast(device):
         for xb, yb in eval_batches(x, y, data.info):
-            correct += (model(xb.contiguous(memory_format=memory_format(device))).argmax(1) == yb).sum()
-    model.train(was_training)
+            xb = xb.contiguous(memory_format=memory_format(device))
+            probs = torch.stack([m(xb).float().softmax(1) for m in models]).mean(0)
+            correct += (probs.argmax(1) == yb).sum()
+    for m, was_training in zip(models, states):
+        m.train(was_training)
     return 100.0 * correct.item() / max(1, len(y))
 
 
@@ -84,24 +97,68 @@ def recalibrate_bn(model: VGG, data: DataSplits, images: int = 2048) -> None:
     model.eval()
 
 
+@dataclass
+class ActiveHint:
+    """The hint term of one training run: block `student_block` of the student against block
+    `teacher_block` of `teacher`, scored by the registered kind (through its regressor, if any)."""
+
+    kind: HintKind
+    teacher: VGG
+    student_block: int
+    teacher_block: int
+    regressor: nn.Module | None
+    teacher_pos: int | None  # the hint teacher's place among the live teachers: its forward gives the features
+
+    def __call__(self, student_feats: list[torch.Tensor], teacher_feat: torch.Tensor) -> torch.Tensor:
+        return self.kind.loss(student_feats[self.student_block], teacher_feat, self.regressor)
+
+    def parameters(self) -> list[torch.Tensor]:
+        """What trains with the student: the regressor's weights, if the kind has one."""
+        return [] if self.regressor is None else list(self.regressor.parameters())
+
+
+def active_hint(model: VGG, hint_teacher: VGG | None, teachers: Sequence[VGG], loss: LossWeights,
+                device: torch.device) -> ActiveHint | None:
+    """The hint `loss.hint` names between `model` and `hint_teacher` (on `device`), or None when
+    there is none to give: no hint teacher, no teachers at all, hint 'none' or weight 0."""
+    if hint_teacher is None or not teachers or loss.hint == "none" or loss.hint_weight <= 0:
+        return None
+    kind = hint_kind(loss.hint)
+    s_block, t_block = hint_blocks(model.spec, hint_teacher.spec)
+    regressor = None
+    if kind.regressor is not None:
+        s_ch = model.spec.block_output_shapes()[s_block][0]
+        t_ch = hint_teacher.spec.block_output_shapes()[t_block][0]
+        regressor = kind.regressor(s_ch, t_ch).to(device)
+    hint_teacher.to(device, memory_format=memory_format(device)).eval().requires_grad_(False)
+    pos = next((i for i, t in enumerate(teachers) if t is hint_teacher), None)
+    return ActiveHint(kind, hint_teacher, s_block, t_block, regressor, pos)
+
+
 @torch.no_grad()
-def evaluate_ensemble(models: Sequence[VGG], x: torch.Tensor, y: torch.Tensor, data: DataSplits) -> float:
-    """Top-1 accuracy in percent of the models' averaged probabilities (one model: `evaluate`)."""
-    if len(models) == 1:
-        return evaluate(models[0], x, y, data)
-    device = next(models[0].parameters()).device
-    states = [m.training for m in models]
-    for m in models:
-        m.eval()
-    correct = torch.zeros((), dtype=torch.int64, device=device)
-    with autocast(device):
-        for xb, yb in eval_batches(x, y, data.info):
-            xb = xb.contiguous(memory_format=memory_format(device))
-            probs = torch.stack([m(xb).float().softmax(1) for m in models]).mean(0)
-            correct += (probs.argmax(1) == yb).sum()
-    for m, was_training in zip(models, states):
-        m.train(was_training)
-    return 100.0 * correct.item() / max(1, len(y))
+def teacher_targets(x: torch.Tensor, idx: torch.Tensor, view: int, teachers: Sequence[VGG],
+                    cache: Sequence[TeacherCache], hint: ActiveHint | None,
+                    ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    """What the teachers say about batch `x` (samples `idx` in augmentation `view`): each teacher's
+    logits, and the hint teacher's block output when a hint is active (else None)."""
+    if cache:  # stored soft labels: a gather instead of a teacher forward
+        logits = [c.logits(idx, view) for c in cache]
+        outs = []
+    else:
+        outs = [t.forward_features(x) for t in teachers]
+        logits = [o[0] for o in outs]
+    if hint is None:
+        return logits, None
+    if outs and hint.teacher_pos is not None:  # the hint teacher already ran in full
+        return logits, outs[hint.teacher_pos][1][hint.teacher_block]
+    return logits, hint.teacher.block_output(x, hint.teacher_block)  # runs no block after the hint's
+
+
+def finite_loss(value: float, where: str, desc: str) -> float:
+    """`value`, or TrainingDiverged when it is NaN or infinite (the node fails, the search goes on)."""
+    if not math.isfinite(value):
+        raise TrainingDiverged(f"{desc}: loss became {value} {where}")
+    return value
 
 
 def train(model: VGG, data: DataSplits, settings: TrainSettings, *, teachers: Sequence[VGG] = (),
@@ -111,8 +168,8 @@ def train(model: VGG, data: DataSplits, settings: TrainSettings, *, teachers: Se
     """Train `model` in place on `data` (already on the target device) and return its accuracies.
 
     With `teachers` the loss is alpha*KD + (1-alpha)*CE (+ the `settings.loss.hint` term between
-    `hint_teacher` and the student: FitNets or similarity-preserving); without,
-    plain CE. `teacher_cache`, one per teacher in the same order, replaces the teachers' forward
+    `hint_teacher` and the student, of a kind from the hint registry in `losses`); without, plain
+    CE. `teacher_cache`, one per teacher in the same order, replaces the teachers' forward
     passes by lookups; the hint teacher then runs only up to its hint block. `on_epoch(epoch,
     val_acc)` may raise to stop training (e.g. Optuna pruning). Raises TrainingDiverged when the
     loss becomes NaN/inf."""
@@ -129,20 +186,12 @@ def train(model: VGG, data: DataSplits, settings: TrainSettings, *, teachers: Se
             (c.seed, c.views, c.n) != (augment_seed, settings.views, len(data.train_x)) for c in teacher_cache)):
         raise ValueError("the teacher cache must hold one entry per teacher, built for this training set's "
                          "augment_seed and views")
-
-    regressor, hint_idx = None, None
-    if hint_teacher is not None and settings.loss.hint != "none" and settings.loss.hint_weight > 0 and teachers:
-        hint_idx = hint_blocks(model.spec, hint_teacher.spec)
-        if settings.loss.hint == "fitnet":  # SP compares batch similarity matrices: no regressor
-            s_ch = model.spec.block_output_shapes()[hint_idx[0]][0]
-            t_ch = hint_teacher.spec.block_output_shapes()[hint_idx[1]][0]
-            regressor = HintRegressor(s_ch, t_ch).to(device)
-        hint_teacher.to(device, memory_format=fmt).eval().requires_grad_(False)
-    hint_pos = next((i for i, t in enumerate(teachers) if t is hint_teacher), None)
+    # After manual_seed: a regressor's random init is the same for the same seed.
+    hint = active_hint(model, hint_teacher, teachers, settings.loss, device)
     # Copied to the device once, not in every step.
     weights = None if teacher_weights is None else torch.tensor(teacher_weights, device=device)
 
-    params = list(model.parameters()) + (list(regressor.parameters()) if regressor else [])
+    params = list(model.parameters()) + (hint.parameters() if hint else [])
     # fused (CUDA) / foreach kernels: one launch for all parameters instead of one per tensor.
     opt = torch.optim.SGD(params, lr=settings.lr, momentum=settings.momentum, nesterov=True,
                           weight_decay=settings.weight_decay,
@@ -156,6 +205,7 @@ def train(model: VGG, data: DataSplits, settings: TrainSettings, *, teachers: Se
     mode = compile_mode(settings.compile, device, model.spec)
     # Compiled forward (CUDA graphs for small, launch-bound models); batches always have the same shape.
     forward = torch.compile(model.forward_features, mode=mode) if mode else model.forward_features
+
     lookups_before = [c.counts() for c in teacher_cache]
     history, losses, epoch_seconds, images, start = [], [], [], 0, time.perf_counter()
     bar = tqdm(total=total_steps, desc=desc, unit="step", disable=not progress,
@@ -177,23 +227,9 @@ def train(model: VGG, data: DataSplits, settings: TrainSettings, *, teachers: Se
                     torch.compiler.cudagraph_mark_step_begin()  # the previous step's graph outputs are dead
                 with autocast(device):
                     logits, feats = forward(x)
-                    target, hint = None, None
-                    if teachers:
-                        with torch.no_grad():
-                            if teacher_cache:  # stored soft labels: a gather instead of a teacher forward
-                                outs, t_logits = [], [c.logits(idx, view) for c in teacher_cache]
-                            else:
-                                outs = [t.forward_features(x) for t in teachers]
-                                t_logits = [o[0] for o in outs]
-                            if hint_idx is not None:  # a live hint teacher already ran; else only up to the hint block
-                                t_feat = outs[hint_pos][1][hint_idx[1]] if outs and hint_pos is not None \
-                                    else hint_teacher.block_output(x, hint_idx[1])
-                        target = teacher_probs(t_logits, settings.loss.temperature, weights)
-                        if regressor is not None:
-                            hint = hint_loss(regressor(feats[hint_idx[0]], t_feat.shape[-2:]), t_feat)
-                        elif hint_idx is not None:
-                            hint = sp_loss(feats[hint_idx[0]], t_feat)
-                    loss = composite_loss(logits, y, settings.loss, target, hint)
+                    t_logits, t_feat = teacher_targets(x, idx, view, teachers, teacher_cache, hint)
+                    target = teacher_probs(t_logits, settings.loss.temperature, weights) if teachers else None
+                    loss = composite_loss(logits, y, settings.loss, target, hint(feats, t_feat) if hint else None)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -202,15 +238,12 @@ def train(model: VGG, data: DataSplits, settings: TrainSettings, *, teachers: Se
                 images += len(y)
                 bar.update(1)
                 if step % 20 == 0:  # one host sync every 20 steps: NaN check + progress text
-                    value = loss.item()
-                    if not math.isfinite(value):
-                        raise TrainingDiverged(f"{desc}: loss became {value} at epoch {epoch + 1}, step {step}")
+                    value = finite_loss(loss.item(), f"at epoch {epoch + 1}, step {step}", desc)
                     bar.set_postfix(loss=f"{value:.3f}", epoch=epoch + 1)
-            mean_loss = loss_sum.item() / steps_per_epoch  # waits for the device: the epoch's steps are done
+            # .item() waits for the device: the epoch's steps are done
+            mean_loss = finite_loss(loss_sum.item() / steps_per_epoch, f"in epoch {epoch + 1}", desc)
             epoch_seconds.append(time.perf_counter() - epoch_start)
             losses.append(mean_loss)
-            if not math.isfinite(mean_loss):
-                raise TrainingDiverged(f"{desc}: loss became {mean_loss} in epoch {epoch + 1}")
             val = evaluate(model, data.val_x, data.val_y, data)
             history.append(val)
             bar.set_postfix(loss=f"{mean_loss:.3f}", val=f"{val:.2f}%", epoch=epoch + 1)

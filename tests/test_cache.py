@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from iterkd.arch import VGGSpec
-from iterkd.cache import TeacherCache
-from iterkd.data import DATASETS, DataSplits, train_batches
+from iterkd.cache import TeacherCache, weights_fingerprint
+from iterkd.data import DATASETS, DataSplits, train_batches, view_batches
 from iterkd.losses import LossWeights
 from iterkd.models import VGG
 from iterkd.train import TrainSettings, train
@@ -104,6 +104,46 @@ def test_a_cache_file_is_reused_by_a_new_process_and_ignored_when_stale(tmp_path
     assert TeacherCache(t, other_data, seed=7, views=2, directory=tmp_path, node=3).loaded_views == []
     (tmp_path / "node-3-seed-7-views-2-n-96.safetensors").write_bytes(b"truncated")
     assert TeacherCache(t, data, seed=7, views=2, directory=tmp_path, node=3).loaded_views == []
+
+
+def test_another_teacher_with_the_same_node_id_and_spec_never_gets_the_files_logits(tmp_path):
+    """A run directory reused by another study: node 3 is a different model there."""
+    data, a, b = random_splits(), teacher(seed=1), teacher(seed=2)
+    idx = torch.arange(96)
+    first = TeacherCache(a, data, seed=7, views=1, directory=tmp_path, node=3)
+    first.ensure_view(0)
+    with torch.no_grad():
+        a_out, b_out = a(data_view(data)), b(data_view(data))
+    assert (a_out - b_out).abs().max() > 1  # a stale hit would be far off
+
+    stale = TeacherCache(b, data, seed=7, views=1, directory=tmp_path, node=3)
+    assert stale.weights != first.weights and stale.loaded_views == [] and stale.ensure_view(0)
+    assert torch.allclose(stale.logits(idx, 0).float(), b_out, rtol=4.9e-4, atol=1e-4)
+    assert stale.counts() == (96, 96)  # computed here, so first uses are misses
+
+    reopened = TeacherCache(b, data, seed=7, views=1, directory=tmp_path, node=3)  # b's file is now reused
+    assert reopened.loaded_views == [0] and torch.equal(reopened.logits(idx, 0), stale.logits(idx, 0))
+    assert reopened.counts() == (96, 0)
+    assert TeacherCache(a, data, seed=7, views=1, directory=tmp_path, node=3).loaded_views == []
+
+
+def data_view(data: DataSplits) -> torch.Tensor:
+    """View 0 of every training sample in index order, as a student sees it with augment_seed 7."""
+    return torch.cat([x for _, x in view_batches(data, 7, 0)])
+
+
+def test_the_weights_fingerprint_is_of_the_values_not_the_object():
+    a = teacher(seed=1)
+    copy = VGG(TEACHER)
+    copy.load_state_dict(a.state_dict())
+    assert weights_fingerprint(copy) == weights_fingerprint(a) and len(weights_fingerprint(a)) == 16
+    with torch.no_grad():
+        copy.blocks[0][0].weight[0, 0, 0, 0] += 1e-3
+    assert weights_fingerprint(copy) != weights_fingerprint(a)
+    with torch.no_grad():
+        copy.blocks[0][0].weight[0, 0, 0, 0] -= 1e-3
+        copy.head.bias.data = copy.head.bias.data.bfloat16()  # same numbers rounded: other bytes, other teacher
+    assert weights_fingerprint(copy) != weights_fingerprint(a)
 
 
 def test_a_cache_for_other_views_or_seed_is_refused_by_train():

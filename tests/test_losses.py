@@ -4,7 +4,10 @@ import pytest
 import torch
 
 from iterkd.errors import IterkdError
-from iterkd.losses import LossWeights, composite_loss, hint_loss, kd_loss, similarity_matrix, sp_loss, teacher_probs
+from iterkd import losses
+from iterkd.losses import (LossWeights, composite_loss, hint_kind, hint_loss, kd_loss, register_hint, similarity_matrix,
+                           sp_loss, teacher_probs)
+from iterkd.models import HintRegressor
 
 
 def softmax(xs, t):
@@ -75,3 +78,48 @@ def test_sp_loss_is_squared_frobenius_distance_over_b_squared():
 def test_invalid_weights_are_user_errors(kwargs):
     with pytest.raises(IterkdError):
         LossWeights(**kwargs)
+
+
+def test_the_valid_hint_names_and_default_weights_come_from_the_registry():
+    assert losses.HINTS == ("fitnet", "sp", "none")
+    assert losses.DEFAULT_HINT_WEIGHT == {"fitnet": 1.0, "sp": 3000.0, "none": 0.0}
+    assert hint_kind("fitnet").regressor is not None and hint_kind("sp").regressor is None
+    with pytest.raises(IterkdError, match="unknown --hint 'at'; choose one of fitnet, sp, none$"):
+        hint_kind("at")
+    for taken in ("sp", "none"):  # a second kind under a taken name would silently replace the first
+        with pytest.raises(ValueError, match="already taken"):
+            register_hint(taken, default_weight=1.0)
+
+
+def _bf16_exact(*shape: int) -> torch.Tensor:
+    """Random fp32 values that bf16 holds exactly: a gap to the fp32 reference can only come from
+    computing in bf16, not from rounding the inputs."""
+    return torch.randn(*shape).bfloat16().float()
+
+
+def test_every_loss_term_is_computed_in_fp32_under_bf16_autocast():
+    torch.manual_seed(0)
+    s_feat, t_feat = _bf16_exact(64, 8, 4, 4), _bf16_exact(64, 16, 2, 2)
+    logits, t_logits, labels = _bf16_exact(64, 10) * 4, _bf16_exact(64, 10) * 4, torch.randint(0, 10, (64,))
+    weights = LossWeights(alpha=0.7, temperature=4.0, hint_weight=2.0)
+    terms = {
+        "teacher_probs": lambda: teacher_probs([t_logits, logits], 4.0, [2.0, 1.0]),
+        "kd": lambda: kd_loss(logits, teacher_probs([t_logits], 4.0), 4.0),
+        "ce+kd+hint": lambda: composite_loss(logits, labels, weights, teacher_probs([t_logits], 4.0), torch.tensor(0.5)),
+        "fitnet mse": lambda: hint_loss(t_feat * 0.5, t_feat),
+        "similarity": lambda: similarity_matrix(s_feat),
+        "sp": lambda: sp_loss(s_feat, t_feat),
+    }
+    for name, term in terms.items():
+        reference = term()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = term()
+        assert got.dtype == torch.float32, name
+        # bf16 keeps 8 significant bits: SP's Gram matrices in bf16 are ~0.4 % off, 1e-5 catches that.
+        torch.testing.assert_close(got, reference, rtol=1e-5, atol=1e-7, msg=name)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # inputs already in bf16, as a student's maps are
+        got = sp_loss(s_feat.bfloat16(), t_feat.bfloat16())
+    torch.testing.assert_close(got, sp_loss(s_feat, t_feat), rtol=1e-5, atol=1e-7)
+    for kind, regressor in (("fitnet", HintRegressor(8, 16)), ("sp", None)):  # the registered kinds as train() calls them
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert hint_kind(kind).loss(s_feat, t_feat, regressor).dtype == torch.float32, kind
