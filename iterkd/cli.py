@@ -49,7 +49,7 @@ SEARCH_GROUPS = {"search": "what to search", "run": "run", "training": "training
                  "speed": "speed (docs/performance.md)"}
 
 
-def _flag_options(name: str) -> dict:
+def flag_options(name: str) -> dict:
     """How argparse reads a setting's flag, from the setting's type: switches, repeats, numbers."""
     kind, meta = SETTING_TYPES[name], SETTINGS[name].metadata
     if kind is bool and flag(name).startswith("--no-"):
@@ -58,7 +58,7 @@ def _flag_options(name: str) -> dict:
         return dict(type=_on_off, metavar="on|off")
     if kind is tuple:
         return dict(action="append", metavar=meta.get("metavar"))
-    metavar = meta.get("metavar") or {int: "N", float: "X"}.get(kind) or ("NAME" if "choices" in meta else None)
+    metavar = meta.get("metavar") or {int: "N", float: "X"}.get(kind) or ("NAME" if "choices" in meta else name.upper())
     return dict(type={int: int, float: _number, str: str}[kind], metavar=metavar)
 
 
@@ -82,7 +82,7 @@ def _add_search_flags(p: argparse.ArgumentParser) -> None:
     groups = {key: p.add_argument_group(title) for key, title in SEARCH_GROUPS.items()}
     for name, f in SETTINGS.items():
         groups[f.metadata["group"]].add_argument(flag(name), dest=name, help=flag_help(name).replace("%", "%%"),
-                                                 **_flag_options(name))
+                                                 **flag_options(name))
     groups["run"].add_argument("--no-progress", action="store_true", help="no progress bars")
 
 

@@ -94,10 +94,13 @@ class SearchConfig:
     name: str = setting("run", "run name; the run directory is runs/NAME", "run")
     run_dir: str = setting("", "run directory; running again on it resumes", "run", metavar="DIR",
                            default_text="runs/NAME")
-    space: str = setting("vgg16_blocks", "search space name or YAML path (see `iterkd spaces`)", "search",
+    space: str = setting("vgg16_blocks", "search space name or YAML path (`iterkd spaces` lists them; "
+                         "docs/spaces.md)", "search",
                          metavar="NAME|FILE")
     dataset: str = setting("fashion-mnist", "dataset", "search", choices=DATASETS)
-    data_dir: str | None = setting(None, "where datasets live", "run", metavar="DIR", resumable=True, machine=True,
+    data_dir: str | None = setting(None, "where datasets live (Debian's /usr/share/datasets copies of fashion-mnist "
+                                   "and mnist are used when present)", "run", metavar="DIR", resumable=True,
+                                   machine=True,
                                    default_text="$ITERKD_DATA or ~/.cache/iterkd/data")
     download: bool = setting(True, "never try to download missing dataset files", "run", flag="--no-download",
                              resumable=True, machine=True)
@@ -122,8 +125,9 @@ class SearchConfig:
                               "front; no pruner)", "search", metavar="LIST", choices=OBJECTIVES)
     teacher: tuple[str, ...] | None = setting(
         None, "checkpoint of a trained root (.safetensors from iterkd); repeat it to make an ensemble of "
-        "models the root", "search", metavar="PATH", default_text="train the root")
-    storage: str | None = setting(None, "Optuna storage URL (PostgreSQL for several machines)", "run",
+        "models the root (docs/losses.md)", "search", metavar="PATH", default_text="train the root")
+    storage: str | None = setting(None, "Optuna storage URL (PostgreSQL for several machines); a password "
+                                  "is never written to disk", "run",
                                   metavar="URL", resumable=True, machine=True,
                                   default_text="sqlite:///RUN_DIR/study.db")
     # Optuna's samplers seed numpy, which takes seeds below 2**32, and candidate seeds are taken mod 2**31.
@@ -146,7 +150,8 @@ class SearchConfig:
         default_text=", ".join(f"{w:g} for {h}" for h, w in DEFAULT_HINT_WEIGHT.items()))
     hint: str = setting("fitnet", "hint term on block activations (docs/losses.md)", "training", choices=HINTS)
     init: str = setting("inherit", "where a child starts: its parent's weights, the most important filters "
-                        "kept (inherit), or a random draw (scratch)", "training", choices=INIT_MODES)
+                        "kept (inherit), or a random draw (scratch) (docs/losses.md)", "training",
+                        choices=INIT_MODES)
     train_subset: int | None = setting(None, "train on the first N training images", "training",
                                        range=AT_LEAST_1, default_text="all")
     val_size: int = setting(5000, "images split off the training set for validation", "training",

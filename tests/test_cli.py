@@ -1,6 +1,8 @@
 """The command line: bad input gives one line and a non-zero exit; good input runs."""
+import runpy
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -210,3 +212,10 @@ def test_the_switch_flags_keep_their_spelling(tmp_path, monkeypatch):
     assert (cfg.download, cfg.deploy_figures, cfg.teacher_cache, cfg.width) == (False, False, False, 0.125)
     cfg, _ = config_from_args(build_parser().parse_args(["search", "--preset", "smoke"]))
     assert (cfg.download, cfg.teacher_cache) == (True, True)
+
+
+def test_the_flag_reference_in_docs_usage_md_is_the_one_the_fields_define():
+    docs = Path(__file__).resolve().parent.parent / "docs"
+    table = runpy.run_path(str(docs / "flags.py"))["table"]()
+    assert "| `--epochs N` | smoke 4, quick 8, full 30 | epochs per child |" in table
+    assert table in (docs / "usage.md").read_text(), "the flags changed: run python docs/flags.py"
