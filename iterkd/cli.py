@@ -7,7 +7,8 @@ import os
 import sys
 from pathlib import Path
 
-from .config import SETTING_TYPES, SETTINGS, Range, check_name, default_note, flag, preset_values
+from .config import (SETTING_TYPES, SETTINGS, Range, SearchConfig, build_config, check_name, config_path,
+                     default_note, flag, preset_values, resume_config)
 from .device import COMPILE_MODES
 from .errors import IterkdError
 
@@ -58,7 +59,9 @@ def flag_options(name: str) -> dict:
         return dict(type=_on_off, metavar="on|off")
     if kind is tuple:
         return dict(action="append", metavar=meta.get("metavar"))
-    metavar = meta.get("metavar") or {int: "N", float: "X"}.get(kind) or ("NAME" if "choices" in meta else name.upper())
+    metavar = meta.get("metavar") or {int: "N", float: "X"}.get(kind)
+    if metavar is None:
+        metavar = "NAME" if "choices" in meta else name.upper()
     return dict(type={int: int, float: _number, str: str}[kind], metavar=metavar)
 
 
@@ -81,16 +84,14 @@ CONFIG_FLAGS = tuple(SETTINGS)
 def _add_search_flags(p: argparse.ArgumentParser) -> None:
     groups = {key: p.add_argument_group(title) for key, title in SEARCH_GROUPS.items()}
     for name, f in SETTINGS.items():
-        groups[f.metadata["group"]].add_argument(flag(name), dest=name, help=flag_help(name).replace("%", "%%"),
-                                                 **flag_options(name))
+        help_text = flag_help(name).replace("%", "%%")  # argparse %-formats help texts
+        groups[f.metadata["group"]].add_argument(flag(name), dest=name, help=help_text, **flag_options(name))
     groups["run"].add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def config_from_args(args: argparse.Namespace):
     """The run's config: a saved run's own settings when its directory has one (resume), else the
     preset with the explicit flags on top."""
-    from .config import SearchConfig, build_config, config_path, resume_config
-
     explicit = {k: getattr(args, k) for k in CONFIG_FLAGS if getattr(args, k, None) is not None}
     if "name" in explicit:  # before runs/NAME is looked at: '..' would be runs/'s parent
         check_name(explicit["name"])

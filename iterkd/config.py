@@ -95,13 +95,11 @@ class SearchConfig:
     run_dir: str = setting("", "run directory; running again on it resumes", "run", metavar="DIR",
                            default_text="runs/NAME")
     space: str = setting("vgg16_blocks", "search space name or YAML path (`iterkd spaces` lists them; "
-                         "docs/spaces.md)", "search",
-                         metavar="NAME|FILE")
+                         "docs/spaces.md)", "search", metavar="NAME|FILE")
     dataset: str = setting("fashion-mnist", "dataset", "search", choices=DATASETS)
-    data_dir: str | None = setting(None, "where datasets live (Debian's /usr/share/datasets copies of fashion-mnist "
-                                   "and mnist are used when present)", "run", metavar="DIR", resumable=True,
-                                   machine=True,
-                                   default_text="$ITERKD_DATA or ~/.cache/iterkd/data")
+    data_dir: str | None = setting(None, "where datasets live (Debian's /usr/share/datasets copies of "
+                                   "fashion-mnist and mnist are used when present)", "run", metavar="DIR",
+                                   resumable=True, machine=True, default_text="$ITERKD_DATA or ~/.cache/iterkd/data")
     download: bool = setting(True, "never try to download missing dataset files", "run", flag="--no-download",
                              resumable=True, machine=True)
     variant: str = setting("parent-child", "how the lineage grows (docs/variants.md)", "search", choices=VARIANTS)
