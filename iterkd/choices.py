@@ -7,9 +7,12 @@ act on, 0 = first block, 1 = last), `scope` and `factor` (shrink_widths). A sugg
 to the nearest move the parent actually allows."""
 from __future__ import annotations
 
+from typing import Callable
+
 import optuna
 
 from .arch import VGGSpec
+from .errors import IterkdError
 from .spaces import Move, SearchSpace
 
 
@@ -78,19 +81,36 @@ def suggest_kd(trial: optuna.Trial, space: SearchSpace, defaults: dict) -> dict:
     return values
 
 
+# Samplers by name, each built from the run's seed. 'greedy' is TPE too: the search enqueues the
+# space's preferred move for each trial, so the sampler only chooses within the space's KD ranges.
+# The drop budget reaches every sampler as each trial's constraint.
+SAMPLERS: dict[str, Callable[[int], optuna.samplers.BaseSampler]] = {
+    "greedy": lambda seed: optuna.samplers.TPESampler(seed=seed, n_startup_trials=5),
+    "tpe": lambda seed: optuna.samplers.TPESampler(seed=seed, n_startup_trials=5),
+    "random": lambda seed: optuna.samplers.RandomSampler(seed=seed),
+    "nsga2": lambda seed: optuna.samplers.NSGAIISampler(seed=seed, population_size=8),
+}
+
+# Pruners by name, each built from the epochs a child trains (Hyperband's largest resource).
+PRUNERS: dict[str, Callable[[int], optuna.pruners.BasePruner]] = {
+    "none": lambda epochs: optuna.pruners.NopPruner(),
+    "median": lambda epochs: optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1),
+    "hyperband": lambda epochs: optuna.pruners.HyperbandPruner(min_resource=1, max_resource=max(epochs, 2),
+                                                               reduction_factor=3),
+}
+
+
+def _registered(registry: dict, name: str, flag: str):
+    if name not in registry:
+        raise IterkdError(f"unknown {flag} {name!r}; choose one of {', '.join(registry)}")
+    return registry[name]
+
+
 def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
-    """Seeded sampler. 'greedy' fixes each move to the space's preferred one and samples only the
-    KD ranges, with TPE. The drop budget reaches the samplers as each trial's constraint."""
-    if name == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    if name == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=seed, population_size=8)
-    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=5)
+    """The seeded sampler registered as `name`."""
+    return _registered(SAMPLERS, name, "--sampler")(seed)
 
 
 def make_pruner(name: str, epochs: int) -> optuna.pruners.BasePruner:
-    if name == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1)
-    if name == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=max(epochs, 2), reduction_factor=3)
-    return optuna.pruners.NopPruner()
+    """The pruner registered as `name`, for children trained `epochs` epochs."""
+    return _registered(PRUNERS, name, "--pruner")(epochs)

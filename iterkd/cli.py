@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import signal
 import sys
 from pathlib import Path
 
+from .config import (SETTING_TYPES, SETTINGS, Range, build_config, check_name, default_note, flag, preset_values, resume_config)
 from .device import COMPILE_MODES
 from .errors import IterkdError
+from .run import read_config
 
 
 class Terminated(KeyboardInterrupt):
@@ -26,21 +27,13 @@ class _Parser(argparse.ArgumentParser):
         raise IterkdError(f"{message} (see '{self.prog} --help')")
 
 
-def _positive_float(text: str) -> float:
+def _number(text: str) -> float:
+    """A number, or a fraction such as 1/8 (widths read best that way). Its range is checked with the config."""
     try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return value
-
-
-def _fraction(text: str) -> float:
-    if "/" in text:
-        num, den = text.split("/", 1)
-        return _positive_float(num) / _positive_float(den)
-    return _positive_float(text)
+        num, _, den = text.partition("/")
+        return float(num) / float(den) if den else float(num)
+    except (ValueError, ZeroDivisionError):
+        raise argparse.ArgumentTypeError(f"expected a number (or a fraction such as 1/8), got {text!r}") from None
 
 
 def _on_off(text: str) -> bool:
@@ -49,88 +42,74 @@ def _on_off(text: str) -> bool:
     return text == "on"
 
 
-# Flags that map one-to-one onto SearchConfig fields (dest == field name).
+def _int_in(valid: Range):
+    """An argparse type: an integer within `valid`, refused in one line that names the range."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if not valid.admits(value, integer=True):
+            raise argparse.ArgumentTypeError(f"must be {valid.describe(integer=True)}, got {value}")
+        return value
+    return parse
+
+
+SEARCH_GROUPS = {"search": "what to search", "run": "run", "training": "training (override the preset)",
+                 "speed": "speed (docs/performance.md)"}
+
+
+def flag_options(name: str) -> dict:
+    """How argparse reads a setting's flag, from the setting's type: switches, repeats, numbers."""
+    kind, meta = SETTING_TYPES[name], SETTINGS[name].metadata
+    if kind is bool and flag(name).startswith("--no-"):
+        return dict(action="store_const", const=False)
+    if kind is bool:
+        return dict(type=_on_off, metavar="on|off")
+    if kind is tuple:
+        return dict(action="append", metavar=meta.get("metavar"))
+    metavar = meta.get("metavar") or {int: "N", float: "X"}.get(kind)
+    if metavar is None:
+        metavar = "NAME" if "choices" in meta else name.upper()
+    return dict(type={int: int, float: _number, str: str}[kind], metavar=metavar)
+
+
+def flag_help(name: str) -> str:
+    """A setting's help text with its valid names and its default (or each preset's value)."""
+    meta = SETTINGS[name].metadata
+    text = meta["help"]
+    if "choices" in meta:
+        text += f"; one of {', '.join(meta['choices'])}"
+    note = default_note(name)
+    if note is None:
+        return text
+    return f"{text} ({note})" if preset_values(name) else f"{text} (default: {note})"
+
+
+# Every setting is a flag; its dest is the field's name (the one hop from flag to config).
+CONFIG_FLAGS = tuple(SETTINGS)
+
+
 def _add_search_flags(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("what to search")
-    g.add_argument("--space", help="search space name or YAML path (see `iterkd spaces`); default vgg16_blocks")
-    g.add_argument("--dataset", help="fashion-mnist (default), mnist, cifar10, cifar100, svhn or synthetic")
-    g.add_argument("--variant", help="parent-child (default), parent-children, ancestors-child, ancestors-children")
-    g.add_argument("--max-drop", type=_positive_float, help="accuracy points a child may lose vs the root (default 1.0)")
-    g.add_argument("--max-generations", type=int, help="stop after this many generations")
-    g.add_argument("--children", type=int, help="candidates per parent and generation (*-children variants)")
-    g.add_argument("--beam", type=int, help="accepted nodes kept per generation (default 1)")
-    g.add_argument("--select", help="best-acc (default) or smallest-within-budget")
-    g.add_argument("--teacher-weights", help="ancestors variants: mean (default) or accuracy")
-    g.add_argument("--teacher", action="append", help="checkpoint of a trained root (.safetensors from iterkd; "
-                   "default: train the root); repeat it to make an ensemble of models the root")
-    g.add_argument("--sampler", help="greedy (default: the space's order, closest to halving first), tpe, random "
-                                     "or nsga2 (Optuna chooses each child's move and the space's KD ranges)")
-    g.add_argument("--pruner", help="none (default), median or hyperband: stop weak children early (status 'pruned')")
-    g.add_argument("--objectives", help="acc (default) or acc,params (multi-objective; no pruner)")
-    g = p.add_argument_group("run")
-    g.add_argument("--name", help="run name (default 'run'); the run directory is runs/NAME")
-    g.add_argument("--run-dir", help="run directory (default runs/NAME); re-running on it resumes")
-    g.add_argument("--storage", help="Optuna storage URL (default sqlite:///RUN_DIR/study.db)")
-    g.add_argument("--preset", help="smoke | quick | full (default: quick on CPU, full on CUDA)")
-    g.add_argument("--seed", type=int)
-    g.add_argument("--device", help="auto (default), cpu or cuda")
-    g.add_argument("--data-dir", help="where datasets live (default ~/.cache/iterkd/data or $ITERKD_DATA)")
-    g.add_argument("--no-download", dest="download", action="store_const", const=False,
-                   help="never try to download missing dataset files")
-    g.add_argument("--no-progress", action="store_true", help="no progress bars")
-    g.add_argument("--workers", type=int, help="coordinate only: queue candidates in the study and start N local "
-                   "`iterkd worker` processes (0: workers started elsewhere; docs/distributed.md)")
-    g.add_argument("--no-deploy-figures", dest="deploy_figures", action="store_const", const=False,
-                   help="skip each node's CPU latency/throughput and ONNX size (a few seconds per node)")
-    g = p.add_argument_group("training (override the preset)")
-    g.add_argument("--width", type=_fraction, help="multiplier of the root's widths, e.g. 0.125 or 1/8")
-    g.add_argument("--epochs", type=int, help="epochs per child")
-    g.add_argument("--root-epochs", type=int, help="epochs for the root")
-    g.add_argument("--batch-size", type=int)
-    g.add_argument("--lr", type=_positive_float, help="peak learning rate (one-cycle schedule)")
-    g.add_argument("--weight-decay", type=float)
-    g.add_argument("--alpha", type=float, help="weight of KD vs CE, in [0, 1] (default 0.9)")
-    g.add_argument("--temperature", type=_positive_float, help="KD temperature (default 4)")
-    g.add_argument("--hint", help="hint term on block activations: fitnet (default; regressor + MSE), sp "
-                   "(similarity-preserving, Tung & Mori 2019) or none")
-    g.add_argument("--hint-weight", type=float, help="weight of the hint term (default 1 for fitnet, 3000 for sp; "
-                   "0 disables)")
-    g.add_argument("--init", help="inherit (default: a child starts from its parent's weights, the most important "
-                   "filters kept) or scratch")
-    g.add_argument("--train-subset", type=int, help="train on the first N training images")
-    g.add_argument("--val-size", type=int, help="images split off the training set for validation")
-    g.add_argument("--test-subset", type=int, help="report test accuracy on the first N test images")
-    g = p.add_argument_group("speed (docs/performance.md)")
-    g.add_argument("--teacher-cache", type=_on_off, help="on (default): teachers' logits computed once per sample "
-                   "and augmentation view, shared by all their students; off: teachers run live")
-    g.add_argument("--views", type=int, help="augmentation views per sample that children cycle through (default 4)")
-    g.add_argument("--compile", help="torch.compile: auto (default: CUDA graphs for small models on CUDA), off, "
-                   "default or reduce-overhead")
-
-
-CONFIG_FLAGS = ("space", "dataset", "variant", "max_drop", "max_generations", "children", "beam", "select",
-                "teacher_weights", "teacher", "sampler", "pruner", "objectives", "name", "run_dir", "storage", "preset", "seed", "device", "data_dir",
-                "download", "width", "epochs", "root_epochs", "batch_size", "lr", "weight_decay", "alpha",
-                "temperature", "hint_weight", "hint", "init", "train_subset", "val_size", "test_subset", "teacher_cache", "views",
-                "compile", "deploy_figures", "workers")
+    groups = {key: p.add_argument_group(title) for key, title in SEARCH_GROUPS.items()}
+    for name, f in SETTINGS.items():
+        help_text = flag_help(name).replace("%", "%%")  # argparse %-formats help texts
+        groups[f.metadata["group"]].add_argument(flag(name), dest=name, help=help_text, **flag_options(name))
+    groups["run"].add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def config_from_args(args: argparse.Namespace):
     """The run's config: a saved run's own settings when its directory has one (resume), else the
     preset with the explicit flags on top."""
-    from .config import SearchConfig, build_config, config_path, resume_config
-
     explicit = {k: getattr(args, k) for k in CONFIG_FLAGS if getattr(args, k, None) is not None}
+    if "name" in explicit:  # before runs/NAME is looked at: '..' would be runs/'s parent
+        check_name(explicit["name"])
     if "teacher" in explicit:  # --teacher may be repeated (an ensemble root)
         explicit["teacher"] = tuple(explicit["teacher"])
     run_dir = Path(explicit.get("run_dir") or Path("runs") / explicit.get("name", "run"))
-    saved = config_path(run_dir)
-    if saved.exists():
-        try:
-            cfg = SearchConfig.from_json(saved.read_text())
-        except (ValueError, TypeError) as e:
-            raise IterkdError(f"{saved} is not a valid iterkd config ({e}); move it away to start afresh") from None
-        return resume_config(cfg, explicit), True
+    saved = read_config(run_dir)  # the run's own settings, its paths in run_dir (where the user says it is)
+    if saved is not None:
+        return resume_config(saved, explicit), True
     for teacher in explicit.get("teacher", ()):
         if not Path(teacher).is_file():
             raise IterkdError(f"teacher checkpoint {teacher} does not exist")
@@ -181,8 +160,6 @@ def cmd_search(args) -> int:
 
 def cmd_resume(args) -> int:
     """`iterkd resume RUN`: `search` on an existing run, its settings read from RUN/config.json."""
-    from .run import read_config
-
     if not Path(args.run).is_dir() or read_config(Path(args.run)) is None:
         raise IterkdError(f"no run to resume at {args.run} (no config.json there); start one with iterkd search")
     args.run_dir = args.run
@@ -237,7 +214,6 @@ def cmd_select(args) -> int:
 
 def cmd_worker(args) -> int:
     """`iterkd worker`: train the nodes a coordinator queued, until its search is over."""
-    from .run import read_config
     from .storage import default_storage
     from .worker import STORAGE_ENV, run_worker
 
@@ -303,8 +279,6 @@ def cmd_export(args) -> int:
     from .run import open_run
 
     formats = parse_formats(args.format)
-    if args.threads < 1:
-        raise IterkdError(f"--threads must be at least 1, got {args.threads}")
     run = open_run(args.run, storage=args.storage)
     node = run.node(args.node)
     bench_md = ""
@@ -357,7 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_resume)
     p = sub.add_parser("worker", help="train nodes that a coordinator (iterkd search --workers N) queued; "
                        "start any number, on any machine (docs/distributed.md)")
-    p.add_argument("--storage", help=f"the coordinator's storage URL (or $ITERKD_STORAGE; default: RUN_DIR's study.db)")
+    p.add_argument("--storage", help="the coordinator's storage URL (or $ITERKD_STORAGE; default: RUN_DIR's study.db)")
     p.add_argument("--run", help="the run's name (the coordinator's --name); default: read from --run-dir")
     p.add_argument("--run-dir", help="the run directory as this machine sees it (shared filesystem); "
                    "default: the coordinator's")
@@ -374,7 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_select)
     p = sub.add_parser("dashboard", help="serve the run's study with optuna-dashboard (loopback by default)")
     p.add_argument("run", help="run directory")
-    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--port", type=_int_in(Range(1, 65535)), default=8080, help="TCP port (default 8080)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--storage", help="the run's storage URL when it is not RUN/study.db (passwords are not saved)")
     p.set_defaults(func=cmd_dashboard)
@@ -389,7 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="a small run (CPU: under 2 minutes)")
     p.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
     p.add_argument("--compile", default="auto", choices=COMPILE_MODES, help="torch.compile mode (default auto)")
-    p.add_argument("--threads", type=int, help="CPU threads for PyTorch (default: its own choice)")
+    p.add_argument("--threads", type=_int_in(Range(1)), help="CPU threads for PyTorch (default: its own choice)")
     p.set_defaults(func=cmd_bench)
     p = sub.add_parser("export", help="write a run's node (default: its final model) as ONNX / TorchScript / "
                                       "safetensors with a model card, verified on validation images")
@@ -399,7 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--out", help="output directory (default RUN/export/node-N)")
     p.add_argument("--bench", action="store_true",
                    help="measure CPU latency (batch 1), throughput (batch 64) and ONNX size of root and node")
-    p.add_argument("--threads", type=int, default=1, help="CPU threads for --bench (default 1)")
+    p.add_argument("--threads", type=_int_in(Range(1)), default=1, help="CPU threads for --bench (default 1)")
     p.add_argument("--storage", help="the run's storage URL when it is not RUN/study.db (passwords are not saved)")
     p.add_argument("--data-dir", help="where the run's dataset is, for the verification images (default: the run's)")
     p.set_defaults(func=cmd_export)

@@ -1,104 +1,31 @@
-"""The one typed configuration of a search: defaults, presets, validation, and the run's saved copy.
+"""The one typed configuration of a search: each setting's default, help, flag and valid range,
+the presets, validation, and the run's saved copy.
 
+A setting is defined once, as a `SearchConfig` field: the `iterkd search` / `iterkd resume` flags,
+the settings a resume may change and the range checks are all derived from the fields' metadata.
 Flow: preset values, then explicit flags, then validation; a resumed run reads its saved copy
 and refuses explicit flags that would change what was already trained."""
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, fields, replace
+import types
+import typing
+from dataclasses import Field, asdict, dataclass, field, fields, replace
 from pathlib import Path
 
+from .choices import PRUNERS, SAMPLERS
+from .data import DATASETS
 from .device import COMPILE_MODES
 from .errors import IterkdError
+from .inherit import INIT_MODES
+from .losses import DEFAULT_HINT_WEIGHT, HINTS, LossWeights
+from .variants import VARIANTS
 
-VARIANTS = ("parent-child", "parent-children", "ancestors-child", "ancestors-children")
+# Names with no registry of their own, each defined here once and used in help and errors.
 SELECT_RULES = ("best-acc", "smallest-within-budget")
 TEACHER_WEIGHTS = ("mean", "accuracy")
-SAMPLERS = ("greedy", "tpe", "random", "nsga2")
-PRUNERS = ("none", "median", "hyperband")
 OBJECTIVES = ("acc", "acc,params")
-
-
-@dataclass(frozen=True)
-class SearchConfig:
-    name: str = "run"
-    run_dir: str = ""  # default: runs/<name>
-    space: str = "vgg16_blocks"
-    dataset: str = "fashion-mnist"
-    data_dir: str | None = None
-    download: bool = True
-    variant: str = "parent-child"
-    max_drop: float = 1.0  # accuracy points (validation) a child may lose vs the root
-    max_generations: int = 10
-    children: int = 1  # candidates per parent and generation (the *-children variants)
-    beam: int = 1  # accepted nodes kept per generation
-    select: str = "best-acc"
-    teacher_weights: str = "mean"
-    sampler: str = "greedy"  # greedy: the space's preferred order (closest to halving first); else Optuna chooses
-    pruner: str = "none"
-    objectives: str = "acc"  # or "acc,params": multi-objective study, Pareto front = study.best_trials
-    teacher: tuple[str, ...] | None = None  # checkpoint(s) of a trained root; several: an ensemble root
-    storage: str | None = None  # default: sqlite:///<run_dir>/study.db
-    seed: int = 0
-    device: str = "auto"
-    preset: str = "quick"
-    width: float | None = None  # multiplier of the space's root widths
-    epochs: int = 5  # per child
-    root_epochs: int = 5
-    batch_size: int = 128
-    lr: float = 0.05
-    weight_decay: float = 5e-4
-    alpha: float = 0.9
-    temperature: float = 4.0
-    hint_weight: float | None = None  # default: losses.DEFAULT_HINT_WEIGHT[hint]
-    hint: str = "fitnet"  # fitnet | sp | none
-    init: str = "inherit"  # children start from their parent's weights (inherit) or from a random draw (scratch)
-    train_subset: int | None = None
-    val_size: int = 5000
-    test_subset: int | None = None
-    # Speed (docs/performance.md). Children cycle through `views` augmentation views per sample
-    # (epoch e uses e mod views, drawn from the run's seed), so a teacher's logits can be computed
-    # once per view and shared by every student it teaches; off runs the teachers live on the same inputs.
-    teacher_cache: bool = True
-    views: int = 4
-    compile: str = "auto"  # torch.compile: auto | off | default | reduce-overhead
-    # None: this process trains every node. N >= 0: it only coordinates (queues each generation's
-    # candidates in the study) and starts N local `iterkd worker` processes; 0 = workers from elsewhere.
-    workers: int | None = None
-    deploy_figures: bool = True  # per node: CPU latency, throughput, ONNX size (seconds per node: an ONNX export)
-
-    def __post_init__(self):
-        if not self.run_dir:
-            object.__setattr__(self, "run_dir", str(Path("runs") / self.name))
-        if isinstance(self.teacher, str):
-            object.__setattr__(self, "teacher", (self.teacher,))
-        elif self.teacher is not None:
-            object.__setattr__(self, "teacher", tuple(self.teacher) or None)
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2, sort_keys=True)
-
-    def loss_weights(self):
-        """The run's loss weights (children's KD settings may then be sampled around them)."""
-        from .losses import LossWeights
-
-        return LossWeights(self.alpha, self.temperature, self.hint_weight, self.hint)
-
-    def load_data(self, device=None):
-        """The dataset this config names, split and subsampled as it says; on `device` when given."""
-        from .data import load_data
-
-        data = load_data(self.dataset, self.data_dir, val_size=self.val_size, train_subset=self.train_subset,
-                         test_subset=self.test_subset, seed=self.seed, download=self.download)
-        return data if device is None else data.to(device)
-
-    @classmethod
-    def from_json(cls, text: str) -> "SearchConfig":
-        data = json.loads(text)
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
-
 
 # Each preset is a set of defaults; explicit flags win over it.
 PRESETS: dict[str, dict] = {
@@ -115,9 +42,222 @@ PRESETS: dict[str, dict] = {
                  max_generations=20),
 }
 
+
+@dataclass(frozen=True)
+class Range:
+    """The valid values of a numeric setting: low..high, both included unless `above` (value > low)."""
+
+    low: float
+    high: float | None = None
+    above: bool = False
+
+    def admits(self, value, integer: bool) -> bool:
+        if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
+            return False
+        if not math.isfinite(value):  # nan fails every comparison below, but inf would pass "> 0"
+            return False
+        return (value > self.low if self.above else value >= self.low) and (self.high is None or value <= self.high)
+
+    def describe(self, integer: bool) -> str:
+        if integer:
+            return f"at least {self.low}" if self.high is None else f"between {self.low} and {self.high}"
+        if self.high is None:
+            if self.above and self.low == 0:
+                return "a finite positive number"
+            return f"a finite number {'>' if self.above else '>='} {self.low:g}"
+        return f"a number in {'(' if self.above else '['}{self.low:g}, {self.high:g}]"
+
+
+AT_LEAST_1 = Range(1)
+POSITIVE = Range(0, above=True)
+NOT_NEGATIVE = Range(0)
+
+
+def setting(default, help: str, group: str, *, flag: str | None = None, metavar: str | None = None,
+            choices=None, range: Range | None = None, resumable: bool = False, machine: bool = False,
+            default_text: str | None = None):
+    """A SearchConfig field with what the CLI and validation need to know about it.
+
+    help: what the setting means (the CLI adds its default or preset values, and its choices);
+    group: the --help section (search, run, training, speed); flag: when it is not --the-name;
+    choices: the valid names (a registry's keys); range: valid numbers; resumable: a resumed run
+    may change it (it does not change what a node is); machine: it describes this machine, not the
+    run, so the reproduce command leaves it out; default_text: the default in words, where the
+    value alone (None) does not say it."""
+    meta = dict(help=help, group=group, flag=flag, metavar=metavar, choices=choices, range=range,
+                resumable=resumable, machine=machine, default_text=default_text)
+    return field(default=default, metadata={k: v for k, v in meta.items() if v is not None})
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    name: str = setting("run", "run name; the run directory is runs/NAME", "run")
+    run_dir: str = setting("", "run directory; running again on it resumes", "run", metavar="DIR",
+                           default_text="runs/NAME")
+    space: str = setting("vgg16_blocks", "search space name or YAML path (`iterkd spaces` lists them; "
+                         "docs/spaces.md)", "search", metavar="NAME|FILE")
+    dataset: str = setting("fashion-mnist", "dataset", "search", choices=DATASETS)
+    data_dir: str | None = setting(None, "where datasets live (Debian's /usr/share/datasets copies of "
+                                   "fashion-mnist and mnist are used when present)", "run", metavar="DIR",
+                                   resumable=True, machine=True, default_text="$ITERKD_DATA or ~/.cache/iterkd/data")
+    download: bool = setting(True, "never try to download missing dataset files", "run", flag="--no-download",
+                             resumable=True, machine=True)
+    variant: str = setting("parent-child", "how the lineage grows (docs/variants.md)", "search", choices=VARIANTS)
+    # Accuracy points: a drop above 100 could never bind.
+    max_drop: float = setting(1.0, "accuracy points (validation) a child may lose vs the root", "search",
+                              metavar="PTS", range=Range(0, 100, above=True))
+    max_generations: int = setting(10, "stop after this many generations", "search", range=AT_LEAST_1,
+                                   resumable=True)
+    children: int = setting(1, "candidates per parent and generation (*-children variants)", "search",
+                            range=AT_LEAST_1)
+    beam: int = setting(1, "accepted nodes kept per generation; more than 1 grows a tree", "search",
+                        range=AT_LEAST_1)
+    select: str = setting("best-acc", "which children are accepted", "search", choices=SELECT_RULES)
+    teacher_weights: str = setting("mean", "ancestors variants: how the teachers' probabilities are averaged",
+                                   "search", choices=TEACHER_WEIGHTS)
+    sampler: str = setting("greedy", "how a child's move is chosen: greedy takes the space's order (closest "
+                           "to halving first), the others let Optuna choose it and the space's KD ranges",
+                           "search", choices=SAMPLERS)
+    pruner: str = setting("none", "stop weak children early (status 'pruned')", "search", choices=PRUNERS)
+    objectives: str = setting("acc", "what the study optimises; acc,params makes it multi-objective (Pareto "
+                              "front; no pruner)", "search", metavar="LIST", choices=OBJECTIVES)
+    teacher: tuple[str, ...] | None = setting(
+        None, "checkpoint of a trained root (.safetensors from iterkd); repeat it to make an ensemble of "
+        "models the root (docs/losses.md)", "search", metavar="PATH", default_text="train the root")
+    storage: str | None = setting(None, "Optuna storage URL (PostgreSQL for several machines); a password "
+                                  "is never written to disk", "run",
+                                  metavar="URL", resumable=True, machine=True,
+                                  default_text="sqlite:///RUN_DIR/study.db")
+    # Optuna's samplers seed numpy, which takes seeds below 2**32, and candidate seeds are taken mod 2**31.
+    seed: int = setting(0, "seeds the validation split, every model's init, augmentation and the sampler", "run",
+                        range=Range(0, 2**31 - 1))
+    device: str = setting("auto", "auto, cpu, cuda or cuda:N", "run", resumable=True, machine=True)
+    preset: str = setting("quick", "defaults for the training settings", "run", choices=PRESETS,
+                          default_text="quick on CPU, full on CUDA")
+    width: float | None = setting(None, "multiplier of the space's root widths, e.g. 0.125 or 1/8", "training",
+                                  range=POSITIVE, default_text="1")
+    epochs: int = setting(5, "epochs per child", "training", range=AT_LEAST_1)
+    root_epochs: int = setting(5, "epochs for the root", "training", range=AT_LEAST_1)
+    batch_size: int = setting(128, "images per training step", "training", range=AT_LEAST_1)
+    lr: float = setting(0.05, "peak learning rate (one-cycle schedule)", "training", range=POSITIVE)
+    weight_decay: float = setting(5e-4, "SGD weight decay", "training", range=NOT_NEGATIVE)
+    alpha: float = setting(0.9, "weight of KD vs CE (0: labels only)", "training", range=Range(0, 1))
+    temperature: float = setting(4.0, "KD temperature", "training", range=POSITIVE)
+    hint_weight: float | None = setting(
+        None, "weight of the hint term; 0 disables it", "training", range=NOT_NEGATIVE,
+        default_text=", ".join(f"{w:g} for {h}" for h, w in DEFAULT_HINT_WEIGHT.items()))
+    hint: str = setting("fitnet", "hint term on block activations (docs/losses.md)", "training", choices=HINTS)
+    init: str = setting("inherit", "where a child starts: its parent's weights, the most important filters "
+                        "kept (inherit), or a random draw (scratch) (docs/losses.md)", "training",
+                        choices=INIT_MODES)
+    train_subset: int | None = setting(None, "train on the first N training images", "training",
+                                       range=AT_LEAST_1, default_text="all")
+    val_size: int = setting(5000, "images split off the training set for validation", "training",
+                            range=AT_LEAST_1)
+    test_subset: int | None = setting(None, "report test accuracy on the first N test images", "training",
+                                      range=AT_LEAST_1, default_text="all")
+    # Speed (docs/performance.md). Children cycle through `views` augmentation views per sample
+    # (epoch e uses e mod views, drawn from the run's seed), so a teacher's logits can be computed
+    # once per view and shared by every student it teaches; off runs the teachers live on the same inputs.
+    teacher_cache: bool = setting(True, "on: teachers' logits computed once per sample and augmentation view, "
+                                  "shared by all their students; off: teachers run live", "speed", resumable=True)
+    views: int = setting(4, "augmentation views per sample that children cycle through", "speed",
+                         range=AT_LEAST_1)
+    compile: str = setting("auto", "torch.compile mode (auto: CUDA graphs for small models on CUDA)", "speed",
+                           choices=COMPILE_MODES, resumable=True)
+    # None: this process trains every node. N >= 0: it only coordinates (queues each generation's
+    # candidates in the study) and starts N local `iterkd worker` processes; 0 = workers from elsewhere.
+    workers: int | None = setting(None, "coordinate only: queue candidates in the study and start N local "
+                                  "`iterkd worker` processes (0: workers started elsewhere; docs/distributed.md)",
+                                  "run", range=NOT_NEGATIVE, resumable=True, machine=True,
+                                  default_text="train here")
+    deploy_figures: bool = setting(True, "skip each node's CPU latency/throughput and ONNX size (seconds per "
+                                   "node: an ONNX export)", "run", flag="--no-deploy-figures", resumable=True,
+                                   machine=True)
+
+    def __post_init__(self):
+        if not self.run_dir:
+            object.__setattr__(self, "run_dir", str(Path("runs") / self.name))
+        if isinstance(self.teacher, str):
+            object.__setattr__(self, "teacher", (self.teacher,))
+        elif self.teacher is not None:
+            object.__setattr__(self, "teacher", tuple(self.teacher) or None)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "SearchConfig":
+        data = json.loads(text)
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def loss_weights(self) -> LossWeights:
+        """The distillation loss weights this config names (a validated config has its hint weight)."""
+        return LossWeights(self.alpha, self.temperature, self.hint_weight, self.hint)
+
+    def load_data(self, device=None):
+        """The dataset this config names, split and subsampled as in its run; on `device` when given."""
+        from .data import load_data
+
+        data = load_data(self.dataset, self.data_dir, val_size=self.val_size, train_subset=self.train_subset,
+                         test_subset=self.test_subset, seed=self.seed, download=self.download)
+        return data if device is None else data.to(device)
+
+
+SETTINGS: dict[str, Field] = {f.name: f for f in fields(SearchConfig)}
+
+
+def _value_type(hint) -> type:
+    """int for `int | None`, tuple for `tuple[str, ...] | None`, ..."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    return typing.get_origin(hint) or hint
+
+
+# The value type of each setting (int, float, str, bool or tuple): how its flag parses and its range reads.
+SETTING_TYPES: dict[str, type] = {name: _value_type(hint) for name, hint in typing.get_type_hints(SearchConfig).items()}
+
 # Settings that may differ when a run is resumed: they do not change what a node is.
-RESUMABLE_OVERRIDES = {"device", "data_dir", "download", "max_generations", "storage", "teacher_cache", "compile",
-                       "deploy_figures", "workers"}
+RESUMABLE_OVERRIDES = frozenset(name for name, f in SETTINGS.items() if f.metadata.get("resumable"))
+
+
+def flag(name: str) -> str:
+    """The command-line flag of a setting: --the-name unless its field says otherwise (--no-download)."""
+    return SETTINGS[name].metadata.get("flag") or "--" + name.replace("_", "-")
+
+
+def shown(value) -> str:
+    """A setting's value as a person reads it: on/off for switches, 0.0005 rather than 0.0005000000000000001."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def preset_values(name: str) -> dict | None:
+    """A setting's value under each preset, where the presets differ on it (else None)."""
+    default = SETTINGS[name].default
+    values = {preset: overrides.get(name, default) for preset, overrides in PRESETS.items()}
+    return values if len(set(values.values())) > 1 else None
+
+
+def default_note(name: str) -> str | None:
+    """What a setting is when no flag gives it: each preset's value where they differ ('smoke 4,
+    quick 8, full 30'), else its one default; None for a switch flag such as --no-download."""
+    f = SETTINGS[name]
+    if SETTING_TYPES[name] is bool and flag(name).startswith("--no-"):
+        return None
+    text = f.metadata.get("default_text")  # the meaning of None, or a default that depends on more than presets
+    per_preset = preset_values(name)
+    if per_preset:
+        return ", ".join(f"{p} {text if v is None else shown(v)}" for p, v in per_preset.items())
+    return text or shown(f.default)
+
+
+def check_name(name) -> None:
+    """A run name is one plain directory name under runs/ ('.' and '..' would be runs/ itself or its parent)."""
+    if not isinstance(name, str) or not name or "/" in name or name in (".", ".."):
+        raise IterkdError(f"--name must be a plain directory name (no '/', not '.' or '..'), got {name!r}")
 
 
 def build_config(preset: str, overrides: dict) -> SearchConfig:
@@ -126,11 +266,23 @@ def build_config(preset: str, overrides: dict) -> SearchConfig:
         raise IterkdError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     values = {**PRESETS[preset], "preset": preset}
     values.update({k: v for k, v in overrides.items() if v is not None})
-    known = {f.name for f in fields(SearchConfig)}
-    unknown = set(values) - known
+    unknown = set(values) - set(SETTINGS)
     if unknown:
         raise IterkdError(f"unknown settings: {', '.join(sorted(unknown))}")
     return validate(SearchConfig(**values))
+
+
+def _check_setting(name: str, value) -> None:
+    """One setting against its own metadata: a registered name, a number in range."""
+    meta = SETTINGS[name].metadata
+    if value is None and SETTINGS[name].default is None:
+        return
+    choices = meta.get("choices")
+    if choices is not None and value not in choices:
+        raise IterkdError(f"unknown {flag(name)} {value!r}; choose one of {', '.join(choices)}")
+    valid, integer = meta.get("range"), SETTING_TYPES[name] is int
+    if valid is not None and not valid.admits(value, integer):
+        raise IterkdError(f"{flag(name)} must be {valid.describe(integer)}, got {value}")
 
 
 def validate(cfg: SearchConfig) -> SearchConfig:
@@ -138,45 +290,22 @@ def validate(cfg: SearchConfig) -> SearchConfig:
         if not ok:
             raise IterkdError(msg)
 
-    need(isinstance(cfg.max_drop, (int, float)) and math.isfinite(cfg.max_drop) and cfg.max_drop > 0,
-         f"--max-drop must be a positive number of accuracy points (e.g. 1.0), got {cfg.max_drop}")
-    need(cfg.variant in VARIANTS, f"unknown variant {cfg.variant!r}; choose one of {', '.join(VARIANTS)}")
-    need(cfg.select in SELECT_RULES, f"unknown --select {cfg.select!r}; choose one of {', '.join(SELECT_RULES)}")
-    need(cfg.teacher_weights in TEACHER_WEIGHTS,
-         f"unknown --teacher-weights {cfg.teacher_weights!r}; choose one of {', '.join(TEACHER_WEIGHTS)}")
-    need(cfg.sampler in SAMPLERS, f"unknown --sampler {cfg.sampler!r}; choose one of {', '.join(SAMPLERS)}")
-    need(cfg.pruner in PRUNERS, f"unknown --pruner {cfg.pruner!r}; choose one of {', '.join(PRUNERS)}")
-    need(cfg.objectives in OBJECTIVES, f"unknown --objectives {cfg.objectives!r}; choose one of {', '.join(OBJECTIVES)}")
+    check_name(cfg.name)
+    for name in SETTINGS:
+        _check_setting(name, getattr(cfg, name))
     need(cfg.objectives == "acc" or cfg.pruner == "none",
          "--pruner needs a single objective: Optuna cannot prune multi-objective trials; "
          "use --objectives acc or --pruner none")
-    need(cfg.children >= 1, f"--children must be at least 1, got {cfg.children}")
-    need(cfg.beam >= 1, f"--beam must be at least 1, got {cfg.beam}")
-    need(cfg.max_generations >= 1, f"--max-generations must be at least 1, got {cfg.max_generations}")
-    need(cfg.epochs >= 1 and cfg.root_epochs >= 1, "--epochs and --root-epochs must be at least 1")
-    need(cfg.batch_size >= 1, f"--batch-size must be at least 1, got {cfg.batch_size}")
-    need(cfg.lr > 0 and math.isfinite(cfg.lr), f"--lr must be a positive number, got {cfg.lr}")
-    need(cfg.width is None or (math.isfinite(cfg.width) and cfg.width > 0), f"--width must be > 0, got {cfg.width}")
-    need(cfg.val_size >= 1, f"--val-size must be at least 1, got {cfg.val_size}")
-    need(cfg.train_subset is None or cfg.train_subset >= 1, "--train-subset must be at least 1")
-    need(cfg.views >= 1, f"--views must be at least 1, got {cfg.views}")
-    need(cfg.compile in COMPILE_MODES, f"--compile must be one of {', '.join(COMPILE_MODES)}, got {cfg.compile!r}")
-    need(cfg.workers is None or cfg.workers >= 0, f"--workers must be 0 or more, got {cfg.workers}")
     need(cfg.workers is None or cfg.sampler == "greedy",
          f"--workers needs --sampler greedy (the coordinator fixes each queued candidate's move in the space's "
          f"order); --sampler {cfg.sampler} chooses moves inside the trial and runs in one process only")
-    need(cfg.name and "/" not in cfg.name, f"--name must be a plain name without '/', got {cfg.name!r}")
-    if cfg.variant.endswith("-child") and cfg.children != 1:
-        raise IterkdError(f"--children {cfg.children} needs a *-children variant (parent-children or "
-                          f"ancestors-children); {cfg.variant} trains one child per generation")
-    from .inherit import INIT_MODES
-    need(cfg.init in INIT_MODES, f"unknown --init {cfg.init!r}; choose one of {', '.join(INIT_MODES)}")
-    # Loss weights are checked by the LossWeights type itself.
-    from .losses import DEFAULT_HINT_WEIGHT, HINTS, LossWeights
-    need(cfg.hint in HINTS, f"unknown --hint {cfg.hint!r}; choose one of {', '.join(HINTS)}")
+    if not VARIANTS[cfg.variant].children and cfg.children != 1:
+        several = " or ".join(name for name, v in VARIANTS.items() if v.children)
+        raise IterkdError(f"--children {cfg.children} needs a *-children variant ({several}); "
+                          f"{cfg.variant} trains one child per generation")
     if cfg.hint_weight is None:
         cfg = replace(cfg, hint_weight=DEFAULT_HINT_WEIGHT[cfg.hint])
-    LossWeights(cfg.alpha, cfg.temperature, cfg.hint_weight, cfg.hint)
+    cfg.loss_weights()  # LossWeights checks its own invariants too
     return cfg
 
 
@@ -187,7 +316,7 @@ def config_path(run_dir: str | Path) -> Path:
 def resume_config(saved: SearchConfig, explicit: dict) -> SearchConfig:
     """The saved config of a run with the explicitly given flags applied; a flag that would change
     what a node is (space, dataset, epochs, ...) is an error naming the conflict."""
-    conflicts = [f"--{k.replace('_', '-')} {v} (run has {getattr(saved, k)})"
+    conflicts = [f"{flag(k)} {v} (run has {getattr(saved, k)})"
                  for k, v in explicit.items()
                  if v is not None and k not in RESUMABLE_OVERRIDES and k not in ("name", "run_dir", "preset")
                  and v != getattr(saved, k)]
@@ -210,11 +339,21 @@ def search_command(cfg: SearchConfig) -> str:
 
     base = build_config(cfg.preset, {"name": cfg.name})
     always = ("space", "dataset", "variant", "max_drop")
-    skip = {"name", "preset", "run_dir", "storage", "device", "data_dir", "download", "deploy_figures", "workers"}
     args = ["iterkd", "search", "--name", cfg.name, "--preset", cfg.preset]
-    for f in fields(cfg):
-        value = getattr(cfg, f.name)
-        if value is not None and (f.name in always or (f.name not in skip and value != getattr(base, f.name))):
-            for v in value if isinstance(value, tuple) else (value,):  # --teacher A --teacher B
-                args += [f"--{f.name.replace('_', '-')}", str(v)]  # str(float) is its repr: exact on re-parse
+    for name, f in SETTINGS.items():
+        value = getattr(cfg, name)
+        if name in ("name", "preset", "run_dir") or f.metadata.get("machine") or value is None:
+            continue
+        if name in always or value != getattr(base, name):
+            args += _as_flags(name, value)
     return shlex.join(args)
+
+
+def _as_flags(name: str, value) -> list[str]:
+    """The command-line words that set a setting to `value`."""
+    if isinstance(value, bool):
+        if flag(name).startswith("--no-"):
+            return [] if value else [flag(name)]
+        return [flag(name), shown(value)]  # on | off
+    # str(float) is its repr: exact on re-parse; --teacher A --teacher B for a tuple
+    return [word for v in (value if isinstance(value, tuple) else (value,)) for word in (flag(name), str(v))]

@@ -8,15 +8,14 @@ import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import optuna
 import torch
 
 from .checkpoints import load_model
 from .config import SearchConfig, search_command
 from .data import DatasetInfo, dataset_info, load_data, normalize
 from .errors import IterkdError
-from .lineage import Node, ancestry, nodes
-from .run import Run, open_run
+from .lineage import Node, ancestry
+from .run import Run
 from .storage import redact_url
 from .models import VGG
 

@@ -158,6 +158,8 @@ def start_run(cfg: SearchConfig, *, directions: tuple[str, ...], sampler, pruner
     """Create (or reopen, for a resumed search) the run directory and study. Called once every input
     has been checked, so a refused command leaves nothing behind; config.json is written once."""
     run_dir = Path(cfg.run_dir)
+    if cfg.storage:  # a database elsewhere: reachable before anything is created here
+        open_study(cfg.storage, cfg.name, directions=directions, sampler=sampler, pruner=pruner, heartbeat=heartbeat)
     try:
         for sub in ("checkpoints", "artifacts"):
             (run_dir / sub).mkdir(parents=True, exist_ok=True)

@@ -115,8 +115,7 @@ def test_inherited_child_starts_far_above_chance_and_a_scratch_child_does_not(tr
 
 def test_a_search_child_records_how_it_started(tmp_path):
     from iterkd import run_search
-    from iterkd.lineage import nodes
-from iterkd.storage import open_study
+    from iterkd.storage import open_study
     from tests.conftest import smoke_config
 
     cfg = smoke_config(tmp_path / "run", max_generations=1)

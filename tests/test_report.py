@@ -18,7 +18,7 @@ from iterkd.cli import main
 from iterkd.errors import IterkdError
 from iterkd.lineage import node_attrs, set_selection
 from iterkd.storage import open_study
-from iterkd.report import load_run, pareto_front, render_html, tidy_layout, tree_figure, write_report
+from iterkd.report import load_run, pareto_front, tidy_layout, tree_figure, write_report
 from iterkd.spaces import load_space
 from iterkd.variants import diverse_order
 
