@@ -103,7 +103,7 @@ def read_config(run_dir: Path) -> SearchConfig | None:
                           + "; point at a directory that `iterkd search` wrote")
     try:
         return validate(replace(SearchConfig(**data), run_dir=str(run_dir)))
-    except (TypeError, ValueError) as e:  # a value of the wrong type; IterkdError names a bad value itself
+    except (TypeError, ValueError, IterkdError) as e:  # a value of the wrong type or out of its range
         raise IterkdError(f"{path} is not a valid iterkd config ({e})") from None
 
 

@@ -110,3 +110,26 @@ def test_a_second_search_on_a_driven_run_refuses_and_a_dead_holder_is_taken_over
     assert resumed.returncode == 0, resumed.stderr[-500:]
     assert f"taking over run {run_dir} from pid {first.pid} on " in resumed.stdout
     assert "which is no longer running" in resumed.stdout
+
+
+@pytest.mark.parametrize("bad", [
+    ["--dataset", "mnist", "--data-dir", "EMPTY", "--no-download"],  # data missing, offline
+    ["--storage", "postgresql://nobody:secret@127.0.0.1:1/none"],  # storage unreachable
+    ["--teacher", "NOT_A_CHECKPOINT"],  # a teacher file that is not a checkpoint
+    ["--space", "BROKEN_SPACE"],  # a space file that does not parse
+    ["--val-size", "100000"],  # more validation images than the training set has
+])
+def test_a_refused_search_records_nothing_and_the_corrected_command_starts_cleanly(tmp_path, capsys, bad):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "teacher.safetensors").write_text("not a checkpoint")
+    (tmp_path / "space.yaml").write_text("root: [oops\n")
+    names = {"EMPTY": tmp_path / "empty", "NOT_A_CHECKPOINT": tmp_path / "teacher.safetensors",
+             "BROKEN_SPACE": tmp_path / "space.yaml"}
+    run_dir = tmp_path / "run"
+    args = ["search", "--preset", "smoke", "--run-dir", str(run_dir), "--max-generations", "1", "--no-progress"]
+    assert main(args + [str(names.get(a, a)) for a in bad]) == 2
+    _one_error_line(capsys)
+    assert not (run_dir / "config.json").exists() and not (run_dir / "study.db").exists()
+    assert main(args) == 0  # the corrected command is a new run, not a resume of a refused one
+    out = capsys.readouterr().out
+    assert "starting run" in out and "gen 0 node   0  root" in out
