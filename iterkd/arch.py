@@ -46,17 +46,17 @@ class VGGSpec:
         if not isinstance(blocks, (list, tuple)) or not blocks or not all(
                 isinstance(b, (list, tuple)) and b and all(_is_count(w) for w in b) for b in blocks):
             raise IterkdError("invalid VGG spec: blocks must be a non-empty list of blocks, each a non-empty list "
-                              f"of conv widths >= 1, got {_short(blocks)}")
+                              f"of conv widths >= 1, got {short_repr(blocks)}")
         if sum(len(b) for b in blocks) > MAX_CONVS:
             raise IterkdError(f"invalid VGG spec: {sum(len(b) for b in blocks)} convs, more than the {MAX_CONVS} "
                               "iterkd builds")
         object.__setattr__(self, "blocks", tuple(tuple(int(w) for w in b) for b in blocks))
         for name in ("in_channels", "num_classes", "input_size"):
             if not _is_count(getattr(self, name)):
-                raise IterkdError(f"invalid VGG spec: {name} must be an integer >= 1, got {_short(getattr(self, name))}")
+                raise IterkdError(f"invalid VGG spec: {name} must be an integer >= 1, got {short_repr(getattr(self, name))}")
             object.__setattr__(self, name, int(getattr(self, name)))
         if not isinstance(self.batch_norm, bool):
-            raise IterkdError(f"invalid VGG spec: batch_norm must be true or false, got {_short(self.batch_norm)}")
+            raise IterkdError(f"invalid VGG spec: batch_norm must be true or false, got {short_repr(self.batch_norm)}")
         if self.params() > MAX_PARAMS:
             raise IterkdError(f"invalid VGG spec: {_approx(self.params())} parameters, more than the {MAX_PARAMS:.0e} "
                               f"iterkd builds ({4 * MAX_PARAMS / 1e9:.0f} GB of fp32 weights)")
@@ -74,7 +74,7 @@ class VGGSpec:
         except (ValueError, RecursionError) as e:  # ValueError: bad JSON, bad UTF-8, a 5000-digit number
             raise IterkdError(f"invalid VGG spec: not JSON ({e})") from None
         if not isinstance(data, dict):
-            raise IterkdError(f"invalid VGG spec: expected a JSON object with 'blocks', got {_short(data)}")
+            raise IterkdError(f"invalid VGG spec: expected a JSON object with 'blocks', got {short_repr(data)}")
         known = [f.name for f in fields(cls)]
         unknown = sorted(set(data) - set(known))
         if unknown or "blocks" not in data:
@@ -173,7 +173,7 @@ def _approx(n: int) -> str:
     return f"{n:.3g}" if n < 10**300 else f"about 1e{int(n.bit_length() * math.log10(2))}"
 
 
-def _short(value) -> str:
+def short_repr(value) -> str:
     """repr cut to a line: the value may be a hostile file's megabyte-long list."""
     text = repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
