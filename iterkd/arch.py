@@ -53,7 +53,8 @@ class VGGSpec:
         object.__setattr__(self, "blocks", tuple(tuple(int(w) for w in b) for b in blocks))
         for name in ("in_channels", "num_classes", "input_size"):
             if not _is_count(getattr(self, name)):
-                raise IterkdError(f"invalid VGG spec: {name} must be an integer >= 1, got {short_repr(getattr(self, name))}")
+                raise IterkdError(f"invalid VGG spec: {name} must be an integer >= 1, "
+                                  f"got {short_repr(getattr(self, name))}")
             object.__setattr__(self, name, int(getattr(self, name)))
         if not isinstance(self.batch_norm, bool):
             raise IterkdError(f"invalid VGG spec: batch_norm must be true or false, got {short_repr(self.batch_norm)}")

@@ -78,7 +78,8 @@ def _parse_metadata(metadata: dict[str, str], path: Path) -> tuple[VGGSpec, dict
             try:
                 extra[key] = json.loads(value)
             except (ValueError, RecursionError):
-                raise IterkdError(f"checkpoint {path}: metadata {key!r} is not JSON; was it written by iterkd?") from None
+                raise IterkdError(f"checkpoint {path}: metadata {key!r} is not JSON; "
+                                  "was it written by iterkd?") from None
     return spec, extra
 
 

@@ -72,7 +72,8 @@ def _mapping(value, key: tuple, allowed, what: str) -> dict:
         raise SpaceError(key, f"must be a mapping of {', '.join(allowed)}, got {short_repr(value)}")
     for k in value:
         if k not in allowed:
-            raise SpaceError(key + (k,), f"is not a setting iterkd knows; {what} may set {', '.join(allowed) or 'nothing'}")
+            raise SpaceError(key + (k,), f"is not a setting iterkd knows; {what} may set "
+                                         f"{', '.join(allowed) or 'nothing'}")
     return value
 
 
@@ -322,11 +323,13 @@ def _parse_space(data, path: Path) -> SearchSpace:
 def _parse_root(root) -> tuple[str, float, tuple[tuple[int, ...], ...] | None]:
     key = ("root",)
     if not isinstance(root, dict):
-        raise SpaceError(key, f"must be a mapping of {', '.join(ROOT_KEYS)}, e.g. {{arch: vgg16}}, got {short_repr(root)}")
+        raise SpaceError(key, f"must be a mapping of {', '.join(ROOT_KEYS)}, e.g. {{arch: vgg16}}, "
+                              f"got {short_repr(root)}")
     _mapping(root, key, ROOT_KEYS, "root")
     arch = root.get("arch", "custom" if "blocks" in root else None)
     if arch not in (*VGG_PRESETS, "custom") or (arch == "custom" and "blocks" not in root):
-        raise SpaceError(key + ("arch",), f"must be one of {', '.join(VGG_PRESETS)} (or give root.blocks), got {arch!r}")
+        raise SpaceError(key + ("arch",), f"must be one of {', '.join(VGG_PRESETS)} (or give root.blocks), "
+                                          f"got {arch!r}")
     width = _number(root.get("width", 1.0), key + ("width",), lambda x: x > 0, "a number > 0 (the width multiplier)")
     if "blocks" not in root:
         return arch, width, None
@@ -353,7 +356,8 @@ def _parse_operators(entries) -> tuple[tuple[str, dict], ...]:
         elif isinstance(entry, str):
             name, params = entry, None
         else:
-            raise SpaceError(key + (i,), f"must be an operator name or {{name: {{parameters}}}}, got {short_repr(entry)}")
+            raise SpaceError(key + (i,), "must be an operator name or {name: {parameters}}, "
+                                         f"got {short_repr(entry)}")
         if name not in OPERATORS:
             raise SpaceError(key + (i,), f"names unknown operator {name!r}; known: {', '.join(OPERATORS)}")
         checks = OPERATOR_PARAMS[name]
