@@ -5,7 +5,9 @@ A spec is a frozen dataclass that round-trips through JSON; models are built fro
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+import math
+from dataclasses import asdict, dataclass, fields
+from numbers import Integral
 
 from .errors import IterkdError
 
@@ -16,6 +18,14 @@ VGG_PRESETS: dict[str, tuple[tuple[int, ...], ...]] = {
     "vgg16": ((64, 64), (128, 128), (256, 256, 256), (512, 512, 512), (512, 512, 512)),
     "vgg19": ((64, 64), (128, 128), (256,) * 4, (512,) * 4, (512,) * 4),
 }
+
+# The largest model iterkd will describe, checked by arithmetic before anything is allocated (specs
+# come from YAML files and checkpoint metadata, which anyone can write). 2e9 parameters are 8 GB of
+# fp32 weights, and training needs about four times that (grads, momentum, activations): 136x the
+# largest shipped root (VGG-19-BN, 20 M), so no real search meets it. 1000 convs bounds the time a
+# deep-but-thin spec takes to build (VGG-19 has 16).
+MAX_PARAMS = 2_000_000_000
+MAX_CONVS = 1000
 
 
 @dataclass(frozen=True)
@@ -30,10 +40,27 @@ class VGGSpec:
     batch_norm: bool = True
 
     def __post_init__(self):
-        blocks = tuple(tuple(int(w) for w in b) for b in self.blocks)
-        object.__setattr__(self, "blocks", blocks)
-        if not blocks or any(not b for b in blocks) or any(w < 1 for b in blocks for w in b):
-            raise IterkdError(f"invalid VGG spec: every block needs at least one conv of width >= 1, got {blocks}")
+        """The one validation of a spec, wherever it comes from (code, a space YAML, a checkpoint's
+        metadata): types, positive sizes and the size ceiling, all before any tensor exists."""
+        blocks = self.blocks
+        if not isinstance(blocks, (list, tuple)) or not blocks or not all(
+                isinstance(b, (list, tuple)) and b and all(_is_count(w) for w in b) for b in blocks):
+            raise IterkdError("invalid VGG spec: blocks must be a non-empty list of blocks, each a non-empty list "
+                              f"of conv widths >= 1, got {short_repr(blocks)}")
+        if sum(len(b) for b in blocks) > MAX_CONVS:
+            raise IterkdError(f"invalid VGG spec: {sum(len(b) for b in blocks)} convs, more than the {MAX_CONVS} "
+                              "iterkd builds")
+        object.__setattr__(self, "blocks", tuple(tuple(int(w) for w in b) for b in blocks))
+        for name in ("in_channels", "num_classes", "input_size"):
+            if not _is_count(getattr(self, name)):
+                raise IterkdError(f"invalid VGG spec: {name} must be an integer >= 1, "
+                                  f"got {short_repr(getattr(self, name))}")
+            object.__setattr__(self, name, int(getattr(self, name)))
+        if not isinstance(self.batch_norm, bool):
+            raise IterkdError(f"invalid VGG spec: batch_norm must be true or false, got {short_repr(self.batch_norm)}")
+        if self.params() > MAX_PARAMS:
+            raise IterkdError(f"invalid VGG spec: {_approx(self.params())} parameters, more than the {MAX_PARAMS:.0e} "
+                              f"iterkd builds ({4 * MAX_PARAMS / 1e9:.0f} GB of fp32 weights)")
 
     # -- serialisation -------------------------------------------------------------------------
     def to_json(self) -> str:
@@ -41,8 +68,19 @@ class VGGSpec:
 
     @classmethod
     def from_json(cls, text: str | dict) -> "VGGSpec":
-        data = json.loads(text) if isinstance(text, str) else dict(text)
-        data["blocks"] = tuple(tuple(b) for b in data["blocks"])
+        """A spec from its JSON (a string or the parsed mapping); anything that is not one raises
+        IterkdError, since the text may come from a file someone else wrote."""
+        try:
+            data = json.loads(text) if isinstance(text, (str, bytes)) else text
+        except (ValueError, RecursionError) as e:  # ValueError: bad JSON, bad UTF-8, a 5000-digit number
+            raise IterkdError(f"invalid VGG spec: not JSON ({e})") from None
+        if not isinstance(data, dict):
+            raise IterkdError(f"invalid VGG spec: expected a JSON object with 'blocks', got {short_repr(data)}")
+        known = [f.name for f in fields(cls)]
+        unknown = sorted(set(data) - set(known))
+        if unknown or "blocks" not in data:
+            problem = f"unknown key {unknown[0]!r}" if unknown else "no 'blocks'"
+            raise IterkdError(f"invalid VGG spec: {problem}; its keys are {', '.join(known)}")
         return cls(**data)
 
     # -- shape ---------------------------------------------------------------------------------
@@ -90,11 +128,19 @@ class VGGSpec:
                 c_in = w
         return total + c_in * self.num_classes + self.num_classes
 
+    def state_numel(self) -> int:
+        """Elements of the state dict: parameters, BN running stats and BN batch counters."""
+        return self.params() + self._running() + self._n_bn()
+
     def state_bytes(self) -> int:
         """Bytes of the fp32 state dict: parameters, BN running stats (fp32) and counters (int64)."""
-        n_bn = sum(len(b) for b in self.blocks) if self.batch_norm else 0
-        running = 2 * sum(w for b in self.blocks for w in b) if self.batch_norm else 0
-        return 4 * (self.params() + running) + 8 * n_bn
+        return 4 * (self.params() + self._running()) + 8 * self._n_bn()
+
+    def _n_bn(self) -> int:
+        return sum(len(b) for b in self.blocks) if self.batch_norm else 0
+
+    def _running(self) -> int:
+        return 2 * sum(w for b in self.blocks for w in b) if self.batch_norm else 0
 
     def flops(self) -> int:
         """Forward FLOPs for one image, counted like torch.utils.flop_counter: 2 per multiply-add
@@ -112,7 +158,23 @@ def vgg_spec(name: str, width: float = 1.0, in_channels: int = 3, num_classes: i
     """A classic VGG (vgg11/13/16/19) with every conv width multiplied by `width` (at least 1)."""
     if name not in VGG_PRESETS:
         raise IterkdError(f"unknown architecture {name!r}; choose one of {', '.join(VGG_PRESETS)}")
-    if not width > 0:
-        raise IterkdError(f"width multiplier must be > 0, got {width}")
+    if not 0 < width < math.inf:
+        raise IterkdError(f"width multiplier must be a finite number > 0, got {width}")
     blocks = tuple(tuple(max(1, round(w * width)) for w in b) for b in VGG_PRESETS[name])
     return VGGSpec(blocks, in_channels, num_classes, input_size)
+
+
+def _is_count(value) -> bool:
+    """An integer >= 1; not a bool (JSON `true` is not a width) and not a float (8.7 is not a width)."""
+    return isinstance(value, Integral) and not isinstance(value, bool) and value >= 1
+
+
+def _approx(n: int) -> str:
+    """A huge int as '1.5e+13'; past float range from its bit length (a hostile width may have 4000 digits)."""
+    return f"{n:.3g}" if n < 10**300 else f"about 1e{int(n.bit_length() * math.log10(2))}"
+
+
+def short_repr(value) -> str:
+    """repr cut to a line: the value may be a hostile file's megabyte-long list."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."

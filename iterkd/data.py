@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import functools
 import gzip
+import math
 import os
 import shutil
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -17,6 +19,7 @@ import torch.nn.functional as F
 from .errors import IterkdError
 
 DEBIAN_DATASETS = Path("/usr/share/datasets")
+IDX_CLASSES = ("MNIST", "FashionMNIST")  # torchvision classes that read IDX files
 
 
 @dataclass(frozen=True)
@@ -84,6 +87,7 @@ def load_data(name: str, data_dir: str | Path | None = None, *, val_size: int = 
     if name == "synthetic":
         (tx, ty), (sx, sy) = synthetic_arrays(seed=1234)
     else:
+        _check_data_dir(data_dir)
         (tx, ty), (sx, sy) = _torchvision_arrays(info, data_dir, download)
     tx, sx = _pad_to(tx, info.size), _pad_to(sx, info.size)
     if not 0 < val_size < len(tx):
@@ -123,7 +127,7 @@ def _prepare_debian_files(info: DatasetInfo, data_dir: Path) -> None:
     torchvision's layout (<data_dir>/<Class>/raw/) so torchvision reads them as usual."""
     src = DEBIAN_DATASETS / info.name
     raw = data_dir / str(info.torchvision_class) / "raw"
-    if not src.is_dir() or info.torchvision_class not in ("MNIST", "FashionMNIST"):
+    if not src.is_dir() or info.torchvision_class not in IDX_CLASSES:
         return
     for gz in src.glob("*-ubyte.gz"):
         target = raw / gz.name[:-3]
@@ -144,6 +148,8 @@ def _torchvision_arrays(info: DatasetInfo, data_dir: Path, download: bool):
     def split(train: bool):
         kwargs = {"split": "train" if train else "test"} if info.name == "svhn" else {"train": train}
         root = data_dir / "svhn" if info.name == "svhn" else data_dir
+        if info.torchvision_class in IDX_CLASSES:
+            _check_idx(data_dir / str(info.torchvision_class) / "raw", train, info)
         try:
             return cls(str(root), download=False, **kwargs)
         except Exception as e:  # noqa: BLE001 - torchvision raises RuntimeError/ValueError/EOFError on bad files
@@ -157,8 +163,83 @@ def _torchvision_arrays(info: DatasetInfo, data_dir: Path, download: bool):
         except Exception as e:  # any network failure: URLError, socket errors, HTTP errors
             raise _missing(info, data_dir, f"download failed: {type(e).__name__}: {_one_line(e)}") from None
 
-    train, test = split(True), split(False)
-    return _as_tensors(train), _as_tensors(test)
+    arrays = []
+    for train in (True, False):
+        ds = split(train)
+        x, y = _as_tensors(ds)
+        _check_arrays(x, y, info, *_source_files(ds, train))
+        arrays.append((x, y))
+    return arrays
+
+
+def _check_data_dir(data_dir: Path) -> None:
+    """A data directory, or the first part of its path that exists, must be a directory: a file
+    there fails deep inside torchvision with NotADirectoryError."""
+    existing = next(p for p in (data_dir, *data_dir.parents) if p.exists())
+    if not existing.is_dir():
+        raise IterkdError(f"data directory {data_dir}: {existing} is a file, not a directory; "
+                          "pass --data-dir DIR (or set ITERKD_DATA) naming a directory")
+
+
+def _idx_dims(path: Path, ndim: int, info: DatasetInfo) -> tuple[int, ...]:
+    """The dimensions in an IDX file's header, once the magic says unsigned bytes in `ndim` dims and
+    the file holds exactly the bytes the header promises (torchvision trusts both)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4 + 4 * ndim)
+            size = os.fstat(f.fileno()).st_size
+    except OSError as e:
+        raise IterkdError(f"{info.name} file {path} is unreadable ({e.strerror or e})") from None
+    magic = 0x0800 + ndim  # 0x08: unsigned bytes; then the number of dimensions
+    if len(head) < 4 + 4 * ndim or struct.unpack(">I", head[:4])[0] != magic:
+        raise IterkdError(f"{info.name} file {path} is unreadable: not an IDX file of {ndim}-D unsigned bytes "
+                          f"(its header starts {head[:4].hex() or 'empty'}, expected {magic:08x}); "
+                          "replace it with an intact copy")
+    dims = struct.unpack(f">{ndim}I", head[4:])
+    if size != len(head) + math.prod(dims):
+        raise IterkdError(f"{info.name} file {path} is unreadable: its header promises {' x '.join(map(str, dims))} "
+                          f"bytes of data but it holds {size - len(head)}; replace it with an intact copy")
+    return dims
+
+
+def _check_idx(raw: Path, train: bool, info: DatasetInfo) -> None:
+    """An IDX pair (images, labels) torchvision is about to read: sane headers and one label per image."""
+    prefix = "train" if train else "t10k"
+    images, labels = raw / f"{prefix}-images-idx3-ubyte", raw / f"{prefix}-labels-idx1-ubyte"
+    if not (images.is_file() and labels.is_file()):
+        return  # missing: torchvision reports it and the download path takes over
+    n_images, _, _ = _idx_dims(images, 3, info)
+    (n_labels,) = _idx_dims(labels, 1, info)
+    if n_images != n_labels:
+        raise IterkdError(f"{info.name} files do not match: {images} holds {n_images} images but {labels} holds "
+                          f"{n_labels} labels; replace them with a matching pair")
+
+
+def _source_files(ds, train: bool) -> tuple[Path, Path]:
+    """The files a torchvision dataset read its (images, labels) from, for error messages."""
+    if hasattr(ds, "raw_folder"):  # MNIST family: IDX files
+        prefix = "train" if train else "t10k"
+        raw = Path(ds.raw_folder)
+        return raw / f"{prefix}-images-idx3-ubyte", raw / f"{prefix}-labels-idx1-ubyte"
+    path = Path(ds.root) / (getattr(ds, "base_folder", None) or getattr(ds, "filename", ""))  # CIFAR folder, SVHN .mat
+    return path, path
+
+
+def _check_arrays(x: torch.Tensor, y: torch.Tensor, info: DatasetInfo, images: Path, labels: Path) -> None:
+    """One split as loaded, before anything trusts it: one label per image (a short labels file
+    would misalign every label silently), images of the dataset's channels and at most its size,
+    and labels that are classes of the dataset."""
+    if len(x) != len(y) or len(x) == 0:
+        raise IterkdError(f"{info.name} files do not match: {images} holds {len(x)} images but {labels} holds "
+                          f"{len(y)} labels; replace them with a matching pair")
+    if x.ndim != 4 or x.shape[1] != info.channels or x.shape[2] != x.shape[3] or x.shape[3] > info.size:
+        raise IterkdError(f"{info.name} file {images} holds images of shape {tuple(x.shape[1:])}; {info.name} has "
+                          f"{info.channels}-channel square images of at most {info.size} pixels")
+    bad = ((y < 0) | (y >= info.num_classes)).nonzero()
+    if len(bad):
+        i = int(bad[0])
+        raise IterkdError(f"{info.name} file {labels}: label {int(y[i])} (sample {i}) is not a class; {info.name} has "
+                          f"classes 0..{info.num_classes - 1}")
 
 
 def _one_line(e: Exception) -> str:

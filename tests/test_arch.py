@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 import torch
@@ -64,3 +65,44 @@ def test_bad_specs_and_names_are_user_errors():
     with pytest.raises(IterkdError, match="width"):
         vgg_spec("vgg11", -1)
     assert set(VGG_PRESETS) == {"vgg11", "vgg13", "vgg16", "vgg19"}
+
+
+@pytest.mark.parametrize("text, message", [
+    ("{not json", "not JSON"),
+    ("[1, 2]", "expected a JSON object"),
+    ('{"in_channels": 3}', "no 'blocks'"),
+    ('{"blocks": [[8]], "colour": "red"}', "unknown key 'colour'"),
+    ('{"blocks": [[8, "wide"]]}', "blocks must be"),
+    ('{"blocks": [8, 16]}', "blocks must be"),
+    ('{"blocks": [[8], []]}', "blocks must be"),
+    ('{"blocks": [[8.5]]}', "blocks must be"),
+    ('{"blocks": [[true]]}', "blocks must be"),
+    ('{"blocks": [[-4]]}', "blocks must be"),
+    ('{"blocks": [[8]], "in_channels": 0}', "in_channels must be an integer >= 1"),
+    ('{"blocks": [[8]], "num_classes": "10"}', "num_classes must be an integer >= 1"),
+    ('{"blocks": [[8]], "batch_norm": 1}', "batch_norm must be true or false"),
+    ('{"blocks": [[1000000, 1000000]]}', "9e+12 parameters, more than the 2e+09"),
+    ('{"blocks": [[' + "9" * 5000 + ']]}', "not JSON"),  # beyond Python's int-parsing limit
+    ('{"blocks": [[' + "9" * 4000 + ']]}', "about 1e4001 parameters"),
+    ('{"blocks": [' + ",".join(["[1]"] * 1001) + ']}', "1001 convs, more than the 1000"),
+], ids=lambda v: v[:40])
+def test_hostile_spec_json_is_refused_before_anything_is_built(text, message):
+    with pytest.raises(IterkdError, match=re.escape(message)) as e:
+        VGGSpec.from_json(text)
+    assert "\n" not in str(e.value) and len(str(e.value)) < 300
+
+
+def test_the_size_ceiling_is_arithmetic_on_astronomical_widths():
+    with pytest.raises(IterkdError, match=r"about 1e1\d\d\d parameters"):
+        VGGSpec(((10**900, 10**900),))
+    with pytest.raises(IterkdError, match="more than the 2e\\+09"):
+        vgg_spec("vgg16", 10**9)
+    with pytest.raises(IterkdError, match="finite"):
+        vgg_spec("vgg16", float("inf"))
+    biggest = VGGSpec(((14_900,), (14_900,)), in_channels=1)  # 2.0e9 params: allowed, but not built here
+    assert biggest.params() <= 2_000_000_000
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.summary())
+def test_state_numel_counts_every_tensor_of_the_state_dict(spec):
+    assert spec.state_numel() == sum(t.numel() for t in VGG(spec).state_dict().values())

@@ -55,3 +55,34 @@ def test_weights_that_do_not_fit_the_spec_are_refused(tmp_path):
                                                                       "spec": SPEC.to_json()})
     with pytest.raises(IterkdError, match="do not match"):
         load_model(path)
+
+
+def _file_with_metadata(path, **metadata):
+    from safetensors.torch import save_file
+
+    save_file({"head.weight": torch.zeros(3, 8)}, str(path), metadata={"format": "iterkd-checkpoint-1", **metadata})
+    return path
+
+
+@pytest.mark.parametrize("metadata, message", [
+    ({"spec": "{blocks: [[4]]"}, "metadata 'spec' is an invalid VGG spec: not JSON"),
+    ({"spec": '{"in_channels": 1}'}, "no 'blocks'"),
+    ({"spec": '{"blocks": [[4]], "activation": "gelu"}'}, "unknown key 'activation'"),
+    ({"spec": '{"blocks": [["4"]]}'}, "blocks must be"),
+    ({"spec": '{"blocks": [[1000000], [1000000], [1000000]]}'}, "parameters, more than the 2e+09"),
+    ({"spec": SPEC.to_json(), "val_acc": "ninety"}, "metadata 'val_acc' is not JSON"),
+])
+def test_hostile_metadata_is_one_line_naming_the_file(tmp_path, monkeypatch, metadata, message):
+    monkeypatch.setattr("iterkd.checkpoints.VGG", None)  # building a model would be a TypeError
+    path = _file_with_metadata(tmp_path / "t.safetensors", **metadata)
+    with pytest.raises(IterkdError) as e:
+        load_model(path)
+    assert message in str(e.value) and str(path) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_spec_its_tensors_do_not_fill_is_refused_before_the_model_is_built(tmp_path, monkeypatch):
+    monkeypatch.setattr("iterkd.checkpoints.VGG", None)  # 2e9 params: building it would take 8 GB
+    huge = VGGSpec(((14_900,), (14_900,)), in_channels=1)
+    path = _file_with_metadata(tmp_path / "t.safetensors", spec=huge.to_json())
+    with pytest.raises(IterkdError, match="24 values stored, 1998"):
+        load_model(path)

@@ -490,3 +490,76 @@ def test_present_but_truncated_files_are_reported_as_unreadable_not_missing(tmp_
     with pytest.raises(IterkdError, match="unreadable") as err:
         load_data("mnist", data_dir=tmp_path, val_size=2, download=False)
     assert "\n" not in str(err.value)
+
+
+# ---------------------------------------------------------------- hostile files
+
+def write_idx_pair(root, images: np.ndarray, labels: np.ndarray, cls_name: str = "MNIST") -> tuple:
+    """MNIST files whose training pair is `images`, `labels` (the test pair is intact)."""
+    write_mnist(root, cls_name)
+    raw = root / cls_name / "raw"
+    (raw / "train-images-idx3-ubyte").write_bytes(idx_images(images))
+    (raw / "train-labels-idx1-ubyte").write_bytes(idx_labels(labels))
+    return raw / "train-images-idx3-ubyte", raw / "train-labels-idx1-ubyte"
+
+
+def load_error(tmp_path) -> str:
+    with pytest.raises(IterkdError) as err:
+        load_data("mnist", data_dir=tmp_path, val_size=5, download=False)
+    assert "\n" not in str(err.value)
+    return str(err.value)
+
+
+@pytest.mark.parametrize("n_images, n_labels", [(N_TRAIN, 40), (20, N_TRAIN)])
+def test_images_and_labels_of_different_counts_are_refused_naming_both_files(tmp_path, n_images, n_labels):
+    # 20 images against 50 labels used to train on misaligned labels; 40 labels for 50 images was an IndexError.
+    images, labels = write_idx_pair(tmp_path, digit_images(n_images, False), digit_labels(n_labels, False))
+    msg = load_error(tmp_path)
+    assert f"{images} holds {n_images} images but {labels} holds {n_labels} labels" in msg
+
+
+def test_a_label_outside_the_classes_is_refused_at_load_time(tmp_path):
+    y = digit_labels(N_TRAIN, False)
+    y[17] = 250  # was "Target 250 is out of bounds" in the middle of training
+    _, labels = write_idx_pair(tmp_path, digit_images(N_TRAIN, False), y)
+    assert f"{labels}: label 250 (sample 17) is not a class; mnist has classes 0..9" in load_error(tmp_path)
+
+
+@pytest.mark.parametrize("h, w", [(40, 40), (28, 30)])
+def test_images_larger_than_the_dataset_or_not_square_are_refused(tmp_path, h, w):
+    images, _ = write_idx_pair(tmp_path, np.zeros((N_TRAIN, h, w), np.uint8), digit_labels(N_TRAIN, False))
+    assert f"{images} holds images of shape (1, {h}, {w})" in load_error(tmp_path)
+
+
+@pytest.mark.parametrize("blob, message", [
+    (b"\x00\x00\x08\x01" + struct.pack(">I", 3) + b"\x01\x02\x03", "not an IDX file of 3-D unsigned bytes"),
+    (b"\x00\x00\x0d\x03" + struct.pack(">III", 2, 2, 2) + b"\x00" * 32, "(its header starts 00000d03, expected 00000803)"),
+    (b"", "its header starts empty"),
+    (struct.pack(">IIII", 2051, 4_000_000_000, 28, 28) + b"\x00" * 784, "promises 4000000000 x 28 x 28 bytes"),
+    (struct.pack(">IIII", 2051, 1, 28, 28) + b"\x00" * 785, "bytes of data but it holds 785"),
+])
+def test_idx_headers_are_checked_before_torchvision_reads_the_file(tmp_path, blob, message):
+    write_mnist(tmp_path)
+    images = tmp_path / "MNIST" / "raw" / "train-images-idx3-ubyte"
+    images.write_bytes(blob)
+    msg = load_error(tmp_path)
+    assert msg.startswith(f"mnist file {images} is unreadable") and message in msg
+
+
+def test_data_dir_that_is_a_file_is_one_line(tmp_path):
+    blocker = tmp_path / "data.tar"
+    blocker.write_text("")
+    for data_dir in (blocker, blocker / "sub"):
+        with pytest.raises(IterkdError, match=f"{blocker} is a file, not a directory; pass --data-dir DIR"):
+            load_data("mnist", data_dir=data_dir, val_size=5, download=False)
+
+
+def test_cifar_labels_outside_the_classes_name_the_folder(tmp_path, no_md5):
+    write_cifar10(tmp_path)
+    batch = tmp_path / "cifar-10-batches-py" / "data_batch_3"
+    with open(batch, "rb") as f:
+        content = pickle.load(f)
+    content["labels"][4] = 10
+    pickle_to(batch, content)
+    with pytest.raises(IterkdError, match="cifar-10-batches-py: label 10 .* is not a class; cifar10 has classes 0..9"):
+        load_data("cifar10", data_dir=tmp_path, val_size=5, download=False)
