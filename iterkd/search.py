@@ -14,6 +14,7 @@ import optuna
 from .checkpoints import read_checkpoint
 from .choices import make_pruner, make_sampler, move_params
 from .config import SearchConfig
+from .data import dataset_info
 from .device import resolve_device
 from .errors import IterkdError
 from .faults import fault_point
@@ -47,6 +48,12 @@ class Search:
         # command leaves nothing behind and the corrected one starts cleanly.
         for path in cfg.teacher or ():
             read_checkpoint(path)
+        if not cfg.teacher:  # the root this space and --width make must be buildable
+            info = dataset_info(cfg.dataset)
+            try:
+                self.space.root_spec(info.channels, info.num_classes, info.size, cfg.width)
+            except IterkdError as e:
+                raise IterkdError(f"--width {cfg.width:g} with space {cfg.space}: {e}") from None
         data = None if self.remote else cfg.load_data(resolve_device(cfg.device))
         self.sampler = make_sampler(cfg.sampler, cfg.seed)
         multi = cfg.objectives == "acc,params"

@@ -173,3 +173,17 @@ def test_a_worker_on_another_machine_that_stops_beating_is_failed_and_its_node_r
     assert not thread.is_alive()
     assert trained == 1 and result["root"].ok and result["root"].node != number
     assert _study(cfg).get_trials(deepcopy=False)[number].state.name == "FAIL"
+
+
+def test_two_coordinators_of_one_postgresql_run_on_different_machines_exclude_each_other(tmp_path):
+    """Different run directories (as two machines would have), one study: the database lock decides."""
+    from iterkd.run import WriterLock
+
+    url, name = _postgres_or_skip(), f"lock-{uuid.uuid4().hex[:8]}"
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    with WriterLock(tmp_path / "a", url, name).acquire():
+        with pytest.raises(IterkdError, match="is already being driven by another iterkd process"):
+            WriterLock(tmp_path / "b", url, name).acquire()
+        WriterLock(tmp_path / "b", url, f"{name}-other").acquire().release()  # another run is not blocked
+    WriterLock(tmp_path / "b", url, name).acquire().release()  # freed with its holder's connection

@@ -153,7 +153,7 @@ def test_teacher_caches_are_files_in_the_run_and_a_resumed_run_reuses_them(tmp_p
     search = Search(cfg, progress=False)
     out = search.run()
     assert out.final.generation == 2
-    assert search._caches[0].loaded_views == [0, 1, 2, 3]  # the root's logits came from its file
+    assert search.trainer._caches[0].loaded_views == [0, 1, 2, 3]  # the root's logits came from its file
     assert [name for name, _ in computed] == [f"node-1-seed-0-views-4-n-{n}.safetensors"] * 4
     study = open_study(f"sqlite:///{tmp_path}/study.db", cfg.name)
     assert study.trials[-1].user_attrs["teacher_cache_hit_rate"] == pytest.approx(1 - 4 / 8)
