@@ -16,7 +16,7 @@ import pytest
 from iterkd.arch import VGGSpec
 from iterkd.cli import main
 from iterkd.errors import IterkdError
-from iterkd.lineage import node_attrs, set_selection
+from iterkd.lineage import Node, node_attrs, set_selection
 from iterkd.storage import open_study
 from iterkd.report import load_run, pareto_front, tidy_layout, tree_figure, write_report
 from iterkd.spaces import load_space
@@ -162,10 +162,13 @@ def test_report_never_modifies_the_study(smoke_run, tmp_path):
 
 
 def test_pareto_front_keeps_only_undominated_nodes():
-    df = pd.DataFrame({"params": [100, 50, 50, 20, 10, 5], "flops": [0] * 6,
-                       "val_acc": [90.0, 89.0, 85.0, 89.5, 80.0, None]})
-    front = pareto_front(df)
-    assert front.params.tolist() == [10, 20, 100] and front.val_acc.tolist() == [80.0, 89.5, 90.0]
+    spec = load_space("tiny").root_spec(3, 10, 16, 1 / 16)
+    sizes = [100, 50, 50, 20, 10, 5]
+    accs = [90.0, 89.0, 85.0, 89.5, 80.0, None]  # the last one has no result: never on the front
+    nodes = [Node(node=i, state="COMPLETE", generation=1, parents=(0,), teachers=(0,), operator="x", spec=spec,
+                  val_acc=acc) for i, acc in enumerate(accs)]
+    front = pareto_front(nodes, size=lambda n: sizes[n.node])
+    assert [sizes[n.node] for n in front] == [10, 20, 100] and [n.val_acc for n in front] == [80.0, 89.5, 90.0]
 
 
 # -- the tree picture ---------------------------------------------------------------------------------
@@ -184,7 +187,7 @@ def test_tidy_layout_centres_parents_and_never_shares_a_slot():
 
 def test_tree_of_37_nodes_has_no_overlapping_boxes_or_labels(big_run):
     view = load_run(big_run)
-    assert len(view.frame) == 37 and {"failed", "pruned", "accepted", "rejected"} <= set(view.frame.status)
+    assert len(view.nodes) == 37 and {"failed", "pruned", "accepted", "rejected"} <= set(view.status.values())
     fig = tree_figure(view)
     renderer = fig.canvas.get_renderer()
     ax = fig.axes[0]
@@ -205,8 +208,7 @@ def test_tree_of_37_nodes_has_no_overlapping_boxes_or_labels(big_run):
     # Edges: one per parent, plus one dashed per ancestor teacher of a node on the accepted path.
     path = view.accepted_path()
     assert len(path) == 6 and path[0] == 0 and path[-1] == view.final_node
-    frame = view.frame.set_index("node")
-    extra = sum(len(json.loads(frame.teachers[n])) - 1 for n in path[1:])
+    extra = sum(len(view.nodes[n].teachers) - 1 for n in path[1:])
     arrows = [p for p in ax.patches if p.get_gid() is None and type(p).__name__ == "FancyArrowPatch"]
     assert len(arrows) == 36 + extra and extra == 1 + 2 + 3 + 4
     assert sum(a.get_linestyle() not in ("-", "solid") for a in arrows) == extra
