@@ -203,7 +203,8 @@ def test_report_is_drawn_from_nodes_alone(tmp_path):
     assert (two["val %"], two["drop pts"], two["CPU ms (b1)"], two["status"]) == ("—", "—", "—", "failed")
     assert (three["parent"], three["teachers"], three["drop pts"]) == ("1", "0, 1", "2.00")
     change = summary.set_index("")["change"]
-    assert change["validation accuracy %"] == "drop 2.00 pts" and change.filter(like="CPU latency").iloc[0] == "8.00× faster"
+    assert change["validation accuracy %"] == "drop 2.00 pts"
+    assert change.filter(like="CPU latency").iloc[0] == "8.00× faster"
 
     ax = tree_figure(view).axes[0]
     arrows = [p for p in ax.patches if type(p).__name__ == "FancyArrowPatch"]
