@@ -1,5 +1,6 @@
 """Reports of a run read from its study alone (never retrained, never written to): the lineage tree
-as a picture, accuracy vs size, per-generation tables and a summary, as RUN/report.html and report.md."""
+as a picture, accuracy vs size, per-generation tables and a summary, as RUN/report.html and report.md.
+Every picture and table is built from the run's `Node`s; the lineage table is only ever written."""
 from __future__ import annotations
 
 import base64
@@ -10,7 +11,8 @@ import json
 import math
 import os
 import re
-from collections import defaultdict
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,11 +25,10 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import FancyArrowPatch, FancyBboxPatch, Patch
 from matplotlib.ticker import FuncFormatter, LogLocator
 
-from .arch import VGGSpec
 from .errors import IterkdError
 from .files import write_atomic
-from .lineage import lineage_frame
-from .run import open_run
+from .lineage import Node, ancestry, lineage_frame, node_status, root_node
+from .run import Run, open_run
 from .storage import redact_url
 
 FORMATS = ("csv", "parquet")
@@ -54,13 +55,15 @@ SETTINGS = ("variant", "space", "dataset", "preset", "max_drop", "max_generation
 
 @dataclass(frozen=True)
 class RunView:
-    """What a report shows: the lineage frame plus the study's run-level attributes. `gaps` says,
-    in words for the reader, what an unfinished or crashed run does not have."""
+    """What a report shows: the run's nodes (by id, in trial order) with their status, and the
+    study's run-level attributes. `gaps` says, in words for the reader, what an unfinished or
+    crashed run does not have."""
 
     run_dir: Path
     name: str
     config: dict
-    frame: pd.DataFrame
+    nodes: dict[int, Node]
+    status: dict[int, str]  # node id -> lineage.node_status: root, accepted, rejected, failed, ...
     stop_reason: str | None
     final_node: int | None
     wall_seconds: float | None
@@ -68,24 +71,22 @@ class RunView:
     span_seconds: float | None = None  # first node's start to last node's end, when wall time is missing
 
     @property
-    def root(self) -> pd.Series | None:
-        roots = self.frame[self.frame.status == "root"]
-        return roots.iloc[-1] if len(roots) else None
+    def root(self) -> Node | None:
+        """The trained root: the node lineage.csv's drops are relative to."""
+        return root_node(list(self.nodes.values()))
 
     @property
-    def final(self) -> pd.Series | None:
-        rows = self.frame[self.frame.node == self.final_node]
-        return rows.iloc[0] if len(rows) else None
+    def final(self) -> Node | None:
+        return self.nodes.get(self.final_node)
+
+    @property
+    def generations(self) -> int:
+        return max(n.generation for n in self.nodes.values()) + 1
 
     def accepted_path(self) -> list[int]:
         """Node ids from the root to the final node along first parents."""
-        if self.final_node is None:
-            return []
-        parent = {int(r.node): _first_parent(r.parents) for r in self.frame.itertuples()}
-        path = [self.final_node]
-        while parent.get(path[-1]) is not None:
-            path.append(parent[path[-1]])
-        return path[::-1]
+        final = self.final
+        return [n.node for n in ancestry(list(self.nodes.values()), final)] if final is not None else []
 
 
 @dataclass(frozen=True)
@@ -103,23 +104,29 @@ class Report:
 def load_run(run_dir: str | Path, storage: str | None = None) -> RunView:
     """Open a run read-only (run.open_run) and collect what a report needs; user mistakes (no such
     run, an empty study) become one-line errors, an unfinished run becomes gaps."""
-    run = open_run(run_dir, storage)
+    return run_view(open_run(run_dir, storage))
+
+
+def run_view(run: Run) -> RunView:
+    """The report's view of an open run: its nodes with their status, and what it lacks as gaps."""
     run_dir, study, name = run.run_dir, run.study, run.cfg.name
     gaps = []
     config = json.loads(run.cfg.to_json()) if run.settings_from != "defaults" else {}
     if run.settings_from != "config.json":
         gaps.append("config.json (the settings were read from the study)" if config else
                     "the run's settings (no config.json, none in the study)")
-    frame = lineage_frame(study)
-    if frame.empty:
+    nodes = run.nodes
+    if not nodes:
         raise IterkdError(f"run {name!r} in {run_dir} has no nodes yet (its study is empty); nothing to report. "
                           f"Start or resume it with: iterkd resume {run_dir}")
+    accepted = run.accepted  # once, not per node: Run.accepted reads the study's attributes again
+    status = {i: node_status(n, accepted) for i, n in nodes.items()}
     attrs = study.user_attrs
     stop_reason, final_node, wall = attrs.get("stop_reason"), attrs.get("final_node"), attrs.get("wall_seconds")
     if not stop_reason:
         gaps.append("why the search stopped (the run has not finished: it crashed, was interrupted, "
                     "or is still running)")
-    if (frame.status == "root").sum() == 0:
+    if root_node(list(nodes.values())) is None:
         gaps.append("a finished root (sizes and drops cannot be relative to it)")
     if final_node is None:
         best = run.final_node()
@@ -132,11 +139,11 @@ def load_run(run_dir: str | Path, storage: str | None = None) -> RunView:
         span = _span_seconds(study)
         gaps.append("the total wall time (not recorded; the time from the first node's start to the last "
                     "node's end is shown instead)")
-    unfinished = frame[frame.status.isin(["running", "queued"])].node.tolist()
+    unfinished = [i for i, s in status.items() if s in ("running", "queued")]
     if unfinished:
         gaps.append(f"results of node(s) {', '.join(map(str, unfinished))} (still marked running: a crash "
                     f"leaves them so; `iterkd resume {run_dir}` resumes them)")
-    return RunView(run_dir, name, config, frame, stop_reason, final_node, wall, tuple(gaps), span)
+    return RunView(run_dir, name, config, nodes, status, stop_reason, final_node, wall, tuple(gaps), span)
 
 
 def _span_seconds(study: optuna.Study) -> float | None:
@@ -146,16 +153,48 @@ def _span_seconds(study: optuna.Study) -> float | None:
     return (max(e for _, e in times) - min(s for s, _ in times)).total_seconds() if times else None
 
 
-def _first_parent(parents_json: str) -> int | None:
-    parents = json.loads(parents_json)
-    return int(parents[0]) if parents else None
+def _parent(n: Node) -> int | None:
+    """The first parent: the tree and the accepted path follow first parents, as lineage.ancestry does."""
+    return n.parents[0] if n.parents else None
+
+
+# -- a node's figures ---------------------------------------------------------------------------------
+
+def drop_pts(root: Node | None, n: Node) -> float | None:
+    """Validation accuracy points lost against the root, rounded as lineage.csv rounds them (so the
+    tables show the same digits as the CSV); None without a trained root or a result."""
+    if root is None or n.val_acc is None:
+        return None
+    return round(root.val_acc - n.val_acc, 4)
+
+
+def _params(n: Node) -> int:
+    return n.spec.params()
+
+
+def _flops(n: Node) -> int:
+    return n.spec.flops()
+
+
+def _measured(n: Node, key: str) -> bool:
+    """Whether the run measured deployment figure `key` (lineage.DEPLOY_COLUMNS) for node `n`."""
+    return not _missing(n.deploy.get(key))
+
+
+def _deploy_figure(key: str) -> Callable[[Node], float | None]:
+    return lambda n: n.deploy.get(key)
 
 
 # -- formatting -----------------------------------------------------------------------------------------
 
+def _missing(value) -> bool:
+    """None or NaN: either way the figure was not measured (or not yet)."""
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
 def _si(value, unit: str = "") -> str:
     """3 significant digits with an SI prefix: 921920 -> '922 k', 28208 B -> '28.2 kB'."""
-    if value is None or pd.isna(value):
+    if _missing(value):
         return "—"
     for factor, prefix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
         if abs(value) >= factor:
@@ -164,7 +203,7 @@ def _si(value, unit: str = "") -> str:
 
 
 def _num(value, fmt: str) -> str:
-    return "—" if value is None or pd.isna(value) else format(value, fmt)
+    return "—" if _missing(value) else format(value, fmt)
 
 
 def _duration(seconds: float) -> str:
@@ -182,7 +221,7 @@ def _short_operator(op: str) -> str:
 
 
 def _smaller(root_value, value) -> float | None:
-    if root_value is None or value is None or pd.isna(value) or not value:
+    if root_value is None or _missing(value) or not value:
         return None
     return root_value / value
 
@@ -219,35 +258,34 @@ def tidy_layout(children: dict[int, list[int]], roots: list[int], level: dict[in
     return x
 
 
-def _box_lines(row, root_params) -> tuple[str, str]:
-    title = f"#{row.node}  {_short_operator(row.operator) if row.generation else 'root'}"
-    size = f"{_si(row.params)} params"
-    ratio = _smaller(root_params, row.params)
-    if row.generation and ratio:
+def _box_lines(n: Node, status: str, root: Node | None) -> tuple[str, str]:
+    title = f"#{n.node}  {_short_operator(n.operator) if n.generation else 'root'}"
+    size = f"{_si(_params(n))} params"
+    ratio = _smaller(None if root is None else _params(root), _params(n))
+    if n.generation and ratio:
         size += f" · {ratio:.1f}× smaller"
-    if pd.isna(row.val_acc):
-        acc = row.status + (f": {row.error}" if isinstance(row.error, str) and row.error else "")
+    if _missing(n.val_acc):
+        acc = status + (f": {n.error}" if n.error else "")
         return title, f"{size}\n{acc[:34]}\n"
-    acc = f"val {row.val_acc:.2f}% · test {_num(row.test_acc, '.2f')}%"
-    drop = f"drop {row.drop:.2f} pts" if row.generation and not pd.isna(row.drop) else (
-        "reference for drops" if row.status == "root" else row.status)
+    acc = f"val {n.val_acc:.2f}% · test {_num(n.test_acc, '.2f')}%"
+    drop = drop_pts(root, n)
+    drop = f"drop {drop:.2f} pts" if n.generation and drop is not None else (
+        "reference for drops" if status == "root" else status)
     return title, f"{size}\n{acc}\n{drop}"
 
 
 def tree_figure(view: RunView) -> Figure:
     """The lineage as boxes on one row per generation: parent edges solid, extra (ancestor)
     teachers dashed, the accepted path root -> final highlighted, status by colour and border."""
-    df = view.frame
+    nodes = view.nodes
     root = view.root
-    root_params = int(root.params) if root is not None else None
-    rows = {int(r.node): r for r in df.itertuples()}
     children: dict[int, list[int]] = defaultdict(list)
     roots = []
-    for n, r in rows.items():
-        p = _first_parent(r.parents)
-        (children[p].append(n) if p in rows else roots.append(n))
-    slot = tidy_layout(children, roots, {n: int(r.generation) for n, r in rows.items()})
-    labels = {n: _box_lines(r, root_params) for n, r in rows.items()}
+    for i, n in nodes.items():
+        p = _parent(n)
+        (children[p].append(i) if p in nodes else roots.append(i))
+    slot = tidy_layout(children, roots, {i: n.generation for i, n in nodes.items()})
+    labels = {i: _box_lines(n, view.status[i], root) for i, n in nodes.items()}
 
     font = 8
     measure = Figure(dpi=100)
@@ -265,7 +303,7 @@ def tree_figure(view: RunView) -> Figure:
     title_h, body_h = max(h for _, h in titles), max(h for _, h in bodies)
     box_h = title_h + body_h + 3 * pad
     gap_x, gap_y, left, top, bottom = 0.15, 0.55, 0.75, 0.85, 0.15
-    levels = int(df.generation.max()) + 1
+    levels = view.generations
     tree_w = (max(slot.values()) + 1) * (box_w + gap_x) - gap_x
     width = max(left + tree_w + 0.2, 7.5)
     height = top + levels * (box_h + gap_y) - gap_y + bottom
@@ -280,7 +318,7 @@ def tree_figure(view: RunView) -> Figure:
 
     def centre(n: int) -> tuple[float, float]:
         return (x0 + slot[n] * (box_w + gap_x) + box_w / 2,
-                height - top - int(rows[n].generation) * (box_h + gap_y) - box_h / 2)
+                height - top - nodes[n].generation * (box_h + gap_y) - box_h / 2)
 
     for g in range(levels):
         ax.text(x0 - 0.62, height - top - g * (box_h + gap_y) - box_h / 2, f"gen {g}", fontsize=9, weight="bold",
@@ -291,7 +329,7 @@ def tree_figure(view: RunView) -> Figure:
     path_edges = set(zip(path, path[1:]))
     boxes = {}
     for n, (title, body) in labels.items():
-        status = rows[n].status
+        status = view.status[n]
         fill, edge, style = STATUS_STYLE.get(status, STATUS_STYLE["rejected"])
         cx, cy = centre(n)
         highlight = n in on_path
@@ -309,10 +347,10 @@ def tree_figure(view: RunView) -> Figure:
     # Every child of an ancestors variant is taught by all its accepted ancestors, so drawing each of
     # those edges would bury the tree at 30 nodes; they are drawn into the accepted path's nodes and
     # the tables list every node's teachers.
-    for n, r in rows.items():
-        parent = _first_parent(r.parents)
-        extra = [t for t in json.loads(r.teachers) if t != parent and t in rows] if n in on_path else []
-        for t in ([parent] if parent in rows else []) + extra:
+    for n, node in nodes.items():
+        parent = _parent(node)
+        extra = [t for t in node.teachers if t != parent and t in nodes] if n in on_path else []
+        for t in ([parent] if parent in nodes else []) + extra:
             (px, py), (cx, cy) = centre(t), centre(n)
             first, bold = t == parent, (t, n) in path_edges
             # Endpoints on the box edges computed here: matplotlib's patch clipping is slow at 30+ nodes.
@@ -334,23 +372,31 @@ def tree_figure(view: RunView) -> Figure:
     return fig
 
 
+
+
 # -- accuracy vs size -----------------------------------------------------------------------------------
 
-def pareto_front(df: pd.DataFrame, size: str = "params") -> pd.DataFrame:
-    """Finished nodes no other node beats on both size (smaller) and validation accuracy (higher)."""
-    ok = df.dropna(subset=["val_acc"]).sort_values([size, "val_acc"], ascending=[True, False])
+def pareto_front(nodes: Iterable[Node], size: Callable[[Node], float] = _params) -> list[Node]:
+    """Finished nodes no other node beats on both size (smaller) and validation accuracy (higher),
+    smallest first."""
+    ok = sorted((n for n in nodes if not _missing(n.val_acc)), key=lambda n: (size(n), -n.val_acc))
     best, keep = float("-inf"), []
-    for i, acc in zip(ok.index, ok.val_acc):
-        if acc > best:
-            keep.append(i)
-            best = acc
-    return ok.loc[keep]
+    for n in ok:
+        if n.val_acc > best:
+            keep.append(n)
+            best = n.val_acc
+    return keep
+
+
+def _points(nodes: list[Node], size: Callable[[Node], float]) -> tuple[list[float], list[float]]:
+    """x (size) and y (validation accuracy) of nodes, for matplotlib."""
+    return [size(n) for n in nodes], [n.val_acc for n in nodes]
 
 
 def pareto_figure(view: RunView) -> Figure:
     """Validation accuracy vs params and vs FLOPs (log axes): every node, the Pareto front, the
     accepted path, the --max-drop budget line, the root and the final model labelled."""
-    df = view.frame.dropna(subset=["val_acc"])
+    done = [n for n in view.nodes.values() if not _missing(n.val_acc)]
     fig = Figure(figsize=(11, 4.6), dpi=110)
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, 2, sharey=True)
@@ -358,30 +404,31 @@ def pareto_figure(view: RunView) -> Figure:
     budget = None
     if root is not None and view.config.get("max_drop") is not None:
         budget = root.val_acc - float(view.config["max_drop"])
-    path = df.set_index("node").reindex(view.accepted_path()).dropna(subset=["val_acc"])
-    for ax, size, label in zip(axes, ("params", "flops"), ("parameters", "FLOPs per image")):
+    path = [view.nodes[i] for i in view.accepted_path() if not _missing(view.nodes[i].val_acc)]
+    # Legend entries in a stable order, whatever order the nodes were trained in.
+    by_status = {s: [n for n in done if view.status[n.node] == s] for s in sorted({view.status[n.node] for n in done})}
+    for ax, size, label in zip(axes, (_params, _flops), ("parameters", "FLOPs per image")):
         ax.set_xscale("log")
         ax.grid(True, which="both", alpha=0.25)
-        front = pareto_front(df, size)
-        ax.plot(front[size], front.val_acc, drawstyle="steps-post", color="#1f77b4", lw=1.2, alpha=0.8,
-                label="Pareto front", zorder=2)
-        ax.plot(path[size], path.val_acc, color=PATH_COLOR, lw=2, label="accepted path", zorder=3)
-        for status, group in df.groupby("status"):
+        ax.plot(*_points(pareto_front(done, size), size), drawstyle="steps-post", color="#1f77b4", lw=1.2,
+                alpha=0.8, label="Pareto front", zorder=2)
+        ax.plot(*_points(path, size), color=PATH_COLOR, lw=2, label="accepted path", zorder=3)
+        for status, group in by_status.items():
             fill, edge, _ = STATUS_STYLE.get(status, STATUS_STYLE["rejected"])
-            ax.scatter(group[size], group.val_acc, s=42, facecolor=fill, edgecolor=edge, linewidth=1.2,
+            ax.scatter(*_points(group, size), s=42, facecolor=fill, edgecolor=edge, linewidth=1.2,
                        label=status, zorder=4)
         if budget is not None:
             ax.axhline(budget, color="#cc0000", ls="--", lw=1.2, zorder=1,
                        label=f"budget: root − {float(view.config['max_drop']):g} pts")
         marks = [(root, "root", (10, -18))] if root is not None else []
-        if final is not None and not pd.isna(final.val_acc):
+        if final is not None and not _missing(final.val_acc):
             same = root is not None and final.node == root.node
             marks = [(final, "root = final" if same else "final", (-12, 14))] + marks[:0 if same else 1]
-        for row, text, offset in marks:
-            ax.annotate(f"{text} (#{row.node})", (row[size], row.val_acc), xytext=offset, textcoords="offset points",
+        for n, text, offset in marks:
+            ax.annotate(f"{text} (#{n.node})", (size(n), n.val_acc), xytext=offset, textcoords="offset points",
                         ha="right" if offset[0] < 0 else "left", fontsize=9, weight="bold",
                         arrowprops=dict(arrowstyle="-", color="#333333", lw=0.8), zorder=5)
-        _log_ticks(ax, df[size])
+        _log_ticks(ax, [size(n) for n in done])
         ax.set_xlabel(f"{label} (log scale)")
         ax.margins(x=0.12, y=0.08)
     axes[0].set_ylabel("validation accuracy (%)")
@@ -393,107 +440,113 @@ def pareto_figure(view: RunView) -> Figure:
 
 # -- tables ---------------------------------------------------------------------------------------------
 
-def _log_ticks(ax, values: pd.Series) -> None:
+def _log_ticks(ax, values: list[float]) -> None:
     """Tick labels like '150 k' that never crowd: intermediate ticks only as many as the span allows."""
-    decades = math.log10(values.max() / values.min()) if values.min() > 0 else 0
+    low = min(values, default=0)  # no finished node yet (a root still training): plain ticks
+    decades = math.log10(max(values) / low) if low > 0 else 0
     label = FuncFormatter(lambda v, _: _si(v))
     ax.xaxis.set_major_formatter(label)
     ax.xaxis.set_minor_locator(LogLocator(subs=(2, 5) if decades > 0.7 else (1.5, 2, 3, 5, 7)))
     ax.xaxis.set_minor_formatter(label if decades <= 3 else FuncFormatter(lambda v, _: ""))
 
 
-def node_table(view: RunView, nodes: pd.DataFrame) -> pd.DataFrame:
-    """Display form of lineage rows: one line per candidate, numbers formatted for people."""
+def node_table(view: RunView, nodes: list[Node]) -> pd.DataFrame:
+    """Display form of some of the run's nodes: one line per candidate, numbers formatted for people."""
     root = view.root
-    root_params = int(root.params) if root is not None else None
+    root_params = None if root is None else _params(root)
     out = pd.DataFrame({
-        "node": nodes.node.astype(int).astype(str),
-        "parent": [_num(_first_parent(p), "d") for p in nodes.parents],
-        "teachers": [", ".join(map(str, json.loads(t))) or "—" for t in nodes.teachers],
-        "operator": nodes.operator,
-        "architecture": [VGGSpec.from_json(s).summary() for s in nodes.spec],
-        "val %": [_num(v, ".2f") for v in nodes.val_acc],
-        "test %": [_num(v, ".2f") for v in nodes.test_acc],
-        "drop pts": [_num(v, ".2f") for v in nodes["drop"]],
-        "params": [f"{int(p):,}" for p in nodes.params],
-        "× smaller": [_num(_smaller(root_params, p), ".2f") for p in nodes.params],
-        "bytes": [_si(b, "B") for b in nodes.bytes],
-        "FLOPs": [_si(f) for f in nodes.flops],
-        "epochs": nodes.epochs.astype(str),
-        "seconds": [_num(s, ".1f") for s in nodes.seconds],
-        "status": nodes.status,
+        "node": [str(n.node) for n in nodes],
+        "parent": [_num(_parent(n), "d") for n in nodes],
+        "teachers": [", ".join(map(str, n.teachers)) or "—" for n in nodes],
+        "operator": [n.operator for n in nodes],
+        "architecture": [n.spec.summary() for n in nodes],
+        "val %": [_num(n.val_acc, ".2f") for n in nodes],
+        "test %": [_num(n.test_acc, ".2f") for n in nodes],
+        "drop pts": [_num(drop_pts(root, n), ".2f") for n in nodes],
+        "params": [f"{_params(n):,}" for n in nodes],
+        "× smaller": [_num(_smaller(root_params, _params(n)), ".2f") for n in nodes],
+        "bytes": [_si(n.spec.state_bytes(), "B") for n in nodes],
+        "FLOPs": [_si(_flops(n)) for n in nodes],
+        "epochs": [str(n.epochs) for n in nodes],
+        "seconds": [_num(n.seconds, ".1f") for n in nodes],
+        "status": [view.status[n.node] for n in nodes],
     })
     # Deployment figures, where the run measured them (not the smoke preset, not --no-deploy-figures).
-    if "latency_ms_b1" in nodes and nodes.latency_ms_b1.notna().any():
-        out.insert(12, "CPU ms (b1)", [_num(v, ".2f") for v in nodes.latency_ms_b1.to_numpy()])
-        out.insert(13, "CPU img/s (b64)", [_num(v, ",.0f") for v in nodes.throughput_b64.to_numpy()])
-        out.insert(14, "ONNX", [_si(v, "B") if pd.notna(v) else "—" for v in nodes.onnx_bytes.to_numpy()])
-    return out.reset_index(drop=True)
+    if any(_measured(n, "latency_ms_b1") for n in nodes):
+        out.insert(12, "CPU ms (b1)", [_num(n.deploy.get("latency_ms_b1"), ".2f") for n in nodes])
+        out.insert(13, "CPU img/s (b64)", [_num(n.deploy.get("throughput_b64"), ",.0f") for n in nodes])
+        out.insert(14, "ONNX", [_si(n.deploy.get("onnx_bytes"), "B") for n in nodes])
+    return out
 
 
 def generation_tables(view: RunView) -> list[tuple[str, pd.DataFrame]]:
     """(heading, table) per generation, the heading saying who the parents were and who was accepted."""
-    out = []
-    for g, nodes in view.frame.groupby("generation", sort=True):
-        table = node_table(view, nodes)
-        if g == 0:
-            heading = "Generation 0: the root"
-        else:
-            parents = sorted({p for p in (_first_parent(x) for x in nodes.parents) if p is not None})
-            accepted = ", ".join(map(str, nodes[nodes.status == "accepted"].node))
-            if not accepted:
-                undecided = nodes.status.isin(["running", "queued"]).any()
-                accepted = "not decided yet (nodes still running)" if undecided else "none"
-            heading = (f"Generation {g}: {len(nodes)} candidate{'s' * (len(nodes) != 1)} from parent"
-                       f"{'s' * (len(parents) != 1)} {', '.join(map(str, parents))}; accepted: {accepted}")
-        out.append((heading, table))
-    return out
+    by_generation: dict[int, list[Node]] = defaultdict(list)
+    for n in view.nodes.values():
+        by_generation[n.generation].append(n)
+    return [(_generation_heading(view, g, by_generation[g]), node_table(view, by_generation[g]))
+            for g in sorted(by_generation)]
+
+
+def _generation_heading(view: RunView, generation: int, nodes: list[Node]) -> str:
+    if generation == 0:
+        return "Generation 0: the root"
+    parents = sorted({p for p in map(_parent, nodes) if p is not None})
+    accepted = ", ".join(str(n.node) for n in nodes if view.status[n.node] == "accepted")
+    if not accepted:
+        undecided = any(view.status[n.node] in ("running", "queued") for n in nodes)
+        accepted = "not decided yet (nodes still running)" if undecided else "none"
+    return (f"Generation {generation}: {len(nodes)} candidate{'s' * (len(nodes) != 1)} from parent"
+            f"{'s' * (len(parents) != 1)} {', '.join(map(str, parents))}; accepted: {accepted}")
 
 
 def root_vs_final_table(view: RunView) -> pd.DataFrame:
     """Root vs final model: architecture, size, cost and accuracy, with the change between them, and
     the CPU deployment figures when the run measured them for both."""
     root, final = view.root, view.final
-    rows = {"architecture": ("spec", lambda v: VGGSpec.from_json(v).summary(), None),
-            "params": ("params", lambda v: f"{int(v):,}", "smaller"),
-            "bytes": ("bytes", lambda v: _si(v, "B"), "smaller"),
-            "FLOPs": ("flops", _si, "fewer"),
-            "validation accuracy %": ("val_acc", lambda v: _num(v, ".2f"), "drop"),
-            "test accuracy %": ("test_acc", lambda v: _num(v, ".2f"), "drop")}
-    if root is not None and final is not None and pd.notna(root.get("latency_ms_b1")) \
-            and pd.notna(final.get("latency_ms_b1")):
-        threads = _num(final.get("cpu_threads"), ".0f")
+    # row label: (the node's figure, how it is shown, the word for the change; None: no change shown)
+    rows = {"architecture": (lambda n: n.spec, lambda spec: spec.summary(), None),
+            "params": (_params, lambda v: f"{int(v):,}", "smaller"),
+            "bytes": (lambda n: n.spec.state_bytes(), lambda v: _si(v, "B"), "smaller"),
+            "FLOPs": (_flops, _si, "fewer"),
+            "validation accuracy %": (lambda n: n.val_acc, lambda v: _num(v, ".2f"), "drop"),
+            "test accuracy %": (lambda n: n.test_acc, lambda v: _num(v, ".2f"), "drop")}
+    if root is not None and final is not None and _measured(root, "latency_ms_b1") \
+            and _measured(final, "latency_ms_b1"):
+        threads = _num(final.deploy.get("cpu_threads"), ".0f")
         threads = f"{threads} thread{'s' * (threads != '1')}"
-        rows[f"CPU latency, batch 1, {threads} (ms)"] = ("latency_ms_b1", lambda v: _num(v, ".2f"), "faster")
-        rows[f"CPU throughput, batch 64, {threads} (img/s)"] = ("throughput_b64", lambda v: _num(v, ",.0f"),
-                                                                        "more")
-        rows["ONNX file"] = ("onnx_bytes", lambda v: _si(v, "B"), "smaller")
+        rows[f"CPU latency, batch 1, {threads} (ms)"] = (_deploy_figure("latency_ms_b1"), lambda v: _num(v, ".2f"),
+                                                         "faster")
+        rows[f"CPU throughput, batch 64, {threads} (img/s)"] = (_deploy_figure("throughput_b64"),
+                                                                lambda v: _num(v, ",.0f"), "more")
+        rows["ONNX file"] = (_deploy_figure("onnx_bytes"), lambda v: _si(v, "B"), "smaller")
     cols = {}
-    for label, row in ((f"root (#{root.node})" if root is not None else "root", root),
-                       (f"final (#{final.node})" if final is not None else "final", final)):
-        cols[label] = ["—" if row is None else show(row[key]) for key, show, _ in rows.values()]
-    change = []
-    for key, _, word in rows.values():
-        if root is None or final is None or word is None or pd.isna(root[key]) or pd.isna(final[key]) \
-                or (word != "drop" and not (root[key] and final[key])):  # ratios: nothing to divide by
-            change.append("")
-        elif word == "drop":
-            change.append(f"drop {_num(root[key] - final[key], '.2f')} pts")
-        elif word == "more":  # throughput: higher is better
-            change.append(f"{final[key] / root[key]:.2f}× {word}")
-        else:
-            change.append(f"{_smaller(root[key], final[key]):.2f}× {word}")
-    cols["change"] = change
+    for label, n in ((f"root (#{root.node})" if root is not None else "root", root),
+                     (f"final (#{final.node})" if final is not None else "final", final)):
+        cols[label] = ["—" if n is None else show(figure(n)) for figure, show, _ in rows.values()]
+    both = root is not None and final is not None
+    cols["change"] = [_change(figure(root), figure(final), word) if both else "" for figure, _, word in rows.values()]
     return pd.DataFrame(cols, index=list(rows))
+
+
+def _change(root_value, final_value, word: str | None) -> str:
+    """The change column of root_vs_final_table: '' where there is nothing to compare."""
+    if word is None or _missing(root_value) or _missing(final_value) \
+            or (word != "drop" and not (root_value and final_value)):  # ratios: nothing to divide by
+        return ""
+    if word == "drop":
+        return f"drop {_num(root_value - final_value, '.2f')} pts"
+    if word == "more":  # throughput: higher is better
+        return f"{final_value / root_value:.2f}× {word}"
+    return f"{_smaller(root_value, final_value):.2f}× {word}"
 
 
 def facts(view: RunView) -> list[tuple[str, str]]:
     """The one-line answers: why it stopped, how long it took, how many nodes of each kind."""
-    df = view.frame
-    counts = df.status.value_counts()
+    counts = Counter(view.status.values())
     kinds = ", ".join(f"{counts[s]} {s}" for s in ("accepted", "rejected", "failed", "pruned", "running", "queued")
                       if s in counts)
-    trained = _duration(df.seconds.fillna(0).sum())
+    trained = _duration(sum(n.seconds or 0 for n in view.nodes.values()))
     if view.wall_seconds is not None:
         wall = _duration(view.wall_seconds)
     elif view.span_seconds is not None:
@@ -504,7 +557,7 @@ def facts(view: RunView) -> list[tuple[str, str]]:
     c = view.config
     out = [("stopped because", view.stop_reason or "not recorded (the run has not finished)"),
            ("total wall time", wall),
-           ("nodes", f"{len(df)} over {int(df.generation.max()) + 1} generations ({kinds or 'root only'})")]
+           ("nodes", f"{len(view.nodes)} over {view.generations} generations ({kinds or 'root only'})")]
     if c:
         out.append(("variant", f"{c.get('variant')} (children {c.get('children')}, beam {c.get('beam')}, "
                                f"select {c.get('select')})"))
@@ -528,14 +581,18 @@ def write_report(run_dir: str | Path, *, storage: str | None = None, fmt: str = 
         raise IterkdError(f"unknown --format {fmt!r}; choose one of {', '.join(FORMATS)}")
     if fmt == "parquet" and not _has_pyarrow():
         raise IterkdError("--format parquet needs pandas' pyarrow backend: pip install 'iterkd[parquet]'")
-    view = load_run(run_dir, storage)
+    run = open_run(run_dir, storage)
+    view = run_view(run)
     run_dir = view.run_dir
+    # The one place the lineage becomes a table of strings, and only to be written: the report itself
+    # is drawn from `view`'s nodes.
+    frame = lineage_frame(run.study)
     tables = [run_dir / "lineage.csv"]
-    write_atomic(tables[0], view.frame.to_csv(index=False))
+    write_atomic(tables[0], frame.to_csv(index=False))
     if fmt == "parquet":
         tables.append(run_dir / "lineage.parquet")
         tmp = run_dir / f".lineage.parquet.{os.getpid()}.tmp"
-        view.frame.to_parquet(tmp, index=False)
+        frame.to_parquet(tmp, index=False)
         os.replace(tmp, tables[1])
     tree_svg = _render(tree_figure(view), "svg")
     plot_png = _render(pareto_figure(view), "png")

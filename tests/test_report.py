@@ -16,9 +16,10 @@ import pytest
 from iterkd.arch import VGGSpec
 from iterkd.cli import main
 from iterkd.errors import IterkdError
-from iterkd.lineage import node_attrs, set_selection
+from iterkd.lineage import Node, node_attrs, node_status, set_selection
 from iterkd.storage import open_study
-from iterkd.report import load_run, pareto_front, tidy_layout, tree_figure, write_report
+from iterkd.report import (RunView, load_run, pareto_figure, pareto_front, render_markdown, tidy_layout, tree_figure,
+                           write_report)
 from iterkd.spaces import load_space
 from iterkd.variants import diverse_order
 
@@ -162,10 +163,55 @@ def test_report_never_modifies_the_study(smoke_run, tmp_path):
 
 
 def test_pareto_front_keeps_only_undominated_nodes():
-    df = pd.DataFrame({"params": [100, 50, 50, 20, 10, 5], "flops": [0] * 6,
-                       "val_acc": [90.0, 89.0, 85.0, 89.5, 80.0, None]})
-    front = pareto_front(df)
-    assert front.params.tolist() == [10, 20, 100] and front.val_acc.tolist() == [80.0, 89.5, 90.0]
+    spec = load_space("tiny").root_spec(3, 10, 16, 1 / 16)
+    sizes = [100, 50, 50, 20, 10, 5]
+    accs = [90.0, 89.0, 85.0, 89.5, 80.0, None]  # the last one has no result: never on the front
+    nodes = [Node(node=i, state="COMPLETE", generation=1, parents=(0,), teachers=(0,), operator="x", spec=spec,
+                  val_acc=acc) for i, acc in enumerate(accs)]
+    front = pareto_front(nodes, size=lambda n: sizes[n.node])
+    assert [sizes[n.node] for n in front] == [10, 20, 100] and [n.val_acc for n in front] == [80.0, 89.5, 90.0]
+
+
+def test_report_is_drawn_from_nodes_alone(tmp_path):
+    """Every table and picture reads Node attributes: a view of four Nodes, with no study and no
+    lineage table behind it, gives parents, teachers, drops, deployment figures and teacher edges."""
+    space = load_space("tiny")
+    root_spec = space.root_spec(3, 10, 16, 1 / 16)
+    child_spec = diverse_order(space.moves(root_spec))[0].spec
+    grandchild_spec = diverse_order(space.moves(child_spec))[0].spec
+
+    def node(i, generation, parents, teachers, spec, acc=None, latency=None, state="COMPLETE", error=""):
+        deploy = {} if latency is None else {"latency_ms_b1": latency, "throughput_b64": 1000 / latency,
+                                             "cpu_threads": 1, "onnx_bytes": spec.state_bytes()}
+        return Node(node=i, state=state, generation=generation, parents=parents, teachers=teachers,
+                    operator="root" if not generation else f"move{i}(block=1)", spec=spec, val_acc=acc,
+                    test_acc=None if acc is None else acc - 0.5, seconds=2.0, epochs=3, error=error, deploy=deploy)
+
+    nodes = [node(0, 0, (), (), root_spec, 90.0, latency=2.0), node(1, 1, (0,), (0,), child_spec, 88.75, latency=0.5),
+             node(2, 2, (1,), (0, 1), grandchild_spec, state="FAIL", error="diverged"),
+             node(3, 2, (1,), (0, 1), grandchild_spec, 88.0, latency=0.25)]
+    view = RunView(tmp_path, "nodes", {"max_drop": 3.0, "variant": "ancestors-children"}, {n.node: n for n in nodes},
+                   {n.node: node_status(n, {1, 3}) for n in nodes}, "test over", 3, 10.0, ())
+    assert view.accepted_path() == [0, 1, 3] and view.root is nodes[0] and view.final is nodes[3]
+
+    summary, gen0, gen1, gen2, _ = md_tables(render_markdown(view))
+    assert "### Generation 2: 2 candidates from parent 1; accepted: 3" in render_markdown(view)
+    one = gen1.set_index("node").loc["1"]
+    assert (one["parent"], one["teachers"], one["drop pts"], one["status"]) == ("0", "0", "1.25", "accepted")
+    assert one["× smaller"] == f"{root_spec.params() / child_spec.params():.2f}" and one["CPU ms (b1)"] == "0.50"
+    two, three = gen2.set_index("node").loc["2"], gen2.set_index("node").loc["3"]
+    assert (two["val %"], two["drop pts"], two["CPU ms (b1)"], two["status"]) == ("—", "—", "—", "failed")
+    assert (three["parent"], three["teachers"], three["drop pts"]) == ("1", "0, 1", "2.00")
+    change = summary.set_index("")["change"]
+    assert change["validation accuracy %"] == "drop 2.00 pts"
+    assert change.filter(like="CPU latency").iloc[0] == "8.00× faster"
+
+    ax = tree_figure(view).axes[0]
+    arrows = [p for p in ax.patches if type(p).__name__ == "FancyArrowPatch"]
+    assert len(arrows) == 3 + 1  # one per parent; ancestor 0 teaches 2 and 3, drawn into path node 3 only
+    assert any("failed: diverged" in t.get_text() for t in ax.texts)
+    _, labels = pareto_figure(view).axes[0].get_legend_handles_labels()
+    assert set(labels) == {"Pareto front", "accepted path", "root", "accepted", "budget: root − 3 pts"}
 
 
 # -- the tree picture ---------------------------------------------------------------------------------
@@ -184,7 +230,7 @@ def test_tidy_layout_centres_parents_and_never_shares_a_slot():
 
 def test_tree_of_37_nodes_has_no_overlapping_boxes_or_labels(big_run):
     view = load_run(big_run)
-    assert len(view.frame) == 37 and {"failed", "pruned", "accepted", "rejected"} <= set(view.frame.status)
+    assert len(view.nodes) == 37 and {"failed", "pruned", "accepted", "rejected"} <= set(view.status.values())
     fig = tree_figure(view)
     renderer = fig.canvas.get_renderer()
     ax = fig.axes[0]
@@ -205,8 +251,7 @@ def test_tree_of_37_nodes_has_no_overlapping_boxes_or_labels(big_run):
     # Edges: one per parent, plus one dashed per ancestor teacher of a node on the accepted path.
     path = view.accepted_path()
     assert len(path) == 6 and path[0] == 0 and path[-1] == view.final_node
-    frame = view.frame.set_index("node")
-    extra = sum(len(json.loads(frame.teachers[n])) - 1 for n in path[1:])
+    extra = sum(len(view.nodes[n].teachers) - 1 for n in path[1:])
     arrows = [p for p in ax.patches if p.get_gid() is None and type(p).__name__ == "FancyArrowPatch"]
     assert len(arrows) == 36 + extra and extra == 1 + 2 + 3 + 4
     assert sum(a.get_linestyle() not in ("-", "solid") for a in arrows) == extra
