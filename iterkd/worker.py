@@ -34,12 +34,9 @@ POLL_S = 1.0  # how often a coordinator looks at the queued trials
 
 
 def claim(study: optuna.Study) -> optuna.Trial | None:
-    """Take one queued trial for this process, or None, and record this process as its owner."""
-    trial = claim_waiting(study)
-    if trial is not None:
-        for k, v in owner_attrs().items():  # pid first: a coordinator must never see the host without it
-            trial.set_user_attr(k, v)
-    return trial
+    """Take one queued trial for this process, or None, recording this process as its owner (and a
+    first heartbeat) in the same transaction: a kill at any moment leaves a trial the coordinator fails."""
+    return claim_waiting(study, owner_attrs())
 
 
 class Heartbeat:
