@@ -139,8 +139,10 @@ class WorkQueue:
         """Queue one node (Optuna's enqueue_trial); its move is fixed by `params`, its KD settings
         are sampled by the worker's trial."""
         self.study.enqueue_trial(params or {}, user_attrs=attrs)
-        waiting = self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,))
-        number = max(t.number for t in waiting if t.user_attrs.get("key") == attrs["key"])
+        # Its number: the newest trial of this candidate, in any state. Looking among the WAITING
+        # ones only failed (max() of nothing) whenever a worker claimed it before this line ran.
+        trials = self.study.get_trials(deepcopy=False)
+        number = max(t.number for t in trials if t.user_attrs.get("key") == attrs["key"])
         self.log(f"gen {attrs['generation']}: queued node {number} {attrs['operator']} for the workers")
         return number
 

@@ -16,7 +16,7 @@ import pytest
 
 from iterkd.errors import IterkdError
 from iterkd.storage import open_study
-from iterkd.worker import claim
+from iterkd.worker import WorkQueue, claim
 
 POSTGRES = os.environ.get("ITERKD_TEST_POSTGRES", "postgresql://iterkd:iterkd@127.0.0.1:5432/iterkd")
 
@@ -82,3 +82,21 @@ def test_a_remote_worker_killed_before_its_first_beat_is_failed_by_the_heartbeat
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             optuna.storages.fail_stale_trials(coordinator)  # what the coordinator's wait loop calls
     assert coordinator.get_trials()[0].state.name == "FAIL"
+
+
+def test_a_trial_claimed_before_the_coordinator_reads_it_back_keeps_its_number(tmp_path, monkeypatch):
+    """The coordinator queues a candidate, then looks its trial number up. A worker quick enough to
+    claim it in between made the lookup (among WAITING trials only) fail with max() of nothing."""
+    study = open_study(f"sqlite:///{tmp_path}/q.db", "q")
+    enqueue = study.enqueue_trial
+
+    def enqueue_and_lose_the_race(*args, **kwargs):
+        enqueue(*args, **kwargs)
+        assert claim(study) is not None  # the quicker worker
+
+    monkeypatch.setattr(study, "enqueue_trial", enqueue_and_lose_the_race)
+    queue = WorkQueue(type("Run", (), {"study": study})(), workers=None, log=lambda _: None)
+    attrs = {"key": "k0", "generation": 1, "operator": "drop_layer(block=1)"}
+    assert queue.enqueue(attrs) == 0
+    study.tell(0, state=optuna.trial.TrialState.FAIL)  # its worker died: the candidate is queued again
+    assert queue.enqueue(attrs) == 1  # the retry's number, not the failed trial's
