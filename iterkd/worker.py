@@ -20,6 +20,7 @@ from typing import Callable
 import optuna
 
 from . import storage as storage_mod
+from .choices import make_pruner, make_sampler
 from .config import SearchConfig, config_path
 from .errors import IterkdError
 from .lineage import NODE_ATTRS, Node
@@ -73,6 +74,10 @@ def run_worker(storage: str, name: str, *, run_dir: str | None = None, device: s
     run = open_run(None, storage, name=name)  # the run's settings as the coordinator saved them in the study
     here = {k: v for k, v in dict(run_dir=run_dir, device=device, data_dir=data_dir).items() if v is not None}
     run = replace(run, cfg=replace(run.cfg, storage=storage, workers=None, **here), run_dir=Path(run_dir or run.run_dir))
+    # Optuna does not store samplers and pruners: without these a worker's trials got Optuna's
+    # defaults (an unseeded TPE, a MedianPruner) whatever --sampler/--pruner the run was started with.
+    run.study.sampler = make_sampler(run.cfg.sampler, run.cfg.seed)
+    run.study.pruner = make_pruner(run.cfg.pruner, run.cfg.epochs)
     if not config_path(run.run_dir).exists():
         raise IterkdError(f"run directory {run.run_dir} has no config.json: a worker needs the run directory the "
                           "coordinator writes (a shared filesystem path); give it with --run-dir")

@@ -14,9 +14,12 @@ import warnings
 import optuna
 import pytest
 
+from iterkd import worker
 from iterkd.errors import IterkdError
+from iterkd.search import Search
 from iterkd.storage import open_study
 from iterkd.worker import WorkQueue, claim
+from tests.conftest import smoke_config
 
 POSTGRES = os.environ.get("ITERKD_TEST_POSTGRES", "postgresql://iterkd:iterkd@127.0.0.1:5432/iterkd")
 
@@ -100,3 +103,14 @@ def test_a_trial_claimed_before_the_coordinator_reads_it_back_keeps_its_number(t
     assert queue.enqueue(attrs) == 0
     study.tell(0, state=optuna.trial.TrialState.FAIL)  # its worker died: the candidate is queued again
     assert queue.enqueue(attrs) == 1  # the retry's number, not the failed trial's
+
+
+def test_a_worker_uses_the_runs_pruner(tmp_path, monkeypatch):
+    """Optuna stores no pruner (nor sampler): a worker that opened the study without them pruned
+    children with Optuna's default MedianPruner in a run started with --pruner none."""
+    cfg = smoke_config(tmp_path / "run", name="p", workers=0, pruner="none")
+    Search(cfg, progress=False, log=lambda _: None)  # creates the run, as a coordinator does
+    seen = {}
+    monkeypatch.setattr(worker, "_work", lambda run, trainer, log, poll_s: seen.setdefault("study", run.study) and 0)
+    worker.run_worker(f"sqlite:///{cfg.run_dir}/study.db", cfg.name, progress=False, log=lambda _: None)
+    assert isinstance(seen["study"].pruner, optuna.pruners.NopPruner)
