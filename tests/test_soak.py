@@ -183,16 +183,20 @@ def test_three_workers_killed_at_random_complete_every_candidate_once(tmp_path, 
     while rounds == 0 or time.monotonic() - start < SOAK_SECONDS:
         study, killed = _soak_round(tmp_path / f"round-{rounds}", storage, random.Random(SEED + rounds))
         trials = study.get_trials(deepcopy=False)
+        # Every trial (number, state, key, owner, error) in a failure's message: a soak fails rarely.
+        seen = f"round {rounds}, {killed} kills: " + "; ".join(
+            f"{t.number} {t.state.name} {t.user_attrs.get('key')} pid {t.user_attrs.get('pid')}"
+            + (f" error {t.user_attrs['error']!r}" if "error" in t.user_attrs else "") for t in trials)
         states = Counter(t.state.name for t in trials)
-        assert set(states) <= {"COMPLETE", "FAIL"}, states  # nothing RUNNING or WAITING is left
+        assert set(states) <= {"COMPLETE", "FAIL"}, seen  # nothing RUNNING or WAITING is left
         complete = Counter(t.user_attrs["key"] for t in trials if t.state.name == "COMPLETE")
-        assert len(complete) == len(reference) and set(complete.values()) == {1}  # each candidate once
+        assert len(complete) == len(reference) and set(complete.values()) == {1}, seen  # each candidate once
         failed = [t for t in trials if t.state.name == "FAIL"]
-        assert all(t.user_attrs["key"] in complete for t in failed)  # every killed candidate was trained again
-        assert all("error" not in t.user_attrs for t in failed), "a trial failed by an error, not by a kill"
-        assert len(failed) <= killed  # a worker holds one trial: a kill fails at most that one
-        assert failed, "no kill ever hit a training worker"
-        assert lineage_shape(study) == reference
+        assert all(t.user_attrs["key"] in complete for t in failed), seen  # killed candidates trained again
+        assert all("error" not in t.user_attrs for t in failed), f"a trial failed by an error, not a kill: {seen}"
+        assert len(failed) <= killed, seen  # a worker holds one trial: a kill fails at most that one
+        assert failed, f"no kill ever hit a training worker: {seen}"
+        assert lineage_shape(study) == reference, seen
         rounds, kills, retries = rounds + 1, kills + killed, retries + len(failed)
     with capsys.disabled():
         print(f"\nsoak: {rounds} round(s), {WORKERS} workers, {len(reference)} candidates per round, "
