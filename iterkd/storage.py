@@ -72,17 +72,51 @@ def _engine_kwargs(storage: str) -> dict:
     return {}
 
 
-def claim_waiting(study: optuna.Study) -> optuna.Trial | None:
-    """Take one WAITING trial for this process, or None. The WAITING -> RUNNING change is atomic in
-    the database (a row lock), so two workers never take the same trial; this is what Optuna's own
-    `Study.ask` does with enqueued trials, without its fallback of creating a fresh trial."""
-    storage = study._storage  # noqa: SLF001 - the storage API is public; Study does not expose it otherwise
+def claim_waiting(study: optuna.Study, owner: dict) -> optuna.Trial | None:
+    """Take one WAITING trial for this process, or None. The WAITING -> RUNNING change is one
+    conditional update in the database, so two workers never take the same trial; this is what
+    Optuna's own `Study.ask` does with enqueued trials, without its fallback of creating a fresh trial.
+
+    The same transaction records `owner` (pid, host) as user attributes and the trial's first
+    heartbeat. Written one after another, a worker killed between the state change and those writes
+    left a RUNNING trial that names no process and has no heartbeat: neither the coordinator's pid
+    check nor `fail_stale_trials` (which skips trials that never beat) would ever fail it, and the
+    search waited for it forever. Now a trial is either still WAITING or RUNNING with both."""
+    from datetime import datetime
+
+    from optuna.storages._rdb import models
+
+    backend = getattr(study._storage, "_backend", study._storage)  # noqa: SLF001 - under the trial cache
+    values = {k: json.dumps(v) for k, v in owner.items()}  # before the transaction: a bad value claims nothing
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,)):
+        trial_id = t._trial_id  # noqa: SLF001
+        session = backend.scoped_session()
         try:
-            if storage.set_trial_state_values(t._trial_id, state=optuna.trial.TrialState.RUNNING):  # noqa: SLF001
-                return optuna.Trial(study, t._trial_id)  # noqa: SLF001
-        except optuna.exceptions.UpdateFinishedTrialError:
-            continue
+            # One conditional UPDATE: the database evaluates "still WAITING" under the row's write lock
+            # (PostgreSQL re-checks it after a concurrent claimer commits; SQLite locks the file).
+            taken = session.query(models.TrialModel).filter(
+                models.TrialModel.trial_id == trial_id, models.TrialModel.state == optuna.trial.TrialState.WAITING,
+            ).update({"state": optuna.trial.TrialState.RUNNING,
+                      "datetime_start": datetime.now()},  # what Optuna's own claim records
+                     synchronize_session=False)
+            if taken != 1:  # another worker took it first, or the coordinator failed it
+                session.rollback()
+                continue
+            for key, value in values.items():
+                attr = session.query(models.TrialUserAttributeModel).filter_by(trial_id=trial_id, key=key).one_or_none()
+                if attr is None:
+                    session.add(models.TrialUserAttributeModel(trial_id=trial_id, key=key, value_json=value))
+                else:
+                    attr.value_json = value
+            if models.TrialHeartbeatModel.where_trial_id(trial_id, session) is None:
+                session.add(models.TrialHeartbeatModel(trial_id=trial_id))  # the server's clock, as Optuna's beats
+            session.commit()
+        except Exception:
+            session.rollback()
+            raise
+        finally:
+            session.close()
+        return optuna.Trial(study, trial_id)
     return None
 
 

@@ -20,6 +20,7 @@ from typing import Callable
 import optuna
 
 from . import storage as storage_mod
+from .choices import make_pruner, make_sampler
 from .config import SearchConfig, config_path
 from .errors import IterkdError
 from .lineage import NODE_ATTRS, Node
@@ -34,12 +35,9 @@ POLL_S = 1.0  # how often a coordinator looks at the queued trials
 
 
 def claim(study: optuna.Study) -> optuna.Trial | None:
-    """Take one queued trial for this process, or None, and record this process as its owner."""
-    trial = claim_waiting(study)
-    if trial is not None:
-        for k, v in owner_attrs().items():  # pid first: a coordinator must never see the host without it
-            trial.set_user_attr(k, v)
-    return trial
+    """Take one queued trial for this process, or None, recording this process as its owner (and a
+    first heartbeat) in the same transaction: a kill at any moment leaves a trial the coordinator fails."""
+    return claim_waiting(study, owner_attrs())
 
 
 class Heartbeat:
@@ -76,6 +74,10 @@ def run_worker(storage: str, name: str, *, run_dir: str | None = None, device: s
     run = open_run(None, storage, name=name)  # the run's settings as the coordinator saved them in the study
     here = {k: v for k, v in dict(run_dir=run_dir, device=device, data_dir=data_dir).items() if v is not None}
     run = replace(run, cfg=replace(run.cfg, storage=storage, workers=None, **here), run_dir=Path(run_dir or run.run_dir))
+    # Optuna does not store samplers and pruners: without these a worker's trials got Optuna's
+    # defaults (an unseeded TPE, a MedianPruner) whatever --sampler/--pruner the run was started with.
+    run.study.sampler = make_sampler(run.cfg.sampler, run.cfg.seed)
+    run.study.pruner = make_pruner(run.cfg.pruner, run.cfg.epochs)
     if not config_path(run.run_dir).exists():
         raise IterkdError(f"run directory {run.run_dir} has no config.json: a worker needs the run directory the "
                           "coordinator writes (a shared filesystem path); give it with --run-dir")
@@ -142,8 +144,10 @@ class WorkQueue:
         """Queue one node (Optuna's enqueue_trial); its move is fixed by `params`, its KD settings
         are sampled by the worker's trial."""
         self.study.enqueue_trial(params or {}, user_attrs=attrs)
-        waiting = self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,))
-        number = max(t.number for t in waiting if t.user_attrs.get("key") == attrs["key"])
+        # Its number: the newest trial of this candidate, in any state. Looking among the WAITING
+        # ones only failed (max() of nothing) whenever a worker claimed it before this line ran.
+        trials = self.study.get_trials(deepcopy=False)
+        number = max(t.number for t in trials if t.user_attrs.get("key") == attrs["key"])
         self.log(f"gen {attrs['generation']}: queued node {number} {attrs['operator']} for the workers")
         return number
 
