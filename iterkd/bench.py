@@ -21,7 +21,7 @@ from .data import DATASETS, DataSplits, normalize
 from .device import autocast, compile_mode, memory_format, resolve_precision
 from .losses import LossWeights
 from .models import VGG
-from .train import TrainSettings, train
+from .train import TrainSettings, sgd, train
 
 # Fashion-MNIST's shape (one channel, padded to 32x32, 10 classes); random pixels train at the same speed.
 ROOT = vgg_spec("vgg16", 1.0, in_channels=1)  # VGG-16-BN, 14.7M params
@@ -121,7 +121,8 @@ def run_bench(device: torch.device, plan: BenchPlan, *, compile: str = "auto", p
             spec = root if case.endswith("root") else child
             teaches = case.startswith("child_kd")
             # plain step / case step: 1.0 is a plain loop's speed, 0.9 is 10 % slower
-            vs_plain[case] = round(measured["plain_root" if spec is root else "plain_child"].step_s / m.step_s, 3)
+            vs_plain[case] = round(measured["plain_root" if case.endswith("root") else "plain_child"].step_s
+                                   / m.step_s, 3)
             yield {
                 "case": case, "device": _device_name(device), "model": spec.summary(), "params": spec.params(),
                 "mflops_per_img": round(spec.flops() / 1e6, 2), "teacher": root.summary() if teaches else None,
@@ -143,15 +144,14 @@ def run_bench(device: torch.device, plan: BenchPlan, *, compile: str = "auto", p
 
 def plain_loop(model: VGG, data: DataSplits, settings: TrainSettings, precision: str) -> float:
     """Seconds per step (fastest epoch after the first) of the loop anyone would write: the images
-    normalised once and indexed per batch (no augmentation), cross-entropy, the same fused
-    SGD+Nesterov without a schedule, and the fastest layout and precision iterkd knows for the
-    device (its own rules), so that the gap to train() is iterkd's own overhead."""
+    normalised once and indexed per batch (no augmentation), cross-entropy, train()'s fused
+    SGD+Nesterov without a schedule, and the layout, precision and compile mode that iterkd's rules
+    give the device, so that the gap to train() is iterkd's own overhead."""
     device, fmt, size = data.train_x.device, memory_format(data.train_x.device), settings.batch_size
     model = model.to(device, memory_format=fmt).train()
     mode = compile_mode(settings.compile, device, model.spec)
     forward = torch.compile(model, mode=mode) if mode else model
-    opt = torch.optim.SGD(model.parameters(), lr=settings.lr, momentum=settings.momentum, nesterov=True,
-                          weight_decay=settings.weight_decay, fused=True)
+    opt = sgd(list(model.parameters()), settings)
     x, y = normalize(data.train_x, data.info).contiguous(memory_format=fmt), data.train_y
     steps, best = len(x) // size, math.inf
     for epoch in range(settings.epochs):
