@@ -112,9 +112,9 @@ def test_an_ensemble_is_scored_on_its_averaged_probabilities(data):
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_training_runs_in_the_precision_asked_for_with_finite_losses_and_learns(data, monkeypatch, precision):
-    """bf16 is allowed here whatever the CPU (the probe says AVX512-BF16); where it is emulated it
-    is slow but computes the same dtypes, which is what this checks."""
-    monkeypatch.setattr(device, "cpu_bf16_kind", lambda flags=None: "avx512")
+    """The probe says AMX, where auto would take bf16: explicit fp32 must still never autocast, and
+    bf16 is allowed whatever the real CPU (emulated, it is slow but has the same dtypes)."""
+    monkeypatch.setattr(device, "cpu_bf16_kind", lambda flags=None: "amx")
     torch.manual_seed(0)
     teacher, student = VGG(TEACHER), VGG(STUDENT)
     seen = []  # (autocast on, dtype of the student's logits) at every training forward
@@ -126,6 +126,7 @@ def test_training_runs_in_the_precision_asked_for_with_finite_losses_and_learns(
     assert set(seen) == {(autocasts, torch.bfloat16 if autocasts else torch.float32)}
     assert all(math.isfinite(v) for v in labels_only.losses) and labels_only.losses[-1] < labels_only.losses[0]
     assert labels_only.val_acc > 25  # ten classes: chance is 10 %
+    assert student.blocks[0][0].weight.is_contiguous(memory_format=torch.channels_last)  # on CPU too
     distilled = train(VGG(STUDENT), data, replace(settings, epochs=1, loss=LossWeights(hint="fitnet")),
                       teachers=[teacher], hint_teacher=teacher, progress=False)
     assert math.isfinite(distilled.losses[0]) and 0 <= distilled.test_acc <= 100
