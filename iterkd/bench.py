@@ -1,8 +1,10 @@
 """`iterkd bench`: the training speed of the models a search trains — the root, a small child on
 labels alone, and that child distilled from the root with a live teacher or with the teacher cache
-— measured through train() itself and printed as one JSON line per case."""
+— measured through train() itself, each beside a plain PyTorch loop on the same model (the
+reference for iterkd's own overhead), printed as one JSON line per case and a summary line."""
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 import threading
@@ -11,19 +13,21 @@ from dataclasses import dataclass, replace
 from typing import Iterator
 
 import torch
+import torch.nn.functional as F
 
 from .arch import VGGSpec, vgg_spec
 from .cache import TeacherCache
-from .data import DATASETS, DataSplits
-from .device import compile_mode
+from .data import DATASETS, DataSplits, normalize
+from .device import autocast, compile_mode, memory_format, resolve_precision
 from .losses import LossWeights
 from .models import VGG
-from .train import TrainSettings, train
+from .train import TrainSettings, sgd, train
 
 # Fashion-MNIST's shape (one channel, padded to 32x32, 10 classes); random pixels train at the same speed.
 ROOT = vgg_spec("vgg16", 1.0, in_channels=1)  # VGG-16-BN, 14.7M params
 CHILD = VGGSpec(((8,), (16,), (32, 32), (64, 64)), in_channels=1)  # VGG-11 at 1/8 width minus its last block: 71.6k params, 1/146 of the root's FLOPs
-CASES = ("child_ce", "root", "child_kd_live", "child_kd_cached", "child_kd_cached_hint")
+# plain_*: a minimal PyTorch loop on the same model and batch size, the reference of the cases after it.
+CASES = ("plain_child", "child_ce", "plain_root", "root", "child_kd_live", "child_kd_cached", "child_kd_cached_hint")
 
 
 @dataclass(frozen=True)
@@ -33,16 +37,21 @@ class BenchPlan:
     child_samples: int  # ... in the child cases
     epochs: int  # per training run; the first epoch is warm-up (allocator, cuDNN autotuning, compilation), not timed
     views: int
-    # child_ce and child_kd_cached differ by a few small ops, so their ratio is the delicate figure:
-    # they are trained in alternation this many times, so a busy machine slows both alike.
+    # child_ce, child_kd_cached and plain_child differ by a few small ops, so their ratios are the
+    # delicate figures: they are trained in alternation this many times, so a busy machine slows all alike.
     repeats: int
+    root_repeats: int  # the same for root and plain_root (each run costs seconds on CPU)
 
 
 PLANS: dict[tuple[str, bool], BenchPlan] = {  # (device type, quick)
-    ("cpu", True): BenchPlan(batch_size=64, root_samples=128, child_samples=512, epochs=2, views=1, repeats=4),
-    ("cpu", False): BenchPlan(batch_size=128, root_samples=512, child_samples=8192, epochs=3, views=2, repeats=3),
-    ("cuda", True): BenchPlan(batch_size=512, root_samples=8192, child_samples=16384, epochs=3, views=2, repeats=2),
-    ("cuda", False): BenchPlan(batch_size=512, root_samples=55296, child_samples=55296, epochs=4, views=2, repeats=2),
+    ("cpu", True): BenchPlan(batch_size=64, root_samples=128, child_samples=512, epochs=2, views=1, repeats=4,
+                             root_repeats=2),
+    ("cpu", False): BenchPlan(batch_size=128, root_samples=512, child_samples=8192, epochs=3, views=2, repeats=3,
+                              root_repeats=2),
+    ("cuda", True): BenchPlan(batch_size=512, root_samples=8192, child_samples=16384, epochs=3, views=2, repeats=2,
+                              root_repeats=2),
+    ("cuda", False): BenchPlan(batch_size=512, root_samples=55296, child_samples=55296, epochs=4, views=2, repeats=2,
+                               root_repeats=2),
 }
 
 
@@ -70,17 +79,23 @@ class _Measured:
                          self.timed_epochs + other.timed_epochs)
 
 
-def run_bench(device: torch.device, plan: BenchPlan, *, compile: str = "auto", root: VGGSpec = ROOT,
-              child: VGGSpec = CHILD) -> Iterator[dict]:
-    """Measure every case and yield its figures in CASES order, each as soon as it is known."""
+def run_bench(device: torch.device, plan: BenchPlan, *, compile: str = "auto", precision: str = "auto",
+              root: VGGSpec = ROOT, child: VGGSpec = CHILD) -> Iterator[dict]:
+    """Measure every case and yield its figures in CASES order, each as soon as it is known, then
+    a summary: each iterkd case's speed as a share of its plain loop's (`vs_plain`)."""
     settings = TrainSettings(epochs=plan.epochs, batch_size=plan.batch_size, seed=0, views=plan.views,
-                             augment_seed=0, compile=compile)
+                             augment_seed=0, compile=compile, precision=precision)
+    resolved = resolve_precision(precision, device)
     data = {"root": random_data(plan.root_samples, device, root), "child": random_data(plan.child_samples, device, child)}
     teacher = _model(root, device).eval()
 
     with tempfile.TemporaryDirectory(prefix="iterkd-bench-") as cache_dir:
         def measure(case: str) -> _Measured:
-            spec, d = (root, data["root"]) if case == "root" else (child, data["child"])
+            spec, d = (root, data["root"]) if case.endswith("root") else (child, data["child"])
+            if case.startswith("plain_"):
+                with _PeakMemory(device) as peak:
+                    step_s = plain_loop(_model(spec, device), d, settings, resolved)
+                return _Measured(step_s, peak.mb, None, settings.epochs - 1)
             s, kw = settings, {}
             if case.startswith("child_kd"):  # the root teaches; the plain cached case leaves the hint out
                 kw = dict(teachers=[teacher], hint_teacher=teacher)
@@ -95,13 +110,19 @@ def run_bench(device: torch.device, plan: BenchPlan, *, compile: str = "auto", r
 
         build_s = _fill_cache(teacher, data["child"], plan, cache_dir)
         measured: dict[str, _Measured] = {}
-        for _ in range(plan.repeats):
-            for case in ("child_ce", "child_kd_cached"):
-                measured[case] = measure(case).best(measured.get(case))
+        for cases, repeats in ((("plain_child", "child_ce", "child_kd_cached"), plan.repeats),
+                               (("plain_root", "root"), plan.root_repeats)):
+            for _ in range(repeats):
+                for case in cases:
+                    measured[case] = measure(case).best(measured.get(case))
+        vs_plain = {}
         for case in CASES:
             m = measured.get(case) or measure(case)
-            spec = root if case == "root" else child
+            spec = root if case.endswith("root") else child
             teaches = case.startswith("child_kd")
+            # plain step / case step: 1.0 is a plain loop's speed, 0.9 is 10 % slower
+            vs_plain[case] = round(measured["plain_root" if case.endswith("root") else "plain_child"].step_s
+                                   / m.step_s, 3)
             yield {
                 "case": case, "device": _device_name(device), "model": spec.summary(), "params": spec.params(),
                 "mflops_per_img": round(spec.flops() / 1e6, 2), "teacher": root.summary() if teaches else None,
@@ -109,12 +130,46 @@ def run_bench(device: torch.device, plan: BenchPlan, *, compile: str = "auto", r
                 "timed_epochs": m.timed_epochs, "img_per_s": round(plan.batch_size / m.step_s, 1),
                 "step_ms": round(1000 * m.step_s, 2),
                 "step_ratio_vs_ce": round(m.step_s / measured["child_ce"].step_s, 3),
+                "vs_plain": vs_plain[case],
                 "cache_hit_rate": m.hit_rate,
                 "cache_build_s": round(build_s, 2) if case == "child_kd_cached" else None,
                 "peak_mem_mb": round(m.peak_mb, 1), "mem": _PeakMemory.kind_on(device),
-                "compile": compile_mode(compile, device, spec) or "off", "threads": torch.get_num_threads(),
-                "load_avg_1m": round(os.getloadavg()[0], 2), "torch": torch.__version__,
+                "compile": compile_mode(compile, device, spec) or "off", "precision": resolved,
+                "threads": torch.get_num_threads(), "load_avg_1m": round(os.getloadavg()[0], 2),
+                "torch": torch.__version__,
             }
+    yield {"summary": "vs_plain", "vs_plain": {c: r for c, r in vs_plain.items() if not c.startswith("plain_")},
+           "precision": resolved, "threads": torch.get_num_threads(), "load_avg_1m": round(os.getloadavg()[0], 2)}
+
+
+def plain_loop(model: VGG, data: DataSplits, settings: TrainSettings, precision: str) -> float:
+    """Seconds per step (fastest epoch after the first) of the loop anyone would write: the images
+    normalised once and indexed per batch (no augmentation), cross-entropy, train()'s fused
+    SGD+Nesterov without a schedule, and the layout, precision and compile mode that iterkd's rules
+    give the device, so that the gap to train() is iterkd's own overhead."""
+    device, fmt, size = data.train_x.device, memory_format(data.train_x.device), settings.batch_size
+    model = model.to(device, memory_format=fmt).train()
+    mode = compile_mode(settings.compile, device, model.spec)
+    forward = torch.compile(model, mode=mode) if mode else model
+    opt = sgd(list(model.parameters()), settings)
+    x, y = normalize(data.train_x, data.info).contiguous(memory_format=fmt), data.train_y
+    steps, best = len(x) // size, math.inf
+    for epoch in range(settings.epochs):
+        start = time.perf_counter()
+        order = torch.randperm(len(x), device=device)
+        for step in range(steps):
+            idx = order[step * size:(step + 1) * size]
+            if mode == "reduce-overhead":
+                torch.compiler.cudagraph_mark_step_begin()
+            with autocast(device, precision):
+                loss = F.cross_entropy(forward(x[idx]), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        loss.item()  # waits for the device, as train() does at the end of an epoch
+        if epoch:  # the first epoch is warm-up, as in train()'s cases
+            best = min(best, (time.perf_counter() - start) / steps)
+    return best
 
 
 def _model(spec: VGGSpec, device: torch.device) -> VGG:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .choices import PRUNERS, SAMPLERS
 from .data import DATASETS
-from .device import COMPILE_MODES
+from .device import COMPILE_MODES, PRECISIONS
 from .errors import IterkdError
 from .inherit import INIT_MODES
 from .losses import DEFAULT_HINT_WEIGHT, HINTS, LossWeights
@@ -165,6 +165,9 @@ class SearchConfig:
                          range=AT_LEAST_1)
     compile: str = setting("auto", "torch.compile mode (auto: CUDA graphs for small models on CUDA)", "speed",
                            choices=COMPILE_MODES, resumable=True)
+    # Not resumable: the precision changes a node's numbers, unlike --compile.
+    precision: str = setting("auto", "autocast precision (auto: bf16 where it is native and faster: CUDA GPUs, "
+                             "CPUs with AMX; fp32 elsewhere)", "speed", choices=PRECISIONS)
     # None: this process trains every node. N >= 0: it only coordinates (queues each generation's
     # candidates in the study) and starts N local `iterkd worker` processes; 0 = workers from elsewhere.
     workers: int | None = setting(None, "coordinate only: queue candidates in the study and start N local "

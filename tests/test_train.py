@@ -2,12 +2,15 @@
 and the ensemble accuracy a root made of several models has."""
 from __future__ import annotations
 
+import math
+from dataclasses import replace
+
 import pytest
 import torch
 
+from iterkd import device, losses
 from iterkd.arch import VGGSpec
 from iterkd.data import load_data, normalize
-from iterkd import losses
 from iterkd.errors import IterkdError
 from iterkd.losses import LossWeights, register_hint, unregister_hint
 from iterkd.models import VGG
@@ -105,3 +108,34 @@ def test_an_ensemble_is_scored_on_its_averaged_probabilities(data):
     expected = 100.0 * (probs.argmax(1) == data.val_y).float().mean().item()
     assert evaluate_ensemble([a, b], data.val_x, data.val_y, data) == pytest.approx(expected)
     assert evaluate_ensemble([a], data.val_x, data.val_y, data) == evaluate(a, data.val_x, data.val_y, data)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_training_runs_in_the_precision_asked_for_with_finite_losses_and_learns(data, monkeypatch, precision):
+    """The probe says AMX, where auto would take bf16: explicit fp32 must still never autocast, and
+    bf16 is allowed whatever the real CPU (emulated, it is slow but has the same dtypes)."""
+    monkeypatch.setattr(device, "cpu_bf16_kind", lambda flags=None: "amx")
+    torch.manual_seed(0)
+    teacher, student = VGG(TEACHER), VGG(STUDENT)
+    seen = []  # (autocast on, dtype of the student's logits) at every training forward
+    student.head.register_forward_hook(lambda m, i, out: seen.append((torch.is_autocast_enabled("cpu"), out.dtype)))
+    settings = TrainSettings(epochs=3, batch_size=50, precision=precision, augment=False)
+    labels_only = train(student, data, settings, progress=False)
+    autocasts = precision == "bf16"
+    assert labels_only.precision == precision
+    assert set(seen) == {(autocasts, torch.bfloat16 if autocasts else torch.float32)}
+    assert all(math.isfinite(v) for v in labels_only.losses) and labels_only.losses[-1] < labels_only.losses[0]
+    assert labels_only.val_acc > 25  # ten classes: chance is 10 %
+    assert student.blocks[0][0].weight.is_contiguous(memory_format=torch.channels_last)  # on CPU too
+    distilled = train(VGG(STUDENT), data, replace(settings, epochs=1, loss=LossWeights(hint="fitnet")),
+                      teachers=[teacher], hint_teacher=teacher, progress=False)
+    assert math.isfinite(distilled.losses[0]) and 0 <= distilled.test_acc <= 100
+
+
+def test_auto_precision_is_recorded_as_what_it_resolved_to(data, monkeypatch):
+    for kind, resolved in (("amx", "bf16"), (None, "fp32")):
+        monkeypatch.setattr(device, "cpu_bf16_kind", lambda flags=None, kind=kind: kind)
+        torch.manual_seed(0)
+        assert train(VGG(STUDENT), data, TrainSettings(epochs=1, batch_size=100), progress=False).precision == resolved
+    with pytest.raises(IterkdError, match="--precision bf16"):  # the probe still finds no native bf16
+        train(VGG(STUDENT), data, TrainSettings(epochs=1, precision="bf16"), progress=False)
