@@ -76,7 +76,7 @@ def run_node(run: Run, trial: optuna.Trial, model: VGG, fit: Fit, *, parent: Nod
                "test_acc": result.test_acc, "drop": round(drop, 4), "seconds": round(result.seconds, 2),
                "history": result.history, "images_per_s": round(result.images_per_s, 1),
                "budget": "within" if within_budget(drop, cfg.max_drop) else "over",
-               "teacher_cache_hit_rate": result.cache_hit_rate}
+               "teacher_cache_hit_rate": result.cache_hit_rate, "precision": result.precision}
     if cfg.deploy_figures:  # CPU latency/throughput + ONNX size, for the lineage and model cards
         from .deploy import node_figures
 

@@ -15,7 +15,7 @@ from .checkpoints import read_checkpoint
 from .choices import make_pruner, make_sampler, move_params
 from .config import SearchConfig
 from .data import dataset_info
-from .device import resolve_device
+from .device import resolve_device, resolve_precision
 from .errors import IterkdError
 from .faults import fault_point
 from .lineage import (Node, accepted, ancestry, lineage_card, lineage_frame, node_status, nodes, root_node, selections,
@@ -54,6 +54,7 @@ class Search:
                 self.space.root_spec(info.channels, info.num_classes, info.size, cfg.width)
             except IterkdError as e:
                 raise IterkdError(f"--width {cfg.width:g} with space {cfg.space}: {e}") from None
+        resolve_precision(cfg.precision, resolve_device(cfg.device))  # bf16 where it cannot run: refused now
         data = None if self.remote else cfg.load_data(resolve_device(cfg.device))
         self.sampler = make_sampler(cfg.sampler, cfg.seed)
         multi = cfg.objectives == "acc,params"

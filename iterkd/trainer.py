@@ -16,7 +16,7 @@ from .cache import TeacherCache
 from .checkpoints import load_model, save_checkpoint
 from .choices import move_params, suggest_kd, suggest_move
 from .data import DataSplits, dataset_info
-from .device import resolve_device
+from .device import resolve_device, resolve_precision
 from .errors import IterkdError
 from .inherit import inherit_weights
 from .lineage import Node, node_attrs, nodes
@@ -33,7 +33,7 @@ def train_settings(cfg, epochs: int, seed: int, *, child: bool = False) -> Train
     # Children share the run's augmentation views, so one teacher cache serves all of them.
     views = dict(views=cfg.views, augment_seed=cfg.seed) if child else {}
     return TrainSettings(epochs=epochs, batch_size=cfg.batch_size, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                         loss=cfg.loss_weights(), seed=seed, compile=cfg.compile, **views)
+                         loss=cfg.loss_weights(), seed=seed, compile=cfg.compile, precision=cfg.precision, **views)
 
 
 class NodeTrainer:
@@ -43,6 +43,7 @@ class NodeTrainer:
         self.space = load_space(self.cfg.space)
         self.info = dataset_info(self.cfg.dataset)
         self.device = resolve_device(self.cfg.device)
+        resolve_precision(self.cfg.precision, self.device)  # an impossible --precision is refused before any node
         self._data = data  # loaded on first use when not given
         self._models: dict[int | str, VGG] = {}  # node, or 'node-member' of an ensemble root
         self._caches: dict[int | str, TeacherCache] = {}
