@@ -117,7 +117,7 @@ class SearchConfig:
     max_step: float | None = setting(None, "largest step the controller grows to while children stay far inside "
                                      "the budget (a fraction of the parent's parameters)", "search",
                                      metavar="FRACTION", range=Range(0, 1, above=True),
-                                     default_text="the space's step")
+                                     default_text="the step the space starts with")
     # Checked between generations, so a generation under way always finishes (its nodes are kept).
     time_budget: float | None = setting(None, "start no new generation after this many seconds of wall-clock "
                                         "in this invocation (0: no limit)", "search", metavar="SECONDS",

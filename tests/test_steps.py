@@ -143,3 +143,16 @@ def test_the_controller_replays_recorded_attempts():
     nxt = steps.next_round(records, 2, [2])
     assert (nxt.number, nxt.step, nxt.overshot) == (0, 0.25, ())  # 0.9 > half the budget: no growth
     assert steps.next_round(records, 1, [5]).number == 0  # `iterkd select` chose other parents: a fresh start
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (dict(min_step=0.3, max_step=0.2), "--min-step 0.3 is larger than --max-step 0.2; lower --min-step"),
+    (dict(min_step=1.0), "--min-step and --max-step are fractions of the parent's parameters a child removes"),
+    (dict(min_step=0.0), "--min-step must be a number in (0, 1]"),
+    (dict(time_budget=-1.0), "--time-budget must be a finite number >= 0")])
+def test_step_settings_out_of_range_are_one_line_errors(tmp_path, flags, needle):
+    from iterkd.errors import IterkdError
+
+    with pytest.raises(IterkdError) as e:
+        smoke_config(tmp_path, **flags)
+    assert needle in str(e.value) and "\n" not in str(e.value)
