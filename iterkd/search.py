@@ -109,9 +109,10 @@ def step_records(study: optuna.Study) -> list[dict]:
 
 
 def record_step(study: optuna.Study, record: dict) -> None:
-    """Add a decided attempt to the study's `steps`, replacing the one a killed run recorded for it."""
-    kept = [r for r in step_records(study) if (r["generation"], r["round"]) != (record["generation"], record["round"])]
-    study.set_user_attr("steps", sorted(kept + [record], key=lambda r: (r["generation"], r["round"])))
+    """Add a decided attempt to the study's `steps`. Records from this attempt on are replaced: the
+    one a killed run wrote for it, and those of a path `iterkd select` has since abandoned."""
+    here = (record["generation"], record["round"])
+    study.set_user_attr("steps", [r for r in step_records(study) if (r["generation"], r["round"]) < here] + [record])
 
 
 class Search:

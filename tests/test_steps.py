@@ -13,6 +13,7 @@ import pytest
 
 import iterkd.trainer as trainer_mod
 from iterkd.lineage import lineage_frame, nodes, selections
+import iterkd.search as search_mod
 from iterkd.search import Search, StepController
 from iterkd.spaces import load_space
 from iterkd.storage import open_study
@@ -156,3 +157,66 @@ def test_step_settings_out_of_range_are_one_line_errors(tmp_path, flags, needle)
     with pytest.raises(IterkdError) as e:
         smoke_config(tmp_path, **flags)
     assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_recording_an_attempt_replaces_it_and_forgets_the_attempts_after_it():
+    import optuna
+
+    from iterkd.search import record_step, step_records
+
+    study = optuna.create_study()
+
+    def rec(generation, round_, outcome="accepted"):
+        return {"generation": generation, "round": round_, "step": 0.5, "outcome": outcome, "drop": 0.0,
+                "parents": [0], "nodes": []}
+
+    for r in (rec(1, 0, "backed-off"), rec(1, 1), rec(2, 0)):
+        record_step(study, r)
+    record_step(study, rec(1, 1))  # decided again (a resumed run, or after `iterkd select`)
+    assert [(r["generation"], r["round"]) for r in step_records(study)] == [(1, 0), (1, 1)]
+
+
+@pytest.mark.parametrize("point", ["between-generations", "selection", "retry-training"])
+def test_a_run_interrupted_around_a_back_off_resumes_to_the_uninterrupted_lineage(tmp_path, monkeypatch, point):
+    from tests.conftest import lineage_shape
+
+    fake_training(monkeypatch, overshoot_below(0.7))
+    _, reference = search(tmp_path / "reference", max_drop=2.0, max_generations=2)
+
+    real_point = search_mod.fault_point
+    fake_training(monkeypatch, overshoot_below(0.7))  # a fresh root size for the second run
+    fresh_train = trainer_mod.train
+    interrupted = {"done": False}
+
+    def interrupt_once():
+        if not interrupted["done"]:
+            interrupted["done"] = True
+            raise KeyboardInterrupt
+
+    def point_hook(name):
+        # The first time it is reached: right after generation 1's back-off (between-generations), or
+        # when the retry is accepted, its step recorded and its selection not yet (selection).
+        if name == point and not interrupted["done"]:
+            interrupt_once()
+        real_point(name)
+
+    def train_hook(model, data, settings, **kw):
+        if point == "retry-training" and kw.get("desc", "").startswith("gen 1 drop_block(block=1)"):
+            interrupt_once()
+        return fresh_train(model, data, settings, **kw)
+
+    monkeypatch.setattr("iterkd.search.fault_point", point_hook)
+    monkeypatch.setattr(trainer_mod, "train", train_hook)
+    cfg = smoke_config(tmp_path / "run", teacher_cache=False, max_drop=2.0, max_generations=2)
+    with pytest.raises(KeyboardInterrupt):
+        Search(cfg, progress=False).run()
+    assert interrupted["done"]
+    Search(cfg, progress=False).run()
+    study = open_study(f"sqlite:///{tmp_path}/run/study.db", cfg.name)
+    assert lineage_shape(study) == lineage_shape(reference)
+
+    def decisions(study):  # trial numbers differ: the interrupted trial took one
+        return [(r["generation"], r["round"], r["step"], r["target"], r["outcome"], r["drop"])
+                for r in study.user_attrs["steps"]]
+
+    assert decisions(study) == decisions(reference) and len(decisions(reference)) >= 3
