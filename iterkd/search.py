@@ -68,7 +68,7 @@ class StepController:
     in the study attribute `steps`; the controller's state is a pure function of those records, so
     a resumed run takes the steps an uninterrupted one takes."""
 
-    start: float  # the space's step, as a fraction removed
+    start: float  # the space's step, as a fraction removed (at most `largest`)
     smallest: float  # --min-step
     largest: float  # --max-step, else the start
     max_drop: float
@@ -210,8 +210,10 @@ class Search:
 
     @property
     def steps(self) -> StepController:
+        """The run's step controller: it starts at the space's step (no larger than --max-step)."""
         start = 1 - self.space.step
-        return StepController(start=start, smallest=self.cfg.min_step, largest=self.cfg.max_step or start,
+        largest = start if self.cfg.max_step is None else self.cfg.max_step
+        return StepController(start=min(start, largest), smallest=self.cfg.min_step, largest=largest,
                               max_drop=self.cfg.max_drop)
 
     def _limit(self, attempt: Round, seconds: float) -> str:
@@ -223,8 +225,8 @@ class Search:
             return (f"used the --time-budget of {cfg.time_budget:g} s ({seconds:.0f} s) before generation "
                     f"{attempt.generation}")
         if attempt.step < cfg.min_step and not attempt.number:
-            return (f"the space's step ({1 - self.space.step:.1%} of the parent's parameters) is below "
-                    f"--min-step {cfg.min_step:g}; lower --min-step")
+            return (f"the first step ({attempt.step:.1%} of the parent's parameters: the space's step, or "
+                    f"--max-step) is below --min-step {cfg.min_step:g}; lower --min-step")
         if attempt.step < cfg.min_step:
             last = max((r for r in step_records(self.study) if r["generation"] == attempt.generation
                         and r["outcome"] == "backed-off"), key=lambda r: r["round"])

@@ -220,3 +220,11 @@ def test_a_run_interrupted_around_a_back_off_resumes_to_the_uninterrupted_lineag
                 for r in study.user_attrs["steps"]]
 
     assert decisions(study) == decisions(reference) and len(decisions(reference)) >= 3
+
+
+def test_max_step_below_the_space_s_step_caps_the_first_step_too(tmp_path, monkeypatch):
+    fake_training(monkeypatch, lambda share: 0.0)
+    out, study = search(tmp_path, max_drop=4.0, max_step=0.2, max_generations=1)
+    assert [r["step"] for r in study.user_attrs["steps"]] == [0.2]
+    child = next(n for n in nodes(study) if n.generation == 1)
+    assert child.operator == "drop_block(block=1)"  # keeps 0.774 of the root: the closest to 0.8 (0.5: 0.66)
