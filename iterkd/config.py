@@ -108,6 +108,20 @@ class SearchConfig:
                               metavar="PTS", range=Range(0, 100, above=True))
     max_generations: int = setting(10, "stop after this many generations", "search", range=AT_LEAST_1,
                                    resumable=True)
+    # The step controller (docs/variants.md): a step is the fraction of its parent's parameters a
+    # child removes; it starts at the space's step, halves after an over-budget generation and grows
+    # by half after one far inside the budget.
+    min_step: float = setting(0.05, "smallest step: a child must remove at least this fraction of its parent's "
+                              "parameters; the search ends when no step this large stays within --max-drop",
+                              "search", metavar="FRACTION", range=Range(0, 1, above=True))
+    max_step: float | None = setting(None, "largest step the controller grows to while children stay far inside "
+                                     "the budget (a fraction of the parent's parameters)", "search",
+                                     metavar="FRACTION", range=Range(0, 1, above=True),
+                                     default_text="the step the space starts with")
+    # Checked between generations, so a generation under way always finishes (its nodes are kept).
+    time_budget: float | None = setting(None, "start no new generation after this many seconds of wall-clock "
+                                        "in this invocation (0: no limit)", "search", metavar="SECONDS",
+                                        range=NOT_NEGATIVE, resumable=True, default_text="no limit")
     children: int = setting(1, "candidates per parent and generation (*-children variants)", "search",
                             range=AT_LEAST_1)
     beam: int = setting(1, "accepted nodes kept per generation; more than 1 grows a tree", "search",
@@ -302,6 +316,10 @@ def validate(cfg: SearchConfig) -> SearchConfig:
     need(cfg.workers is None or cfg.sampler == "greedy",
          f"--workers needs --sampler greedy (the coordinator fixes each queued candidate's move in the space's "
          f"order); --sampler {cfg.sampler} chooses moves inside the trial and runs in one process only")
+    need(cfg.min_step < 1 and (cfg.max_step is None or cfg.max_step < 1),
+         "--min-step and --max-step are fractions of the parent's parameters a child removes: below 1")
+    if cfg.max_step is not None and cfg.min_step > cfg.max_step:
+        raise IterkdError(f"--min-step {cfg.min_step:g} is larger than --max-step {cfg.max_step:g}; lower --min-step")
     if not VARIANTS[cfg.variant].children and cfg.children != 1:
         several = " or ".join(name for name, v in VARIANTS.items() if v.children)
         raise IterkdError(f"--children {cfg.children} needs a *-children variant ({several}); "

@@ -1,6 +1,7 @@
 """The generation loop: train (or take) the root, then generation by generation ask the variant for
-slots and the space for moves, have each candidate trained (here, or by workers), select, and stop
-when the best child loses more than --max-drop points. Re-running on the same run directory resumes."""
+slots and the space for moves sized by the step controller, have each candidate trained (here, or by
+workers), select within --max-drop or back off to a smaller step, and stop when no step of at least
+--min-step stays within the budget (or at a limit). Re-running on the same run directory resumes."""
 from __future__ import annotations
 
 import itertools
@@ -21,7 +22,7 @@ from .faults import fault_point
 from .lineage import (Node, accepted, ancestry, lineage_card, lineage_frame, node_status, nodes, root_node, selections,
                       set_selection, within_budget, write_lineage_csv, write_note)
 from .run import WriterLock, fail_interrupted_trials, start_run, verify_checkpoints
-from .spaces import load_space
+from .spaces import Move, load_space
 from .storage import set_status
 from .trainer import NodeTrainer
 from .variants import VARIANTS, Slot, diverse_order
@@ -35,6 +36,83 @@ class SearchOutcome:
     stop_reason: str
     generations: int
     seconds: float
+
+
+@dataclass(frozen=True)
+class Round:
+    """One attempt at a generation: its number (0, then 1, 2, ... after each back-off), the step it
+    tries (the fraction of its parent's parameters a child removes) and the nodes the earlier
+    attempts of this generation trained (they overshot; no child of theirs is proposed again)."""
+
+    generation: int
+    number: int
+    step: float
+    overshot: tuple[int, ...] = ()
+
+    @property
+    def target(self) -> float:
+        """The child/parent parameter ratio this step aims at."""
+        return 1 - self.step
+
+    def key(self, slot: Slot, attempt: int) -> str:
+        # Round 0 keeps the key it always had, so runs made before back-offs existed resume unchanged.
+        return slot.key(self.generation, attempt) + (f"|r{self.number}" if self.number else "")
+
+
+@dataclass(frozen=True)
+class StepController:
+    """Sizes each generation's step against the budget. A generation whose best child is over
+    --max-drop backs off: the same parents try again with half the step (0.5 -> 0.25 -> 0.125 of
+    the parent removed, i.e. ratio 0.5 -> 0.75 -> 0.875). One whose best child lost at most half of
+    --max-drop lets the next step grow by half, up to `largest`. Every decided attempt is a record
+    in the study attribute `steps`; the controller's state is a pure function of those records, so
+    a resumed run takes the steps an uninterrupted one takes."""
+
+    start: float  # the space's step, as a fraction removed (at most `largest`)
+    smallest: float  # --min-step
+    largest: float  # --max-step, else the start
+    max_drop: float
+
+    BACK_OFF, GROW = 0.5, 1.5
+
+    def after(self, record: dict) -> float:
+        """The step that follows a decided attempt."""
+        if record["outcome"] == "backed-off":
+            return record["step"] * self.BACK_OFF
+        if record["drop"] <= self.max_drop / 2:
+            return min(self.largest, record["step"] * self.GROW)
+        return record["step"]
+
+    def next_round(self, records: list[dict], generation: int, parents: list[int]) -> Round:
+        """The attempt `generation` makes next from `parents`. Records of later generations, of this
+        one from other parents (`iterkd select` chose anew) and this generation's acceptance (its
+        selection was not written: it is decided again) do not count."""
+        step, number, overshot = self.start, 0, ()
+        for r in sorted(records, key=lambda r: (r["generation"], r["round"])):
+            current = r["generation"] == generation
+            if r["generation"] > generation or (current and (r["outcome"] != "backed-off" or r["parents"] != parents)):
+                continue
+            step = self.after(r)
+            if current:
+                number, overshot = number + 1, overshot + tuple(r["nodes"])
+        return Round(generation, number, step, overshot)
+
+    def allows(self, child: Move, parent: Node, floor: int) -> bool:
+        """A proposed child removes at least --min-step of its parent and, after a back-off, keeps
+        more parameters than every child of this parent that overshot (`floor`)."""
+        params = child.spec.params()
+        return 1 - params / parent.spec.params() >= self.smallest and params > floor
+
+
+def step_records(study: optuna.Study) -> list[dict]:
+    return list(study.user_attrs.get("steps", []))
+
+
+def record_step(study: optuna.Study, record: dict) -> None:
+    """Add a decided attempt to the study's `steps`. Records from this attempt on are replaced: the
+    one a killed run wrote for it, and those of a path `iterkd select` has since abandoned."""
+    here = (record["generation"], record["round"])
+    study.set_user_attr("steps", [r for r in step_records(study) if (r["generation"], r["round"]) < here] + [record])
 
 
 class Search:
@@ -92,24 +170,34 @@ class Search:
         frontier, generation = self._frontier(root)
         stop = ""
         while not stop:
-            if generation > self.cfg.max_generations:
-                stop = f"reached --max-generations {self.cfg.max_generations}"
+            attempt = self.steps.next_round(step_records(self.study), generation, [n.node for n in frontier])
+            stop = self._limit(attempt, time.perf_counter() - start)
+            if stop:
                 break
-            trained = self._train_generation(generation, frontier)
+            trained = self._train_generation(attempt, frontier)
             ok = [n for n in trained if n.ok]
             best = max(ok, key=lambda n: n.val_acc) if ok else None
             if not trained:
-                stop = "the space has no smaller child to propose (min_model reached)"
+                stop = self._nothing_to_propose(attempt, frontier)
             elif best is None:
                 stop = f"every candidate of generation {generation} failed"
-            elif not within_budget(root.val_acc - best.val_acc, self.cfg.max_drop):
-                stop = (f"best child of generation {generation} (node {best.node}) dropped "
-                        f"{root.val_acc - best.val_acc:.2f} points > --max-drop {self.cfg.max_drop:g}")
             else:
-                frontier = self._select(ok, root)
-                fault_point("selection")
-                set_selection(self.study, generation, [n.node for n in frontier])
-                generation += 1
+                drop = root.val_acc - best.val_acc
+                within = within_budget(drop, self.cfg.max_drop)
+                # Recorded before the selection: a run killed between the two decides this attempt again.
+                record_step(self.study, {"generation": generation, "round": attempt.number, "step": attempt.step,
+                                         "target": attempt.target, "parents": [n.node for n in frontier],
+                                         "outcome": "accepted" if within else "backed-off", "drop": drop,
+                                         "nodes": [n.node for n in trained]})
+                if within:
+                    frontier = self._select(ok, root)
+                    fault_point("selection")
+                    set_selection(self.study, generation, [n.node for n in frontier])
+                    generation += 1
+                else:
+                    self.log(f"gen {generation}: best child (node {best.node}) dropped {drop:.2f} points > "
+                             f"--max-drop {self.cfg.max_drop:g}; backing off to a step of "
+                             f"{attempt.step * StepController.BACK_OFF:.1%} from the same parents")
             self._refresh_notes(trained, root)
             write_lineage_csv(self.study, self.opened.run_dir / "lineage.csv")  # current while the search runs
             fault_point("between-generations")
@@ -120,6 +208,44 @@ class Search:
         self.study.set_user_attr("wall_seconds", self.study.user_attrs.get("wall_seconds", 0.0) + seconds)
         write_lineage_csv(self.study, self.opened.run_dir / "lineage.csv")
         return SearchOutcome(root, final, stop, generation - 1, seconds)
+
+    @property
+    def steps(self) -> StepController:
+        """The run's step controller: it starts at the space's step (no larger than --max-step)."""
+        start = 1 - self.space.step
+        largest = start if self.cfg.max_step is None else self.cfg.max_step
+        return StepController(start=min(start, largest), smallest=self.cfg.min_step, largest=largest,
+                              max_drop=self.cfg.max_drop)
+
+    def _limit(self, attempt: Round, seconds: float) -> str:
+        """Why the search stops before `attempt`, in words; empty when it goes on."""
+        cfg = self.cfg
+        if attempt.generation > cfg.max_generations:
+            return f"reached --max-generations {cfg.max_generations}"
+        if cfg.time_budget and seconds >= cfg.time_budget:
+            return (f"used the --time-budget of {cfg.time_budget:g} s ({seconds:.0f} s) before generation "
+                    f"{attempt.generation}")
+        if attempt.step < cfg.min_step and not attempt.number:
+            return (f"the first step ({attempt.step:.1%} of the parent's parameters: the space's step, or "
+                    f"--max-step) is below --min-step {cfg.min_step:g}; lower --min-step")
+        if attempt.step < cfg.min_step:
+            last = max((r for r in step_records(self.study) if r["generation"] == attempt.generation
+                        and r["outcome"] == "backed-off"), key=lambda r: r["round"])
+            return (f"no step of at least --min-step {cfg.min_step:g} of the parent stays within --max-drop "
+                    f"{cfg.max_drop:g}: generation {attempt.generation}'s smallest step ({last['step']:.1%} of "
+                    f"node(s) {', '.join(map(str, last['parents']))}) still dropped {last['drop']:.2f} points")
+        return ""
+
+    def _nothing_to_propose(self, attempt: Round, frontier: list[Node]) -> str:
+        """Why a generation had no candidate, in words."""
+        parents = ", ".join(str(n.node) for n in frontier)
+        if attempt.number:
+            return (f"generation {attempt.generation} overshot --max-drop {self.cfg.max_drop:g} and node(s) "
+                    f"{parents} have no smaller step of at least --min-step {self.cfg.min_step:g} left to try")
+        if any(self.space.moves(n.spec) for n in frontier):
+            return (f"every child the space allows from node(s) {parents} removes less than --min-step "
+                    f"{self.cfg.min_step:g} of its parent's parameters")
+        return "the space has no smaller child to propose (min_model reached)"
 
     def _refresh_notes(self, generation_nodes: list[Node], root: Node) -> None:
         """Rewrite a generation's dashboard notes once selection has decided each node's status."""
@@ -151,18 +277,28 @@ class Search:
             ranked = sorted(within, key=lambda n: (-n.val_acc, n.spec.params(), first[n.key]))
         return ranked[:self.cfg.beam]
 
-    def _train_generation(self, generation: int, frontier: list[Node]) -> list[Node]:
+    def _train_generation(self, attempt: Round, frontier: list[Node]) -> list[Node]:
         trained = []
         for slot in self.variant.plan(frontier, lambda n: ancestry(nodes(self.study), n), self.cfg.children):
-            trained += self._fill_slot(generation, slot)
+            trained += self._fill_slot(attempt, slot)
         return trained
 
-    def _fill_slot(self, generation: int, slot: Slot) -> list[Node]:
+    def _moves(self, attempt: Round, parent: Node) -> list[Move]:
+        """The children this attempt may propose from `parent`, closest to its step first."""
+        earlier = [n for n in nodes(self.study) if n.node in attempt.overshot and n.parents[:1] == (parent.node,)]
+        floor = max((n.spec.params() for n in earlier if n.ok), default=0)
+        tried = {n.spec for n in earlier}
+        return [m for m in self.space.moves(parent.spec, target=attempt.target)
+                if m.spec not in tried and self.steps.allows(m, parent, floor)]
+
+    def _fill_slot(self, attempt: Round, slot: Slot) -> list[Node]:
         """Train `slot.count` children of one parent (or reuse those a previous run trained). A child
         that diverges is replaced by another move; if every child was pruned, more moves are tried
         until one completes or the space has none left, so one bad child does not end the search.
         In process, candidates are trained one at a time; with workers, as many as are still needed
         are queued at once (the same moves, in the same order) and trained in parallel."""
+        generation = attempt.generation
+        allowed = self._moves(attempt, slot.parent)
         results: list[Node] = []
         attempts = itertools.count()
         while True:
@@ -174,7 +310,7 @@ class Search:
             planned = {n.spec for n in results}
             grew = False
             for _ in range(wave):
-                key = slot.key(generation, next(attempts))
+                key = attempt.key(slot, next(attempts))
                 node = self._existing(key)
                 if node is not None:
                     self.log(f"gen {generation}: reusing node {node.node} {node.operator} (already trained)")
@@ -182,7 +318,7 @@ class Search:
                     planned.add(node.spec)
                     grew = True
                     continue
-                moves = [m for m in diverse_order(self.space.moves(slot.parent.spec)) if m.spec not in planned]
+                moves = [m for m in diverse_order(allowed) if m.spec not in planned]
                 if not moves:
                     break
                 if self.remote:

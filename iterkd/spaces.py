@@ -171,11 +171,12 @@ class SearchSpace:
             return VGGSpec(blocks, in_channels, num_classes, input_size)
         return vgg_spec(self.root_arch, self.root_width if width is None else width, in_channels, num_classes, input_size)
 
-    def moves(self, spec: VGGSpec) -> list[Move]:
+    def moves(self, spec: VGGSpec, target: float | None = None) -> list[Move]:
         """Every child the space allows from `spec`, those whose size ratio to the parent is closest
-        to `step` first (on a log scale; ties: the smaller child, then YAML order). A step of 0.5
-        halves the model per generation: big enough to compress, small enough that a few epochs of
-        distillation recover the accuracy."""
+        to `target` first (on a log scale; ties: the smaller child, then YAML order). The target is
+        the space's `step` unless the search's step controller asks for another ratio (a smaller
+        step after an overshoot). A step of 0.5 halves the model per generation: big enough to
+        compress, small enough that a few epochs of distillation recover the accuracy."""
         seen, moves = set(), []
         for name, params in self.operators:
             for m in OPERATORS[name](spec, params):
@@ -183,10 +184,10 @@ class SearchSpace:
                     seen.add(m.spec)
                     moves.append(m)
         order = {m: i for i, m in enumerate(moves)}
-        target = math.log(self.step)
+        log_target = math.log(self.step if target is None else target)
 
         def preference(m: Move):
-            return (round(abs(math.log(m.spec.params() / spec.params()) - target), 9), m.spec.params(), order[m])
+            return (round(abs(math.log(m.spec.params() / spec.params()) - log_target), 9), m.spec.params(), order[m])
 
         return sorted(moves, key=preference)
 
