@@ -2,6 +2,7 @@
 
 The fields are where a setting is defined; this keeps the page from drifting from them
 (tests/test_cli.py checks that the page holds what this script writes)."""
+
 import re
 import sys
 from pathlib import Path
@@ -26,14 +27,20 @@ def table() -> str:
         for name, f in SETTINGS.items():
             if f.metadata["group"] == group:
                 metavar = flag_options(name).get("metavar")
-                meaning = f.metadata["help"] + (f"; one of {', '.join(f.metadata['choices'])}"
-                                                if "choices" in f.metadata else "")
-                lines.append(f"| `{cell(flag(name) + (' ' + metavar if metavar else ''))}` "
-                             f"| {cell(default_note(name) or '—')} | {cell(meaning)} |")
+                meaning = f.metadata["help"] + (
+                    f"; one of {', '.join(f.metadata['choices'])}" if "choices" in f.metadata else ""
+                )
+                lines.append(
+                    f"| `{cell(flag(name) + (' ' + metavar if metavar else ''))}` "
+                    f"| {cell(default_note(name) or '—')} | {cell(meaning)} |"
+                )
         lines.append("")
     resumable = ", ".join(f"`{flag(name)}`" for name in SETTINGS if name in RESUMABLE_OVERRIDES)
-    lines += [f"A resumed run may change {resumable}; any other flag that differs from the run's is refused.",
-              "", END]
+    lines += [
+        f"A resumed run may change {resumable}; any other flag that differs from the run's is refused.",
+        "",
+        END,
+    ]
     return "\n".join(lines)
 
 

@@ -3,6 +3,7 @@ in an Optuna study.
 
     >>> from iterkd import SearchConfig, run_search, load
 """
+
 from __future__ import annotations
 
 from .arch import VGGSpec, vgg_spec
@@ -28,4 +29,13 @@ def load(path):
     return _load(path)
 
 
-__all__ = ["SearchConfig", "VGGSpec", "IterkdError", "build_config", "load", "load_model", "run_search", "vgg_spec"]
+__all__ = [
+    "SearchConfig",
+    "VGGSpec",
+    "IterkdError",
+    "build_config",
+    "load",
+    "load_model",
+    "run_search",
+    "vgg_spec",
+]

@@ -2,6 +2,7 @@
 
 A spec is a frozen dataclass that round-trips through JSON; models are built from it (iterkd.models).
 """
+
 from __future__ import annotations
 
 import json
@@ -43,31 +44,43 @@ class VGGSpec:
         """The one validation of a spec, wherever it comes from (code, a space YAML, a checkpoint's
         metadata): types, positive sizes and the size ceiling, all before any tensor exists."""
         blocks = self.blocks
-        if not isinstance(blocks, (list, tuple)) or not blocks or not all(
-                isinstance(b, (list, tuple)) and b and all(_is_count(w) for w in b) for b in blocks):
-            raise IterkdError("invalid VGG spec: blocks must be a non-empty list of blocks, each a non-empty list "
-                              f"of conv widths >= 1, got {short_repr(blocks)}")
+        if (
+            not isinstance(blocks, (list, tuple))
+            or not blocks
+            or not all(isinstance(b, (list, tuple)) and b and all(_is_count(w) for w in b) for b in blocks)
+        ):
+            raise IterkdError(
+                "invalid VGG spec: blocks must be a non-empty list of blocks, each a non-empty list "
+                f"of conv widths >= 1, got {short_repr(blocks)}"
+            )
         if sum(len(b) for b in blocks) > MAX_CONVS:
-            raise IterkdError(f"invalid VGG spec: {sum(len(b) for b in blocks)} convs, more than the {MAX_CONVS} "
-                              "iterkd builds")
+            raise IterkdError(
+                f"invalid VGG spec: {sum(len(b) for b in blocks)} convs, more than the {MAX_CONVS} "
+                "iterkd builds"
+            )
         object.__setattr__(self, "blocks", tuple(tuple(int(w) for w in b) for b in blocks))
         for name in ("in_channels", "num_classes", "input_size"):
             if not _is_count(getattr(self, name)):
-                raise IterkdError(f"invalid VGG spec: {name} must be an integer >= 1, "
-                                  f"got {short_repr(getattr(self, name))}")
+                raise IterkdError(
+                    f"invalid VGG spec: {name} must be an integer >= 1, got {short_repr(getattr(self, name))}"
+                )
             object.__setattr__(self, name, int(getattr(self, name)))
         if not isinstance(self.batch_norm, bool):
-            raise IterkdError(f"invalid VGG spec: batch_norm must be true or false, got {short_repr(self.batch_norm)}")
+            raise IterkdError(
+                f"invalid VGG spec: batch_norm must be true or false, got {short_repr(self.batch_norm)}"
+            )
         if self.params() > MAX_PARAMS:
-            raise IterkdError(f"invalid VGG spec: {_approx(self.params())} parameters, more than the {MAX_PARAMS:.0e} "
-                              f"iterkd builds ({4 * MAX_PARAMS / 1e9:.0f} GB of fp32 weights)")
+            raise IterkdError(
+                f"invalid VGG spec: {_approx(self.params())} parameters, more than the {MAX_PARAMS:.0e} "
+                f"iterkd builds ({4 * MAX_PARAMS / 1e9:.0f} GB of fp32 weights)"
+            )
 
     # -- serialisation -------------------------------------------------------------------------
     def to_json(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"))
 
     @classmethod
-    def from_json(cls, text: str | dict) -> "VGGSpec":
+    def from_json(cls, text: str | dict) -> VGGSpec:
         """A spec from its JSON (a string or the parsed mapping); anything that is not one raises
         IterkdError, since the text may come from a file someone else wrote."""
         try:
@@ -75,7 +88,9 @@ class VGGSpec:
         except (ValueError, RecursionError) as e:  # ValueError: bad JSON, bad UTF-8, a 5000-digit number
             raise IterkdError(f"invalid VGG spec: not JSON ({e})") from None
         if not isinstance(data, dict):
-            raise IterkdError(f"invalid VGG spec: expected a JSON object with 'blocks', got {short_repr(data)}")
+            raise IterkdError(
+                f"invalid VGG spec: expected a JSON object with 'blocks', got {short_repr(data)}"
+            )
         known = [f.name for f in fields(cls)]
         unknown = sorted(set(data) - set(known))
         if unknown or "blocks" not in data:
@@ -113,7 +128,13 @@ class VGGSpec:
         """Compact human form, e.g. '5 conv [8x2|16x2|32]' (widths per block, 'x' repeats)."""
         parts = []
         for b in self.blocks:
-            parts.append("-".join(str(w) for w in b) if len(set(b)) > 1 else f"{b[0]}x{len(b)}" if len(b) > 1 else str(b[0]))
+            parts.append(
+                "-".join(str(w) for w in b)
+                if len(set(b)) > 1
+                else f"{b[0]}x{len(b)}"
+                if len(b) > 1
+                else str(b[0])
+            )
         return f"{self.convs} conv [{'|'.join(parts)}]"
 
     # -- cost ----------------------------------------------------------------------------------
@@ -153,8 +174,9 @@ class VGGSpec:
         return total + 2 * c_in * self.num_classes
 
 
-def vgg_spec(name: str, width: float = 1.0, in_channels: int = 3, num_classes: int = 10,
-             input_size: int = 32) -> VGGSpec:
+def vgg_spec(
+    name: str, width: float = 1.0, in_channels: int = 3, num_classes: int = 10, input_size: int = 32
+) -> VGGSpec:
     """A classic VGG (vgg11/13/16/19) with every conv width multiplied by `width` (at least 1)."""
     if name not in VGG_PRESETS:
         raise IterkdError(f"unknown architecture {name!r}; choose one of {', '.join(VGG_PRESETS)}")

@@ -2,6 +2,7 @@
 labels alone, and that child distilled from the root with a live teacher or with the teacher cache
 — measured through train() itself, each beside a plain PyTorch loop on the same model (the
 reference for iterkd's own overhead), printed as one JSON line per case and a summary line."""
+
 from __future__ import annotations
 
 import math
@@ -9,8 +10,8 @@ import os
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
-from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -25,9 +26,19 @@ from .train import TrainSettings, sgd, train
 
 # Fashion-MNIST's shape (one channel, padded to 32x32, 10 classes); random pixels train at the same speed.
 ROOT = vgg_spec("vgg16", 1.0, in_channels=1)  # VGG-16-BN, 14.7M params
-CHILD = VGGSpec(((8,), (16,), (32, 32), (64, 64)), in_channels=1)  # VGG-11 at 1/8 width minus its last block: 71.6k params, 1/146 of the root's FLOPs
+CHILD = VGGSpec(
+    ((8,), (16,), (32, 32), (64, 64)), in_channels=1
+)  # VGG-11 at 1/8 width minus its last block: 71.6k params, 1/146 of the root's FLOPs
 # plain_*: a minimal PyTorch loop on the same model and batch size, the reference of the cases after it.
-CASES = ("plain_child", "child_ce", "plain_root", "root", "child_kd_live", "child_kd_cached", "child_kd_cached_hint")
+CASES = (
+    "plain_child",
+    "child_ce",
+    "plain_root",
+    "root",
+    "child_kd_live",
+    "child_kd_cached",
+    "child_kd_cached_hint",
+)
 
 
 @dataclass(frozen=True)
@@ -44,14 +55,18 @@ class BenchPlan:
 
 
 PLANS: dict[tuple[str, bool], BenchPlan] = {  # (device type, quick)
-    ("cpu", True): BenchPlan(batch_size=64, root_samples=128, child_samples=512, epochs=2, views=1, repeats=4,
-                             root_repeats=2),
-    ("cpu", False): BenchPlan(batch_size=128, root_samples=512, child_samples=8192, epochs=3, views=2, repeats=3,
-                              root_repeats=2),
-    ("cuda", True): BenchPlan(batch_size=512, root_samples=8192, child_samples=16384, epochs=3, views=2, repeats=2,
-                              root_repeats=2),
-    ("cuda", False): BenchPlan(batch_size=512, root_samples=55296, child_samples=55296, epochs=4, views=2, repeats=2,
-                               root_repeats=2),
+    ("cpu", True): BenchPlan(
+        batch_size=64, root_samples=128, child_samples=512, epochs=2, views=1, repeats=4, root_repeats=2
+    ),
+    ("cpu", False): BenchPlan(
+        batch_size=128, root_samples=512, child_samples=8192, epochs=3, views=2, repeats=3, root_repeats=2
+    ),
+    ("cuda", True): BenchPlan(
+        batch_size=512, root_samples=8192, child_samples=16384, epochs=3, views=2, repeats=2, root_repeats=2
+    ),
+    ("cuda", False): BenchPlan(
+        batch_size=512, root_samples=55296, child_samples=55296, epochs=4, views=2, repeats=2, root_repeats=2
+    ),
 }
 
 
@@ -62,7 +77,7 @@ def random_data(n: int, device: torch.device, spec: VGGSpec, seed: int = 0) -> D
     x = torch.randint(0, 256, size, dtype=torch.uint8, generator=g)
     y = torch.randint(0, spec.num_classes, (n + 128,), generator=g)
     info = DATASETS["fashion-mnist"]
-    return DataSplits(info, x[:n], y[:n], x[n:n + 64], y[n:n + 64], x[n + 64:], y[n + 64:]).to(device)
+    return DataSplits(info, x[:n], y[:n], x[n : n + 64], y[n : n + 64], x[n + 64 :], y[n + 64 :]).to(device)
 
 
 @dataclass(frozen=True)
@@ -72,24 +87,46 @@ class _Measured:
     hit_rate: float | None
     timed_epochs: int
 
-    def best(self, other: "_Measured | None") -> "_Measured":
+    def best(self, other: _Measured | None) -> _Measured:
         if other is None:
             return self
-        return _Measured(min(self.step_s, other.step_s), max(self.peak_mb, other.peak_mb), self.hit_rate,
-                         self.timed_epochs + other.timed_epochs)
+        return _Measured(
+            min(self.step_s, other.step_s),
+            max(self.peak_mb, other.peak_mb),
+            self.hit_rate,
+            self.timed_epochs + other.timed_epochs,
+        )
 
 
-def run_bench(device: torch.device, plan: BenchPlan, *, compile: str = "auto", precision: str = "auto",
-              root: VGGSpec = ROOT, child: VGGSpec = CHILD) -> Iterator[dict]:
+def run_bench(
+    device: torch.device,
+    plan: BenchPlan,
+    *,
+    compile: str = "auto",
+    precision: str = "auto",
+    root: VGGSpec = ROOT,
+    child: VGGSpec = CHILD,
+) -> Iterator[dict]:
     """Measure every case and yield its figures in CASES order, each as soon as it is known, then
     a summary: each iterkd case's speed as a share of its plain loop's (`vs_plain`)."""
-    settings = TrainSettings(epochs=plan.epochs, batch_size=plan.batch_size, seed=0, views=plan.views,
-                             augment_seed=0, compile=compile, precision=precision)
+    settings = TrainSettings(
+        epochs=plan.epochs,
+        batch_size=plan.batch_size,
+        seed=0,
+        views=plan.views,
+        augment_seed=0,
+        compile=compile,
+        precision=precision,
+    )
     resolved = resolve_precision(precision, device)
-    data = {"root": random_data(plan.root_samples, device, root), "child": random_data(plan.child_samples, device, child)}
+    data = {
+        "root": random_data(plan.root_samples, device, root),
+        "child": random_data(plan.child_samples, device, child),
+    }
     teacher = _model(root, device).eval()
 
     with tempfile.TemporaryDirectory(prefix="iterkd-bench-") as cache_dir:
+
         def measure(case: str) -> _Measured:
             spec, d = (root, data["root"]) if case.endswith("root") else (child, data["child"])
             if case.startswith("plain_"):
@@ -100,8 +137,12 @@ def run_bench(device: torch.device, plan: BenchPlan, *, compile: str = "auto", p
             if case.startswith("child_kd"):  # the root teaches; the plain cached case leaves the hint out
                 kw = dict(teachers=[teacher], hint_teacher=teacher)
                 s = replace(s, loss=LossWeights(hint_weight=0.0 if case == "child_kd_cached" else 1.0))
-            if case.startswith("child_kd_cached"):  # reopened from its file, as a sibling or a resumed run finds it
-                kw["teacher_cache"] = [TeacherCache(teacher, d, seed=0, views=plan.views, directory=cache_dir, node=0)]
+            if case.startswith(
+                "child_kd_cached"
+            ):  # reopened from its file, as a sibling or a resumed run finds it
+                kw["teacher_cache"] = [
+                    TeacherCache(teacher, d, seed=0, views=plan.views, directory=cache_dir, node=0)
+                ]
             with _PeakMemory(device) as peak:
                 result = train(_model(spec, device), d, s, progress=False, **kw)
             hit_rate = result.cache_hit_rate if "teacher_cache" in kw else (0.0 if kw else None)
@@ -110,8 +151,10 @@ def run_bench(device: torch.device, plan: BenchPlan, *, compile: str = "auto", p
 
         build_s = _fill_cache(teacher, data["child"], plan, cache_dir)
         measured: dict[str, _Measured] = {}
-        for cases, repeats in ((("plain_child", "child_ce", "child_kd_cached"), plan.repeats),
-                               (("plain_root", "root"), plan.root_repeats)):
+        for cases, repeats in (
+            (("plain_child", "child_ce", "child_kd_cached"), plan.repeats),
+            (("plain_root", "root"), plan.root_repeats),
+        ):
             for _ in range(repeats):
                 for case in cases:
                     measured[case] = measure(case).best(measured.get(case))
@@ -121,25 +164,40 @@ def run_bench(device: torch.device, plan: BenchPlan, *, compile: str = "auto", p
             spec = root if case.endswith("root") else child
             teaches = case.startswith("child_kd")
             # plain step / case step: 1.0 is a plain loop's speed, 0.9 is 10 % slower
-            vs_plain[case] = round(measured["plain_root" if case.endswith("root") else "plain_child"].step_s
-                                   / m.step_s, 3)
+            vs_plain[case] = round(
+                measured["plain_root" if case.endswith("root") else "plain_child"].step_s / m.step_s, 3
+            )
             yield {
-                "case": case, "device": _device_name(device), "model": spec.summary(), "params": spec.params(),
-                "mflops_per_img": round(spec.flops() / 1e6, 2), "teacher": root.summary() if teaches else None,
-                "hint": teaches and case != "child_kd_cached", "batch_size": plan.batch_size,
-                "timed_epochs": m.timed_epochs, "img_per_s": round(plan.batch_size / m.step_s, 1),
+                "case": case,
+                "device": _device_name(device),
+                "model": spec.summary(),
+                "params": spec.params(),
+                "mflops_per_img": round(spec.flops() / 1e6, 2),
+                "teacher": root.summary() if teaches else None,
+                "hint": teaches and case != "child_kd_cached",
+                "batch_size": plan.batch_size,
+                "timed_epochs": m.timed_epochs,
+                "img_per_s": round(plan.batch_size / m.step_s, 1),
                 "step_ms": round(1000 * m.step_s, 2),
                 "step_ratio_vs_ce": round(m.step_s / measured["child_ce"].step_s, 3),
                 "vs_plain": vs_plain[case],
                 "cache_hit_rate": m.hit_rate,
                 "cache_build_s": round(build_s, 2) if case == "child_kd_cached" else None,
-                "peak_mem_mb": round(m.peak_mb, 1), "mem": _PeakMemory.kind_on(device),
-                "compile": compile_mode(compile, device, spec) or "off", "precision": resolved,
-                "threads": torch.get_num_threads(), "load_avg_1m": round(os.getloadavg()[0], 2),
+                "peak_mem_mb": round(m.peak_mb, 1),
+                "mem": _PeakMemory.kind_on(device),
+                "compile": compile_mode(compile, device, spec) or "off",
+                "precision": resolved,
+                "threads": torch.get_num_threads(),
+                "load_avg_1m": round(os.getloadavg()[0], 2),
                 "torch": torch.__version__,
             }
-    yield {"summary": "vs_plain", "vs_plain": {c: r for c, r in vs_plain.items() if not c.startswith("plain_")},
-           "precision": resolved, "threads": torch.get_num_threads(), "load_avg_1m": round(os.getloadavg()[0], 2)}
+    yield {
+        "summary": "vs_plain",
+        "vs_plain": {c: r for c, r in vs_plain.items() if not c.startswith("plain_")},
+        "precision": resolved,
+        "threads": torch.get_num_threads(),
+        "load_avg_1m": round(os.getloadavg()[0], 2),
+    }
 
 
 def plain_loop(model: VGG, data: DataSplits, settings: TrainSettings, precision: str) -> float:
@@ -158,7 +216,7 @@ def plain_loop(model: VGG, data: DataSplits, settings: TrainSettings, precision:
         start = time.perf_counter()
         order = torch.randperm(len(x), device=device)
         for step in range(steps):
-            idx = order[step * size:(step + 1) * size]
+            idx = order[step * size : (step + 1) * size]
             if mode == "reduce-overhead":
                 torch.compiler.cudagraph_mark_step_begin()
             with autocast(device, precision):

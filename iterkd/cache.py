@@ -1,6 +1,7 @@
 """Teacher soft-label cache: a teacher's logits computed once per (teacher node, sample, augmentation
 view) and reused by every student it teaches, kept as fp16 in the run directory for resumed runs.
 A file is only ever reused for the same teacher weights, data, augmentation seed and views."""
+
 from __future__ import annotations
 
 import hashlib
@@ -51,20 +52,45 @@ class TeacherCache:
     Hits: a lookup is a miss when it is the first use of an output computed in this process, a hit
     when an earlier lookup (a sibling, an earlier epoch) or an earlier run already used it."""
 
-    def __init__(self, teacher: VGG, data: DataSplits, *, seed: int, views: int, directory: str | Path | None = None,
-                 node: int | None = None, batch_size: int = 1000):
+    def __init__(
+        self,
+        teacher: VGG,
+        data: DataSplits,
+        *,
+        seed: int,
+        views: int,
+        directory: str | Path | None = None,
+        node: int | None = None,
+        batch_size: int = 1000,
+    ):
         if views < 1:
             raise ValueError(f"a teacher cache needs at least one view, got {views}")
-        self.teacher, self.data, self.seed, self.views, self.batch_size = teacher, data, seed, views, batch_size
+        self.teacher, self.data, self.seed, self.views, self.batch_size = (
+            teacher,
+            data,
+            seed,
+            views,
+            batch_size,
+        )
         self.n = len(data.train_x)
         self.device = data.train_x.device
-        self.path = None if directory is None else \
-            Path(directory) / f"node-{node}-seed-{seed}-views-{views}-n-{self.n}.safetensors"
+        self.path = (
+            None
+            if directory is None
+            else Path(directory) / f"node-{node}-seed-{seed}-views-{views}-n-{self.n}.safetensors"
+        )
         self.weights = weights_fingerprint(teacher)
         # The key of the file: _load reuses a file only when all of it matches.
-        self.metadata = {"format": FORMAT, "seed": str(seed), "views": str(views), "n": str(self.n),
-                         "dataset": data.info.name, "data": data_fingerprint(data), "teacher": teacher.spec.to_json(),
-                         "weights": self.weights}
+        self.metadata = {
+            "format": FORMAT,
+            "seed": str(seed),
+            "views": str(views),
+            "n": str(self.n),
+            "dataset": data.info.name,
+            "data": data_fingerprint(data),
+            "teacher": teacher.spec.to_json(),
+            "weights": self.weights,
+        }
         self._logits: dict[int, torch.Tensor] = {}  # view -> (n, classes) fp16 on the data's device
         self._seen: dict[int, torch.Tensor] = {}  # view -> (n,) bool: already looked up once
         self._lookups = torch.zeros((), dtype=torch.int64, device=self.device)
@@ -97,7 +123,9 @@ class TeacherCache:
         with torch.no_grad(), autocast(self.device):
             for idx, x in view_batches(self.data, self.seed, view, self.batch_size):
                 # Clamped into fp16's range: beyond +-65504 softmax at any temperature >= 1 is one-hot anyway.
-                out[idx] = self.teacher(x.contiguous(memory_format=fmt)).float().clamp(-FP16_MAX, FP16_MAX).half()
+                out[idx] = (
+                    self.teacher(x.contiguous(memory_format=fmt)).float().clamp(-FP16_MAX, FP16_MAX).half()
+                )
         self._logits[view] = out
         self._seen[view] = torch.zeros(self.n, dtype=torch.bool, device=self.device)
         if self.path is not None:

@@ -1,5 +1,6 @@
 """Checkpoints: safetensors files (no pickle, so loading never runs code) whose metadata carries
 the node's architecture spec; written atomically so a crash never leaves a half file that looks good."""
+
 from __future__ import annotations
 
 import json
@@ -37,7 +38,9 @@ def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metada
         os.replace(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)
-        raise IterkdError(f"could not write {path}: {e.strerror or e}; free disk space or choose another --run-dir") from None
+        raise IterkdError(
+            f"could not write {path}: {e.strerror or e}; free disk space or choose another --run-dir"
+        ) from None
     return path
 
 
@@ -55,12 +58,16 @@ def read_checkpoint(path: str | Path) -> tuple[VGGSpec, dict[str, torch.Tensor],
         # The spec is only arithmetic so far: refuse one its tensors do not fill before anything is
         # loaded or built, so metadata describing a huge model costs nothing.
         if numel != spec.state_numel():
-            raise IterkdError(f"checkpoint {path}: weights do not match its spec {spec.summary()} "
-                              f"({numel} values stored, {spec.state_numel()} expected)")
+            raise IterkdError(
+                f"checkpoint {path}: weights do not match its spec {spec.summary()} "
+                f"({numel} values stored, {spec.state_numel()} expected)"
+            )
         state = load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise IterkdError(f"checkpoint {path} is corrupt or not a safetensors file ({str(e).splitlines()[0]}); "
-                          "iterkd checkpoints are .safetensors files written by iterkd") from None
+        raise IterkdError(
+            f"checkpoint {path} is corrupt or not a safetensors file ({str(e).splitlines()[0]}); "
+            "iterkd checkpoints are .safetensors files written by iterkd"
+        ) from None
     return spec, state, extra
 
 
@@ -71,15 +78,18 @@ def _parse_metadata(metadata: dict[str, str], path: Path) -> tuple[VGGSpec, dict
     try:
         spec = VGGSpec.from_json(metadata["spec"])
     except IterkdError as e:
-        raise IterkdError(f"checkpoint {path}: metadata 'spec' is an {e}; was it written by iterkd?") from None
+        raise IterkdError(
+            f"checkpoint {path}: metadata 'spec' is an {e}; was it written by iterkd?"
+        ) from None
     extra = {}
     for key, value in metadata.items():
         if key not in ("format", "spec"):
             try:
                 extra[key] = json.loads(value)
             except (ValueError, RecursionError):
-                raise IterkdError(f"checkpoint {path}: metadata {key!r} is not JSON; "
-                                  "was it written by iterkd?") from None
+                raise IterkdError(
+                    f"checkpoint {path}: metadata {key!r} is not JSON; was it written by iterkd?"
+                ) from None
     return spec, extra
 
 
@@ -90,6 +100,7 @@ def load_model(path: str | Path) -> VGG:
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
-        raise IterkdError(f"checkpoint {path}: weights do not match its spec {spec.summary()} "
-                          f"({str(e).splitlines()[0]})") from None
+        raise IterkdError(
+            f"checkpoint {path}: weights do not match its spec {spec.summary()} ({str(e).splitlines()[0]})"
+        ) from None
     return model.eval()

@@ -5,9 +5,10 @@ The parameter domains are the same for every trial of a run, so the sampler lear
 generations: `operator` (the space's operator names), `position` (relative depth of the block to
 act on, 0 = first block, 1 = last), `scope` and `factor` (shrink_widths). A suggestion is resolved
 to the nearest move the parent actually allows."""
+
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import optuna
 
@@ -56,8 +57,12 @@ def suggest_move(trial: optuna.Trial, space: SearchSpace, parent: VGGSpec, moves
 
     def distance(m: Move) -> tuple:
         p = move_params(m, parent)
-        return (p["operator"] != want["operator"], p.get("scope") != want.get("scope"),
-                p.get("factor") != want.get("factor"), abs(p.get("position", 0.0) - want.get("position", 0.0)))
+        return (
+            p["operator"] != want["operator"],
+            p.get("scope") != want.get("scope"),
+            p.get("factor") != want.get("factor"),
+            abs(p.get("position", 0.0) - want.get("position", 0.0)),
+        )
 
     chosen = min(moves, key=distance)  # min keeps the first of equals: the space's order breaks ties
     trial.set_user_attr("move", chosen.label)
@@ -95,8 +100,9 @@ SAMPLERS: dict[str, Callable[[int], optuna.samplers.BaseSampler]] = {
 PRUNERS: dict[str, Callable[[int], optuna.pruners.BasePruner]] = {
     "none": lambda epochs: optuna.pruners.NopPruner(),
     "median": lambda epochs: optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1),
-    "hyperband": lambda epochs: optuna.pruners.HyperbandPruner(min_resource=1, max_resource=max(epochs, 2),
-                                                               reduction_factor=3),
+    "hyperband": lambda epochs: optuna.pruners.HyperbandPruner(
+        min_resource=1, max_resource=max(epochs, 2), reduction_factor=3
+    ),
 }
 
 

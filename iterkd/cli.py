@@ -1,5 +1,6 @@
 """Command line: `iterkd search | spaces | report | export | compare | select | dashboard | bench`. User mistakes
 (IterkdError) are printed as one line with a non-zero exit; anything else is a bug and keeps its traceback."""
+
 from __future__ import annotations
 
 import argparse
@@ -8,7 +9,17 @@ import signal
 import sys
 from pathlib import Path
 
-from .config import (SETTING_TYPES, SETTINGS, Range, build_config, check_name, default_note, flag, preset_values, resume_config)
+from .config import (
+    SETTING_TYPES,
+    SETTINGS,
+    Range,
+    build_config,
+    check_name,
+    default_note,
+    flag,
+    preset_values,
+    resume_config,
+)
 from .device import COMPILE_MODES
 from .errors import IterkdError
 from .run import read_config
@@ -33,7 +44,9 @@ def _number(text: str) -> float:
         num, _, den = text.partition("/")
         return float(num) / float(den) if den else float(num)
     except (ValueError, ZeroDivisionError):
-        raise argparse.ArgumentTypeError(f"expected a number (or a fraction such as 1/8), got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected a number (or a fraction such as 1/8), got {text!r}"
+        ) from None
 
 
 def _on_off(text: str) -> bool:
@@ -44,6 +57,7 @@ def _on_off(text: str) -> bool:
 
 def _int_in(valid: Range):
     """An argparse type: an integer within `valid`, refused in one line that names the range."""
+
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -52,11 +66,16 @@ def _int_in(valid: Range):
         if not valid.admits(value, integer=True):
             raise argparse.ArgumentTypeError(f"must be {valid.describe(integer=True)}, got {value}")
         return value
+
     return parse
 
 
-SEARCH_GROUPS = {"search": "what to search", "run": "run", "training": "training (override the preset)",
-                 "speed": "speed (docs/performance.md)"}
+SEARCH_GROUPS = {
+    "search": "what to search",
+    "run": "run",
+    "training": "training (override the preset)",
+    "speed": "speed (docs/performance.md)",
+}
 
 
 def flag_options(name: str) -> dict:
@@ -129,16 +148,21 @@ def cmd_search(args) -> int:
     from .storage import redact_url
 
     cfg, resumed = config_from_args(args)
-    print(f"iterkd: {'resuming' if resumed else 'starting'} run {cfg.name!r} in {cfg.run_dir} "
-          f"(preset {cfg.preset}, space {cfg.space}, dataset {cfg.dataset}, variant {cfg.variant}, "
-          f"max-drop {cfg.max_drop:g})" + (f", storage {redact_url(cfg.storage)}" if cfg.storage else ""))
+    print(
+        f"iterkd: {'resuming' if resumed else 'starting'} run {cfg.name!r} in {cfg.run_dir} "
+        f"(preset {cfg.preset}, space {cfg.space}, dataset {cfg.dataset}, variant {cfg.variant}, "
+        f"max-drop {cfg.max_drop:g})" + (f", storage {redact_url(cfg.storage)}" if cfg.storage else "")
+    )
     previous = signal.signal(signal.SIGTERM, _terminate)  # kill, systemd and schedulers: as Ctrl-C
     try:
         search = Search(cfg, progress=not args.no_progress)
         out = search.run()
     except KeyboardInterrupt as e:
-        print(f"\niterkd: {'terminated' if isinstance(e, Terminated) else 'interrupted'}; finished nodes are kept. "
-              f"Resume with: iterkd resume {cfg.run_dir}", file=sys.stderr)
+        print(
+            f"\niterkd: {'terminated' if isinstance(e, Terminated) else 'interrupted'}; finished nodes are kept. "
+            f"Resume with: iterkd resume {cfg.run_dir}",
+            file=sys.stderr,
+        )
         return 143 if isinstance(e, Terminated) else 130
     finally:
         signal.signal(signal.SIGTERM, previous)
@@ -148,9 +172,11 @@ def cmd_search(args) -> int:
         print(summary_table(search.study).to_string(index=False))
     r, f = out.root, out.final
     print(f"stopped: {out.stop_reason}")
-    print(f"final model: node {f.node} {f.spec.summary()}: {f.spec.params():,} params "
-          f"({r.spec.params() / f.spec.params():.1f}x smaller than the root's {r.spec.params():,}), "
-          f"val {f.val_acc:.2f}% (drop {r.val_acc - f.val_acc:.2f} pts), test {f.test_acc:.2f}%")
+    print(
+        f"final model: node {f.node} {f.spec.summary()}: {f.spec.params():,} params "
+        f"({r.spec.params() / f.spec.params():.1f}x smaller than the root's {r.spec.params():,}), "
+        f"val {f.val_acc:.2f}% (drop {r.val_acc - f.val_acc:.2f} pts), test {f.test_acc:.2f}%"
+    )
     print(f"lineage: {Path(cfg.run_dir) / 'lineage.csv'}  ({out.seconds:.0f}s this session)")
     from .report import write_report
 
@@ -161,7 +187,9 @@ def cmd_search(args) -> int:
 def cmd_resume(args) -> int:
     """`iterkd resume RUN`: `search` on an existing run, its settings read from RUN/config.json."""
     if not Path(args.run).is_dir() or read_config(Path(args.run)) is None:
-        raise IterkdError(f"no run to resume at {args.run} (no config.json there); start one with iterkd search")
+        raise IterkdError(
+            f"no run to resume at {args.run} (no config.json there); start one with iterkd search"
+        )
     args.run_dir = args.run
     return cmd_search(args)
 
@@ -172,7 +200,9 @@ def cmd_report(args) -> int:
     report = write_report(args.run_dir, storage=args.storage, fmt=args.format)
     for gap in report.gaps:
         print(f"iterkd: partial report, missing {gap}", file=sys.stderr)
-    print(f"report: {report.html}  (Markdown: {report.markdown}; table: {', '.join(map(str, report.tables))})")
+    print(
+        f"report: {report.html}  (Markdown: {report.markdown}; table: {', '.join(map(str, report.tables))})"
+    )
     return 0
 
 
@@ -198,8 +228,10 @@ def cmd_select(args) -> int:
     by_id = run.nodes
     node = by_id.get(args.node)
     if node is None or not node.ok:
-        raise IterkdError(f"node {args.node} is not a trained node of {args.run}; "
-                          f"trained nodes: {', '.join(str(i) for i, n in sorted(by_id.items()) if n.ok)}")
+        raise IterkdError(
+            f"node {args.node} is not a trained node of {args.run}; "
+            f"trained nodes: {', '.join(str(i) for i, n in sorted(by_id.items()) if n.ok)}"
+        )
     # Growing from an earlier node abandons the selections made after it (the selection log keeps them).
     drop_selections(run.study, from_generation=node.generation + 1)
     set_selection(run.study, node.generation, [node.node], by="user")
@@ -207,8 +239,10 @@ def cmd_select(args) -> int:
     for n in by_id.values():  # the dashboard's status column follows the new choice
         set_status(run.study, n.node, node_status(n, chosen))
     run.study.set_user_attr("stop_reason", "")
-    print(f"node {node.node} ({node.spec.summary()}, {node.spec.params():,} params, val {node.val_acc:.2f}%) "
-          f"is now the parent of generation {node.generation + 1}; continue with: iterkd resume {args.run}")
+    print(
+        f"node {node.node} ({node.spec.summary()}, {node.spec.params():,} params, val {node.val_acc:.2f}%) "
+        f"is now the parent of generation {node.generation + 1}; continue with: iterkd resume {args.run}"
+    )
     return 0
 
 
@@ -220,20 +254,32 @@ def cmd_worker(args) -> int:
     saved = read_config(Path(args.run_dir)) if args.run_dir else None
     name = args.run or (saved.name if saved else None)
     if not name:
-        raise IterkdError("iterkd worker needs --run NAME (the coordinator's --name) or --run-dir of an existing run")
+        raise IterkdError(
+            "iterkd worker needs --run NAME (the coordinator's --name) or --run-dir of an existing run"
+        )
     storage = args.storage or os.environ.get(STORAGE_ENV)
     if not storage and saved and saved.storage and "***" not in saved.storage:
         storage = saved.storage
     if not storage and args.run_dir and not (saved and saved.storage):
         storage = default_storage(Path(args.run_dir))
     if not storage:
-        raise IterkdError("iterkd worker needs --storage URL (the coordinator's; passwords are never saved), "
-                          "e.g. postgresql://USER@HOST/DB")
+        raise IterkdError(
+            "iterkd worker needs --storage URL (the coordinator's; passwords are never saved), "
+            "e.g. postgresql://USER@HOST/DB"
+        )
     try:
-        run_worker(storage, name, run_dir=args.run_dir, device=args.device, data_dir=args.data_dir,
-                   progress=not args.no_progress)
+        run_worker(
+            storage,
+            name,
+            run_dir=args.run_dir,
+            device=args.device,
+            data_dir=args.data_dir,
+            progress=not args.no_progress,
+        )
     except KeyboardInterrupt:
-        print("\niterkd: worker stopped; its node failed and the coordinator queues it again", file=sys.stderr)
+        print(
+            "\niterkd: worker stopped; its node failed and the coordinator queues it again", file=sys.stderr
+        )
         return 130
     return 0
 
@@ -248,13 +294,21 @@ def cmd_dashboard(args) -> int:
     from .run import open_run
 
     run = open_run(args.run, storage=args.storage)
-    print(f"iterkd: serving run {run.cfg.name!r} at http://{args.host}:{args.port}/dashboard (Ctrl-C to stop)",
-          flush=True)
+    print(
+        f"iterkd: serving run {run.cfg.name!r} at http://{args.host}:{args.port}/dashboard (Ctrl-C to stop)",
+        flush=True,
+    )
     try:
-        run_server(run.storage, host=args.host, port=args.port,
-                   artifact_store=FileSystemArtifactStore(str(Path(args.run) / "artifacts")))
+        run_server(
+            run.storage,
+            host=args.host,
+            port=args.port,
+            artifact_store=FileSystemArtifactStore(str(Path(args.run) / "artifacts")),
+        )
     except OSError as e:
-        raise IterkdError(f"cannot serve on {args.host}:{args.port} ({e.strerror}); choose another --port") from None
+        raise IterkdError(
+            f"cannot serve on {args.host}:{args.port} ({e.strerror}); choose another --port"
+        ) from None
     return 0
 
 
@@ -286,20 +340,33 @@ def cmd_export(args) -> int:
         from .deploy import bench_note, compare
         from .export import markdown_table
 
-        headers, rows = compare({f"root (node {run.root.node})": run.model(run.root),
-                                 f"node {node.node}": run.model(node)}, threads=args.threads)
+        headers, rows = compare(
+            {f"root (node {run.root.node})": run.model(run.root), f"node {node.node}": run.model(node)},
+            threads=args.threads,
+        )
         width = max(len(r[0]) for r in rows)
         for row in [headers] + rows:
             print(f"{row[0]:<{width}}  " + "  ".join(f"{c:>16}" for c in row[1:]))
         print(bench_note(args.threads))
         bench_md = markdown_table(headers, rows) + "\n\n" + bench_note(args.threads)
-    out = export_node(run, node, formats, args.out, data_dir=args.data_dir, bench_md=bench_md,
-                      command=export_command(run, node, formats, args.out and Path(args.out), args.bench))
-    print(f"exported node {out.node} ({node.spec.summary()}, {node.spec.params():,} params, val {node.val_acc:.2f}%) "
-          f"of run {run.cfg.name} to {out.out_dir}:")
+    out = export_node(
+        run,
+        node,
+        formats,
+        args.out,
+        data_dir=args.data_dir,
+        bench_md=bench_md,
+        command=export_command(run, node, formats, args.out and Path(args.out), args.bench),
+    )
+    print(
+        f"exported node {out.node} ({node.spec.summary()}, {node.spec.params():,} params, val {node.val_acc:.2f}%) "
+        f"of run {run.cfg.name} to {out.out_dir}:"
+    )
     for fmt, path in out.files.items():
-        print(f"  {path.name:<22} {path.stat().st_size:>12,} bytes  max abs diff {out.max_abs_diff[fmt]:.2g} "
-              f"vs PyTorch on the run's validation images")
+        print(
+            f"  {path.name:<22} {path.stat().st_size:>12,} bytes  max abs diff {out.max_abs_diff[fmt]:.2g} "
+            f"vs PyTorch on the run's validation images"
+        )
     print(f"  spec.json, {out.card.name}")
     return 0
 
@@ -308,11 +375,22 @@ def cmd_compare(args) -> int:
     from .compare import compare_run, text_table
 
     try:
-        c = compare_run(args.run, seeds=args.seeds, epochs=args.epochs, preset=args.preset, device=args.device,
-                        data_dir=args.data_dir, storage=args.storage, progress=not args.no_progress)
+        c = compare_run(
+            args.run,
+            seeds=args.seeds,
+            epochs=args.epochs,
+            preset=args.preset,
+            device=args.device,
+            data_dir=args.data_dir,
+            storage=args.storage,
+            progress=not args.no_progress,
+        )
     except KeyboardInterrupt:
-        print(f"\niterkd: interrupted; finished models are kept in {Path(args.run) / 'compare.json'}. "
-              f"Resume with: iterkd compare {args.run}", file=sys.stderr)
+        print(
+            f"\niterkd: interrupted; finished models are kept in {Path(args.run) / 'compare.json'}. "
+            f"Resume with: iterkd compare {args.run}",
+            file=sys.stderr,
+        )
         return 130
     print(text_table(c.rows))
     print(f"compare: {c.markdown_path}  (per seed: {c.json_path}; {c.trained} models trained now)")
@@ -329,63 +407,110 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", metavar="RUN", help="the run directory, e.g. runs/run")
     _add_search_flags(p)  # only the settings that do not change what a node is may differ (else an error)
     p.set_defaults(func=cmd_resume)
-    p = sub.add_parser("worker", help="train nodes that a coordinator (iterkd search --workers N) queued; "
-                       "start any number, on any machine (docs/distributed.md)")
-    p.add_argument("--storage", help="the coordinator's storage URL (or $ITERKD_STORAGE; default: RUN_DIR's study.db)")
+    p = sub.add_parser(
+        "worker",
+        help="train nodes that a coordinator (iterkd search --workers N) queued; "
+        "start any number, on any machine (docs/distributed.md)",
+    )
+    p.add_argument(
+        "--storage", help="the coordinator's storage URL (or $ITERKD_STORAGE; default: RUN_DIR's study.db)"
+    )
     p.add_argument("--run", help="the run's name (the coordinator's --name); default: read from --run-dir")
-    p.add_argument("--run-dir", help="the run directory as this machine sees it (shared filesystem); "
-                   "default: the coordinator's")
+    p.add_argument(
+        "--run-dir",
+        help="the run directory as this machine sees it (shared filesystem); default: the coordinator's",
+    )
     p.add_argument("--device", help="auto, cpu or cuda (default: the run's)")
     p.add_argument("--data-dir", help="where datasets live on this machine")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_worker)
-    p = sub.add_parser("spaces", help="list the shipped search spaces with their root size (3x32x32, 10 classes)")
+    p = sub.add_parser(
+        "spaces", help="list the shipped search spaces with their root size (3x32x32, 10 classes)"
+    )
     p.set_defaults(func=cmd_spaces)
-    p = sub.add_parser("select", help="make a node the parent of the next generation (overrides the automatic choice)")
+    p = sub.add_parser(
+        "select", help="make a node the parent of the next generation (overrides the automatic choice)"
+    )
     p.add_argument("run", help="run directory")
     p.add_argument("--node", type=int, required=True, help="node id (see lineage.csv)")
-    p.add_argument("--storage", help="the run's storage URL when it is not RUN/study.db (passwords are not saved)")
+    p.add_argument(
+        "--storage", help="the run's storage URL when it is not RUN/study.db (passwords are not saved)"
+    )
     p.set_defaults(func=cmd_select)
     p = sub.add_parser("dashboard", help="serve the run's study with optuna-dashboard (loopback by default)")
     p.add_argument("run", help="run directory")
     p.add_argument("--port", type=_int_in(Range(1, 65535)), default=8080, help="TCP port (default 8080)")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--storage", help="the run's storage URL when it is not RUN/study.db (passwords are not saved)")
+    p.add_argument(
+        "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)"
+    )
+    p.add_argument(
+        "--storage", help="the run's storage URL when it is not RUN/study.db (passwords are not saved)"
+    )
     p.set_defaults(func=cmd_dashboard)
     p = sub.add_parser("report", help="write RUN/report.html and report.md (tree, accuracy vs size, tables)")
     p.add_argument("run_dir", metavar="RUN", help="the run directory, e.g. runs/run")
-    p.add_argument("--format", choices=("csv", "parquet"), default="csv",
-                   help="lineage table format: csv (always written) or parquet too (needs pyarrow)")
-    p.add_argument("--storage", help="the run's storage URL when it is not in RUN (a password is never saved)")
+    p.add_argument(
+        "--format",
+        choices=("csv", "parquet"),
+        default="csv",
+        help="lineage table format: csv (always written) or parquet too (needs pyarrow)",
+    )
+    p.add_argument(
+        "--storage", help="the run's storage URL when it is not in RUN (a password is never saved)"
+    )
     p.set_defaults(func=cmd_report)
-    p = sub.add_parser("bench", help="training speed of the root, a child, and the child distilled live or from "
-                       "the teacher cache: one JSON line per case (docs/performance.md)")
+    p = sub.add_parser(
+        "bench",
+        help="training speed of the root, a child, and the child distilled live or from "
+        "the teacher cache: one JSON line per case (docs/performance.md)",
+    )
     p.add_argument("--quick", action="store_true", help="a small run (CPU: under 2 minutes)")
     p.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
-    p.add_argument("--compile", default="auto", choices=COMPILE_MODES, help="torch.compile mode (default auto)")
-    p.add_argument("--threads", type=_int_in(Range(1)), help="CPU threads for PyTorch (default: its own choice)")
+    p.add_argument(
+        "--compile", default="auto", choices=COMPILE_MODES, help="torch.compile mode (default auto)"
+    )
+    p.add_argument(
+        "--threads", type=_int_in(Range(1)), help="CPU threads for PyTorch (default: its own choice)"
+    )
     p.set_defaults(func=cmd_bench)
-    p = sub.add_parser("export", help="write a run's node (default: its final model) as ONNX / TorchScript / "
-                                      "safetensors with a model card, verified on validation images")
+    p = sub.add_parser(
+        "export",
+        help="write a run's node (default: its final model) as ONNX / TorchScript / "
+        "safetensors with a model card, verified on validation images",
+    )
     p.add_argument("run", help="run directory (runs/NAME)")
     p.add_argument("--node", type=int, help="node number (default: the run's final accepted model)")
     p.add_argument("--format", default="all", help="onnx, torchscript, safetensors or all (default)")
     p.add_argument("-o", "--out", help="output directory (default RUN/export/node-N)")
-    p.add_argument("--bench", action="store_true",
-                   help="measure CPU latency (batch 1), throughput (batch 64) and ONNX size of root and node")
+    p.add_argument(
+        "--bench",
+        action="store_true",
+        help="measure CPU latency (batch 1), throughput (batch 64) and ONNX size of root and node",
+    )
     p.add_argument("--threads", type=_int_in(Range(1)), default=1, help="CPU threads for --bench (default 1)")
-    p.add_argument("--storage", help="the run's storage URL when it is not RUN/study.db (passwords are not saved)")
-    p.add_argument("--data-dir", help="where the run's dataset is, for the verification images (default: the run's)")
+    p.add_argument(
+        "--storage", help="the run's storage URL when it is not RUN/study.db (passwords are not saved)"
+    )
+    p.add_argument(
+        "--data-dir", help="where the run's dataset is, for the verification images (default: the run's)"
+    )
     p.set_defaults(func=cmd_export)
-    p = sub.add_parser("compare", help="did the search pay off? retrain the final architecture from scratch with "
-                                       "labels only and with KD from the root, over seeds, beside the run's result")
+    p = sub.add_parser(
+        "compare",
+        help="did the search pay off? retrain the final architecture from scratch with "
+        "labels only and with KD from the root, over seeds, beside the run's result",
+    )
     p.add_argument("run", help="run directory (runs/NAME)")
     p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per method (default 3)")
     p.add_argument("--epochs", type=int, help="epochs per model (default: the run's epochs per child)")
-    p.add_argument("--preset", help="take the epochs per child of this preset (smoke, quick, full); --epochs wins")
+    p.add_argument(
+        "--preset", help="take the epochs per child of this preset (smoke, quick, full); --epochs wins"
+    )
     p.add_argument("--device", help="auto, cpu or cuda (default: the run's)")
     p.add_argument("--data-dir", help="where the run's dataset is (default: the run's)")
-    p.add_argument("--storage", help="the run's storage URL when it is not RUN/study.db (passwords are not saved)")
+    p.add_argument(
+        "--storage", help="the run's storage URL when it is not RUN/study.db (passwords are not saved)"
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_compare)
     return parser

@@ -5,6 +5,7 @@ A setting is defined once, as a `SearchConfig` field: the `iterkd search` / `ite
 the settings a resume may change and the range checks are all derived from the fields' metadata.
 Flow: preset values, then explicit flags, then validation; a resumed run reads its saved copy
 and refuses explicit flags that would change what was already trained."""
+
 from __future__ import annotations
 
 import json
@@ -30,16 +31,35 @@ OBJECTIVES = ("acc", "acc,params")
 # Each preset is a set of defaults; explicit flags win over it.
 PRESETS: dict[str, dict] = {
     # Seconds, for tests: the three-block toy space on synthetic patterns.
-    "smoke": dict(dataset="synthetic", space="tiny", width=1 / 16, epochs=4, root_epochs=3, batch_size=64,
-                  val_size=400, max_generations=2, lr=0.05, deploy_figures=False),
+    "smoke": dict(
+        dataset="synthetic",
+        space="tiny",
+        width=1 / 16,
+        epochs=4,
+        root_epochs=3,
+        batch_size=64,
+        val_size=400,
+        max_generations=2,
+        lr=0.05,
+        deploy_figures=False,
+    ),
     # A CPU demo (< 10 min on 2 cores): 1/8-width root, 20k training images, 5 epochs for the root and
     # 8 per child (chosen when children started from scratch: at 5 the second generation lost 1.12 pts),
     # two generations (docs/results.md has the timings).
-    "quick": dict(width=1 / 8, epochs=8, root_epochs=5, batch_size=128, train_subset=20000, val_size=5000,
-                  max_generations=2, lr=0.05),
+    "quick": dict(
+        width=1 / 8,
+        epochs=8,
+        root_epochs=5,
+        batch_size=128,
+        train_subset=20000,
+        val_size=5000,
+        max_generations=2,
+        lr=0.05,
+    ),
     # Paper scale, for a GPU: full-width root and the whole training set.
-    "full": dict(width=1.0, epochs=30, root_epochs=30, batch_size=512, lr=0.2, val_size=5000,
-                 max_generations=20),
+    "full": dict(
+        width=1.0, epochs=30, root_epochs=30, batch_size=512, lr=0.2, val_size=5000, max_generations=20
+    ),
 }
 
 
@@ -56,7 +76,9 @@ class Range:
             return False
         if not math.isfinite(value):  # nan fails every comparison below, but inf would pass "> 0"
             return False
-        return (value > self.low if self.above else value >= self.low) and (self.high is None or value <= self.high)
+        return (value > self.low if self.above else value >= self.low) and (
+            self.high is None or value <= self.high
+        )
 
     def describe(self, integer: bool) -> str:
         if integer:
@@ -73,9 +95,19 @@ POSITIVE = Range(0, above=True)
 NOT_NEGATIVE = Range(0)
 
 
-def setting(default, help: str, group: str, *, flag: str | None = None, metavar: str | None = None,
-            choices=None, range: Range | None = None, resumable: bool = False, machine: bool = False,
-            default_text: str | None = None):
+def setting(
+    default,
+    help: str,
+    group: str,
+    *,
+    flag: str | None = None,
+    metavar: str | None = None,
+    choices=None,
+    range: Range | None = None,
+    resumable: bool = False,
+    machine: bool = False,
+    default_text: str | None = None,
+):
     """A SearchConfig field with what the CLI and validation need to know about it.
 
     help: what the setting means (the CLI adds its default or preset values, and its choices);
@@ -84,72 +116,162 @@ def setting(default, help: str, group: str, *, flag: str | None = None, metavar:
     may change it (it does not change what a node is); machine: it describes this machine, not the
     run, so the reproduce command leaves it out; default_text: the default in words, where the
     value alone (None) does not say it."""
-    meta = dict(help=help, group=group, flag=flag, metavar=metavar, choices=choices, range=range,
-                resumable=resumable, machine=machine, default_text=default_text)
+    meta = dict(
+        help=help,
+        group=group,
+        flag=flag,
+        metavar=metavar,
+        choices=choices,
+        range=range,
+        resumable=resumable,
+        machine=machine,
+        default_text=default_text,
+    )
     return field(default=default, metadata={k: v for k, v in meta.items() if v is not None})
 
 
 @dataclass(frozen=True)
 class SearchConfig:
     name: str = setting("run", "run name; the run directory is runs/NAME", "run")
-    run_dir: str = setting("", "run directory; running again on it resumes", "run", metavar="DIR",
-                           default_text="runs/NAME")
-    space: str = setting("vgg16_blocks", "search space name or YAML path (`iterkd spaces` lists them; "
-                         "docs/spaces.md)", "search", metavar="NAME|FILE")
+    run_dir: str = setting(
+        "", "run directory; running again on it resumes", "run", metavar="DIR", default_text="runs/NAME"
+    )
+    space: str = setting(
+        "vgg16_blocks",
+        "search space name or YAML path (`iterkd spaces` lists them; docs/spaces.md)",
+        "search",
+        metavar="NAME|FILE",
+    )
     dataset: str = setting("fashion-mnist", "dataset", "search", choices=DATASETS)
-    data_dir: str | None = setting(None, "where datasets live (Debian's /usr/share/datasets copies of "
-                                   "fashion-mnist and mnist are used when present)", "run", metavar="DIR",
-                                   resumable=True, machine=True, default_text="$ITERKD_DATA or ~/.cache/iterkd/data")
-    download: bool = setting(True, "never try to download missing dataset files", "run", flag="--no-download",
-                             resumable=True, machine=True)
-    variant: str = setting("parent-child", "how the lineage grows (docs/variants.md)", "search", choices=VARIANTS)
+    data_dir: str | None = setting(
+        None,
+        "where datasets live (Debian's /usr/share/datasets copies of "
+        "fashion-mnist and mnist are used when present)",
+        "run",
+        metavar="DIR",
+        resumable=True,
+        machine=True,
+        default_text="$ITERKD_DATA or ~/.cache/iterkd/data",
+    )
+    download: bool = setting(
+        True,
+        "never try to download missing dataset files",
+        "run",
+        flag="--no-download",
+        resumable=True,
+        machine=True,
+    )
+    variant: str = setting(
+        "parent-child", "how the lineage grows (docs/variants.md)", "search", choices=VARIANTS
+    )
     # Accuracy points: a drop above 100 could never bind.
-    max_drop: float = setting(1.0, "accuracy points (validation) a child may lose vs the root", "search",
-                              metavar="PTS", range=Range(0, 100, above=True))
-    max_generations: int = setting(10, "stop after this many generations", "search", range=AT_LEAST_1,
-                                   resumable=True)
+    max_drop: float = setting(
+        1.0,
+        "accuracy points (validation) a child may lose vs the root",
+        "search",
+        metavar="PTS",
+        range=Range(0, 100, above=True),
+    )
+    max_generations: int = setting(
+        10, "stop after this many generations", "search", range=AT_LEAST_1, resumable=True
+    )
     # The step controller (docs/variants.md): a step is the fraction of its parent's parameters a
     # child removes; it starts at the space's step, halves after an over-budget generation and grows
     # by half after one far inside the budget.
-    min_step: float = setting(0.05, "smallest step: a child must remove at least this fraction of its parent's "
-                              "parameters; the search ends when no step this large stays within --max-drop",
-                              "search", metavar="FRACTION", range=Range(0, 1, above=True))
-    max_step: float | None = setting(None, "largest step the controller grows to while children stay far inside "
-                                     "the budget (a fraction of the parent's parameters)", "search",
-                                     metavar="FRACTION", range=Range(0, 1, above=True),
-                                     default_text="the step the space starts with")
+    min_step: float = setting(
+        0.05,
+        "smallest step: a child must remove at least this fraction of its parent's "
+        "parameters; the search ends when no step this large stays within --max-drop",
+        "search",
+        metavar="FRACTION",
+        range=Range(0, 1, above=True),
+    )
+    max_step: float | None = setting(
+        None,
+        "largest step the controller grows to while children stay far inside "
+        "the budget (a fraction of the parent's parameters)",
+        "search",
+        metavar="FRACTION",
+        range=Range(0, 1, above=True),
+        default_text="the step the space starts with",
+    )
     # Checked between generations, so a generation under way always finishes (its nodes are kept).
-    time_budget: float | None = setting(None, "start no new generation after this many seconds of wall-clock "
-                                        "in this invocation (0: no limit)", "search", metavar="SECONDS",
-                                        range=NOT_NEGATIVE, resumable=True, default_text="no limit")
-    children: int = setting(1, "candidates per parent and generation (*-children variants)", "search",
-                            range=AT_LEAST_1)
-    beam: int = setting(1, "accepted nodes kept per generation; more than 1 grows a tree", "search",
-                        range=AT_LEAST_1)
+    time_budget: float | None = setting(
+        None,
+        "start no new generation after this many seconds of wall-clock in this invocation (0: no limit)",
+        "search",
+        metavar="SECONDS",
+        range=NOT_NEGATIVE,
+        resumable=True,
+        default_text="no limit",
+    )
+    children: int = setting(
+        1, "candidates per parent and generation (*-children variants)", "search", range=AT_LEAST_1
+    )
+    beam: int = setting(
+        1, "accepted nodes kept per generation; more than 1 grows a tree", "search", range=AT_LEAST_1
+    )
     select: str = setting("best-acc", "which children are accepted", "search", choices=SELECT_RULES)
-    teacher_weights: str = setting("mean", "ancestors variants: how the teachers' probabilities are averaged",
-                                   "search", choices=TEACHER_WEIGHTS)
-    sampler: str = setting("greedy", "how a child's move is chosen: greedy takes the space's order (closest "
-                           "to halving first), the others let Optuna choose it and the space's KD ranges",
-                           "search", choices=SAMPLERS)
+    teacher_weights: str = setting(
+        "mean",
+        "ancestors variants: how the teachers' probabilities are averaged",
+        "search",
+        choices=TEACHER_WEIGHTS,
+    )
+    sampler: str = setting(
+        "greedy",
+        "how a child's move is chosen: greedy takes the space's order (closest "
+        "to halving first), the others let Optuna choose it and the space's KD ranges",
+        "search",
+        choices=SAMPLERS,
+    )
     pruner: str = setting("none", "stop weak children early (status 'pruned')", "search", choices=PRUNERS)
-    objectives: str = setting("acc", "what the study optimises; acc,params makes it multi-objective (Pareto "
-                              "front; no pruner)", "search", metavar="LIST", choices=OBJECTIVES)
+    objectives: str = setting(
+        "acc",
+        "what the study optimises; acc,params makes it multi-objective (Pareto front; no pruner)",
+        "search",
+        metavar="LIST",
+        choices=OBJECTIVES,
+    )
     teacher: tuple[str, ...] | None = setting(
-        None, "checkpoint of a trained root (.safetensors from iterkd); repeat it to make an ensemble of "
-        "models the root (docs/losses.md)", "search", metavar="PATH", default_text="train the root")
-    storage: str | None = setting(None, "Optuna storage URL (PostgreSQL for several machines); a password "
-                                  "is never written to disk", "run",
-                                  metavar="URL", resumable=True, machine=True,
-                                  default_text="sqlite:///RUN_DIR/study.db")
+        None,
+        "checkpoint of a trained root (.safetensors from iterkd); repeat it to make an ensemble of "
+        "models the root (docs/losses.md)",
+        "search",
+        metavar="PATH",
+        default_text="train the root",
+    )
+    storage: str | None = setting(
+        None,
+        "Optuna storage URL (PostgreSQL for several machines); a password is never written to disk",
+        "run",
+        metavar="URL",
+        resumable=True,
+        machine=True,
+        default_text="sqlite:///RUN_DIR/study.db",
+    )
     # Optuna's samplers seed numpy, which takes seeds below 2**32, and candidate seeds are taken mod 2**31.
-    seed: int = setting(0, "seeds the validation split, every model's init, augmentation and the sampler", "run",
-                        range=Range(0, 2**31 - 1))
+    seed: int = setting(
+        0,
+        "seeds the validation split, every model's init, augmentation and the sampler",
+        "run",
+        range=Range(0, 2**31 - 1),
+    )
     device: str = setting("auto", "auto, cpu, cuda or cuda:N", "run", resumable=True, machine=True)
-    preset: str = setting("quick", "defaults for the training settings", "run", choices=PRESETS,
-                          default_text="quick on CPU, full on CUDA")
-    width: float | None = setting(None, "multiplier of the space's root widths, e.g. 0.125 or 1/8", "training",
-                                  range=POSITIVE, default_text="1")
+    preset: str = setting(
+        "quick",
+        "defaults for the training settings",
+        "run",
+        choices=PRESETS,
+        default_text="quick on CPU, full on CUDA",
+    )
+    width: float | None = setting(
+        None,
+        "multiplier of the space's root widths, e.g. 0.125 or 1/8",
+        "training",
+        range=POSITIVE,
+        default_text="1",
+    )
     epochs: int = setting(5, "epochs per child", "training", range=AT_LEAST_1)
     root_epochs: int = setting(5, "epochs for the root", "training", range=AT_LEAST_1)
     batch_size: int = setting(128, "images per training step", "training", range=AT_LEAST_1)
@@ -158,39 +280,83 @@ class SearchConfig:
     alpha: float = setting(0.9, "weight of KD vs CE (0: labels only)", "training", range=Range(0, 1))
     temperature: float = setting(4.0, "KD temperature", "training", range=POSITIVE)
     hint_weight: float | None = setting(
-        None, "weight of the hint term; 0 disables it", "training", range=NOT_NEGATIVE,
-        default_text=", ".join(f"{w:g} for {h}" for h, w in DEFAULT_HINT_WEIGHT.items()))
-    hint: str = setting("fitnet", "hint term on block activations (docs/losses.md)", "training", choices=HINTS)
-    init: str = setting("inherit", "where a child starts: its parent's weights, the most important filters "
-                        "kept (inherit), or a random draw (scratch) (docs/losses.md)", "training",
-                        choices=INIT_MODES)
-    train_subset: int | None = setting(None, "train on the first N training images", "training",
-                                       range=AT_LEAST_1, default_text="all")
-    val_size: int = setting(5000, "images split off the training set for validation", "training",
-                            range=AT_LEAST_1)
-    test_subset: int | None = setting(None, "report test accuracy on the first N test images", "training",
-                                      range=AT_LEAST_1, default_text="all")
+        None,
+        "weight of the hint term; 0 disables it",
+        "training",
+        range=NOT_NEGATIVE,
+        default_text=", ".join(f"{w:g} for {h}" for h, w in DEFAULT_HINT_WEIGHT.items()),
+    )
+    hint: str = setting(
+        "fitnet", "hint term on block activations (docs/losses.md)", "training", choices=HINTS
+    )
+    init: str = setting(
+        "inherit",
+        "where a child starts: its parent's weights, the most important filters "
+        "kept (inherit), or a random draw (scratch) (docs/losses.md)",
+        "training",
+        choices=INIT_MODES,
+    )
+    train_subset: int | None = setting(
+        None, "train on the first N training images", "training", range=AT_LEAST_1, default_text="all"
+    )
+    val_size: int = setting(
+        5000, "images split off the training set for validation", "training", range=AT_LEAST_1
+    )
+    test_subset: int | None = setting(
+        None,
+        "report test accuracy on the first N test images",
+        "training",
+        range=AT_LEAST_1,
+        default_text="all",
+    )
     # Speed (docs/performance.md). Children cycle through `views` augmentation views per sample
     # (epoch e uses e mod views, drawn from the run's seed), so a teacher's logits can be computed
     # once per view and shared by every student it teaches; off runs the teachers live on the same inputs.
-    teacher_cache: bool = setting(True, "on: teachers' logits computed once per sample and augmentation view, "
-                                  "shared by all their students; off: teachers run live", "speed", resumable=True)
-    views: int = setting(4, "augmentation views per sample that children cycle through", "speed",
-                         range=AT_LEAST_1)
-    compile: str = setting("auto", "torch.compile mode (auto: CUDA graphs for small models on CUDA)", "speed",
-                           choices=COMPILE_MODES, resumable=True)
+    teacher_cache: bool = setting(
+        True,
+        "on: teachers' logits computed once per sample and augmentation view, "
+        "shared by all their students; off: teachers run live",
+        "speed",
+        resumable=True,
+    )
+    views: int = setting(
+        4, "augmentation views per sample that children cycle through", "speed", range=AT_LEAST_1
+    )
+    compile: str = setting(
+        "auto",
+        "torch.compile mode (auto: CUDA graphs for small models on CUDA)",
+        "speed",
+        choices=COMPILE_MODES,
+        resumable=True,
+    )
     # Not resumable: the precision changes a node's numbers, unlike --compile.
-    precision: str = setting("auto", "autocast precision (auto: bf16 where it is native and faster: CUDA GPUs, "
-                             "CPUs with AMX; fp32 elsewhere)", "speed", choices=PRECISIONS)
+    precision: str = setting(
+        "auto",
+        "autocast precision (auto: bf16 where it is native and faster: CUDA GPUs, "
+        "CPUs with AMX; fp32 elsewhere)",
+        "speed",
+        choices=PRECISIONS,
+    )
     # None: this process trains every node. N >= 0: it only coordinates (queues each generation's
     # candidates in the study) and starts N local `iterkd worker` processes; 0 = workers from elsewhere.
-    workers: int | None = setting(None, "coordinate only: queue candidates in the study and start N local "
-                                  "`iterkd worker` processes (0: workers started elsewhere; docs/distributed.md)",
-                                  "run", range=NOT_NEGATIVE, resumable=True, machine=True,
-                                  default_text="train here")
-    deploy_figures: bool = setting(True, "skip each node's CPU latency/throughput and ONNX size (seconds per "
-                                   "node: an ONNX export)", "run", flag="--no-deploy-figures", resumable=True,
-                                   machine=True)
+    workers: int | None = setting(
+        None,
+        "coordinate only: queue candidates in the study and start N local "
+        "`iterkd worker` processes (0: workers started elsewhere; docs/distributed.md)",
+        "run",
+        range=NOT_NEGATIVE,
+        resumable=True,
+        machine=True,
+        default_text="train here",
+    )
+    deploy_figures: bool = setting(
+        True,
+        "skip each node's CPU latency/throughput and ONNX size (seconds per node: an ONNX export)",
+        "run",
+        flag="--no-deploy-figures",
+        resumable=True,
+        machine=True,
+    )
 
     def __post_init__(self):
         if not self.run_dir:
@@ -204,7 +370,7 @@ class SearchConfig:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> "SearchConfig":
+    def from_json(cls, text: str) -> SearchConfig:
         data = json.loads(text)
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
@@ -217,8 +383,15 @@ class SearchConfig:
         """The dataset this config names, split and subsampled as in its run; on `device` when given."""
         from .data import load_data
 
-        data = load_data(self.dataset, self.data_dir, val_size=self.val_size, train_subset=self.train_subset,
-                         test_subset=self.test_subset, seed=self.seed, download=self.download)
+        data = load_data(
+            self.dataset,
+            self.data_dir,
+            val_size=self.val_size,
+            train_subset=self.train_subset,
+            test_subset=self.test_subset,
+            seed=self.seed,
+            download=self.download,
+        )
         return data if device is None else data.to(device)
 
 
@@ -233,7 +406,9 @@ def _value_type(hint) -> type:
 
 
 # The value type of each setting (int, float, str, bool or tuple): how its flag parses and its range reads.
-SETTING_TYPES: dict[str, type] = {name: _value_type(hint) for name, hint in typing.get_type_hints(SearchConfig).items()}
+SETTING_TYPES: dict[str, type] = {
+    name: _value_type(hint) for name, hint in typing.get_type_hints(SearchConfig).items()
+}
 
 # Settings that may differ when a run is resumed: they do not change what a node is.
 RESUMABLE_OVERRIDES = frozenset(name for name, f in SETTINGS.items() if f.metadata.get("resumable"))
@@ -264,7 +439,9 @@ def default_note(name: str) -> str | None:
     f = SETTINGS[name]
     if SETTING_TYPES[name] is bool and flag(name).startswith("--no-"):
         return None
-    text = f.metadata.get("default_text")  # the meaning of None, or a default that depends on more than presets
+    text = f.metadata.get(
+        "default_text"
+    )  # the meaning of None, or a default that depends on more than presets
     per_preset = preset_values(name)
     if per_preset:
         return ", ".join(f"{p} {text if v is None else shown(v)}" for p, v in per_preset.items())
@@ -310,20 +487,30 @@ def validate(cfg: SearchConfig) -> SearchConfig:
     check_name(cfg.name)
     for name in SETTINGS:
         _check_setting(name, getattr(cfg, name))
-    need(cfg.objectives == "acc" or cfg.pruner == "none",
-         "--pruner needs a single objective: Optuna cannot prune multi-objective trials; "
-         "use --objectives acc or --pruner none")
-    need(cfg.workers is None or cfg.sampler == "greedy",
-         f"--workers needs --sampler greedy (the coordinator fixes each queued candidate's move in the space's "
-         f"order); --sampler {cfg.sampler} chooses moves inside the trial and runs in one process only")
-    need(cfg.min_step < 1 and (cfg.max_step is None or cfg.max_step < 1),
-         "--min-step and --max-step are fractions of the parent's parameters a child removes: below 1")
+    need(
+        cfg.objectives == "acc" or cfg.pruner == "none",
+        "--pruner needs a single objective: Optuna cannot prune multi-objective trials; "
+        "use --objectives acc or --pruner none",
+    )
+    need(
+        cfg.workers is None or cfg.sampler == "greedy",
+        f"--workers needs --sampler greedy (the coordinator fixes each queued candidate's move in the space's "
+        f"order); --sampler {cfg.sampler} chooses moves inside the trial and runs in one process only",
+    )
+    need(
+        cfg.min_step < 1 and (cfg.max_step is None or cfg.max_step < 1),
+        "--min-step and --max-step are fractions of the parent's parameters a child removes: below 1",
+    )
     if cfg.max_step is not None and cfg.min_step > cfg.max_step:
-        raise IterkdError(f"--min-step {cfg.min_step:g} is larger than --max-step {cfg.max_step:g}; lower --min-step")
+        raise IterkdError(
+            f"--min-step {cfg.min_step:g} is larger than --max-step {cfg.max_step:g}; lower --min-step"
+        )
     if not VARIANTS[cfg.variant].children and cfg.children != 1:
         several = " or ".join(name for name, v in VARIANTS.items() if v.children)
-        raise IterkdError(f"--children {cfg.children} needs a *-children variant ({several}); "
-                          f"{cfg.variant} trains one child per generation")
+        raise IterkdError(
+            f"--children {cfg.children} needs a *-children variant ({several}); "
+            f"{cfg.variant} trains one child per generation"
+        )
     if cfg.hint_weight is None:
         cfg = replace(cfg, hint_weight=DEFAULT_HINT_WEIGHT[cfg.hint])
     cfg.loss_weights()  # LossWeights checks its own invariants too
@@ -337,18 +524,26 @@ def config_path(run_dir: str | Path) -> Path:
 def resume_config(saved: SearchConfig, explicit: dict) -> SearchConfig:
     """The saved config of a run with the explicitly given flags applied; a flag that would change
     what a node is (space, dataset, epochs, ...) is an error naming the conflict."""
-    conflicts = [f"{flag(k)} {v} (run has {getattr(saved, k)})"
-                 for k, v in explicit.items()
-                 if v is not None and k not in RESUMABLE_OVERRIDES and k not in ("name", "run_dir", "preset")
-                 and v != getattr(saved, k)]
+    conflicts = [
+        f"{flag(k)} {v} (run has {getattr(saved, k)})"
+        for k, v in explicit.items()
+        if v is not None
+        and k not in RESUMABLE_OVERRIDES
+        and k not in ("name", "run_dir", "preset")
+        and v != getattr(saved, k)
+    ]
     if explicit.get("preset") not in (None, saved.preset):
         conflicts.append(f"--preset {explicit['preset']} (run has {saved.preset})")
     if conflicts:
-        raise IterkdError(f"run {saved.run_dir} was started with other settings: {'; '.join(conflicts)}. "
-                          "Drop those flags to resume it, or start a new run with --name")
+        raise IterkdError(
+            f"run {saved.run_dir} was started with other settings: {'; '.join(conflicts)}. "
+            "Drop those flags to resume it, or start a new run with --name"
+        )
     if saved.storage and "***" in saved.storage and not explicit.get("storage"):
-        raise IterkdError(f"run {saved.run_dir} uses storage {saved.storage}; passwords are never saved, "
-                          "so pass --storage with the full URL again to resume it")
+        raise IterkdError(
+            f"run {saved.run_dir} uses storage {saved.storage}; passwords are never saved, "
+            "so pass --storage with the full URL again to resume it"
+        )
     allowed = {k: v for k, v in explicit.items() if v is not None and k in RESUMABLE_OVERRIDES}
     return validate(replace(saved, **allowed))
 

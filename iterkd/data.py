@@ -1,5 +1,6 @@
 """Datasets as in-memory uint8 tensors (through torchvision), a seeded validation split, and a
 batch iterator that augments on the device with tensor ops (no per-sample Python, no workers)."""
+
 from __future__ import annotations
 
 import functools
@@ -8,9 +9,9 @@ import math
 import os
 import shutil
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -36,15 +37,54 @@ class DatasetInfo:
 
 
 DATASETS: dict[str, DatasetInfo] = {
-    "fashion-mnist": DatasetInfo("fashion-mnist", "FashionMNIST", 1, 10, 32, (0.2860,), (0.3530,), True,
-                                 ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
-                                  "Sneaker", "Bag", "Ankle boot")),
+    "fashion-mnist": DatasetInfo(
+        "fashion-mnist",
+        "FashionMNIST",
+        1,
+        10,
+        32,
+        (0.2860,),
+        (0.3530,),
+        True,
+        (
+            "T-shirt/top",
+            "Trouser",
+            "Pullover",
+            "Dress",
+            "Coat",
+            "Sandal",
+            "Shirt",
+            "Sneaker",
+            "Bag",
+            "Ankle boot",
+        ),
+    ),
     "mnist": DatasetInfo("mnist", "MNIST", 1, 10, 32, (0.1307,), (0.3081,), False, tuple("0123456789")),
-    "cifar10": DatasetInfo("cifar10", "CIFAR10", 3, 10, 32, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), True,
-                           ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")),
-    "cifar100": DatasetInfo("cifar100", "CIFAR100", 3, 100, 32, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), True),
-    "svhn": DatasetInfo("svhn", "SVHN", 3, 10, 32, (0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970), False,
-                        tuple("0123456789")),
+    "cifar10": DatasetInfo(
+        "cifar10",
+        "CIFAR10",
+        3,
+        10,
+        32,
+        (0.4914, 0.4822, 0.4465),
+        (0.2470, 0.2435, 0.2616),
+        True,
+        ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"),
+    ),
+    "cifar100": DatasetInfo(
+        "cifar100", "CIFAR100", 3, 100, 32, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), True
+    ),
+    "svhn": DatasetInfo(
+        "svhn",
+        "SVHN",
+        3,
+        10,
+        32,
+        (0.4377, 0.4438, 0.4728),
+        (0.1980, 0.2010, 0.1970),
+        False,
+        tuple("0123456789"),
+    ),
     "synthetic": DatasetInfo("synthetic", None, 3, 10, 16, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), False),
 }
 
@@ -64,8 +104,11 @@ class DataSplits:
     test_x: torch.Tensor
     test_y: torch.Tensor
 
-    def to(self, device: torch.device) -> "DataSplits":
-        moved = {k: getattr(self, k).to(device) for k in ("train_x", "train_y", "val_x", "val_y", "test_x", "test_y")}
+    def to(self, device: torch.device) -> DataSplits:
+        moved = {
+            k: getattr(self, k).to(device)
+            for k in ("train_x", "train_y", "val_x", "val_y", "test_x", "test_y")
+        }
         return DataSplits(self.info, **moved)
 
 
@@ -79,8 +122,16 @@ def dataset_info(name: str) -> DatasetInfo:
     return DATASETS[name]
 
 
-def load_data(name: str, data_dir: str | Path | None = None, *, val_size: int = 5000, train_subset: int | None = None,
-              test_subset: int | None = None, seed: int = 0, download: bool = True) -> DataSplits:
+def load_data(
+    name: str,
+    data_dir: str | Path | None = None,
+    *,
+    val_size: int = 5000,
+    train_subset: int | None = None,
+    test_subset: int | None = None,
+    seed: int = 0,
+    download: bool = True,
+) -> DataSplits:
     """Load a dataset, split a seeded validation set off its training set, and subsample if asked."""
     info = dataset_info(name)
     data_dir = Path(data_dir) if data_dir else default_data_dir()
@@ -106,16 +157,22 @@ def _pad_to(x: torch.Tensor, size: int) -> torch.Tensor:
     return F.pad(x, (pad // 2, pad - pad // 2, pad // 2, pad - pad // 2)) if pad > 0 else x
 
 
-def synthetic_arrays(seed: int = 1234, n_train: int = 2000, n_test: int = 500, size: int = 16, classes: int = 10):
+def synthetic_arrays(
+    seed: int = 1234, n_train: int = 2000, n_test: int = 500, size: int = 16, classes: int = 10
+):
     """Class-dependent patterns a small CNN learns in an epoch or two: each class is a fixed random
     low-frequency colour template, shown at a random shift with pixel noise."""
     g = torch.Generator().manual_seed(seed)
-    templates = F.interpolate(torch.rand(classes, 3, 4, 4, generator=g), size=size, mode="bilinear", align_corners=False)
+    templates = F.interpolate(
+        torch.rand(classes, 3, 4, 4, generator=g), size=size, mode="bilinear", align_corners=False
+    )
 
     def draw(n):
         y = torch.randint(0, classes, (n,), generator=g)
         shifts = torch.randint(-2, 3, (n, 2), generator=g)
-        x = torch.stack([torch.roll(templates[c], (int(s[0]), int(s[1])), dims=(1, 2)) for c, s in zip(y, shifts)])
+        x = torch.stack(
+            [torch.roll(templates[c], (int(s[0]), int(s[1])), dims=(1, 2)) for c, s in zip(y, shifts)]
+        )
         x = (x + 0.15 * torch.randn(x.shape, generator=g)).clamp(0, 1)
         return (x * 255).to(torch.uint8), y
 
@@ -153,9 +210,13 @@ def _torchvision_arrays(info: DatasetInfo, data_dir: Path, download: bool):
         try:
             return cls(str(root), download=False, **kwargs)
         except Exception as e:  # noqa: BLE001 - torchvision raises RuntimeError/ValueError/EOFError on bad files
-            if not (isinstance(e, RuntimeError) and str(e).startswith("Dataset not found")):  # present but unreadable (truncated, wrong shape)
-                raise IterkdError(f"{info.name} files under {root} are unreadable ({_one_line(e)}); "
-                                  "replace them with intact copies") from None
+            if not (
+                isinstance(e, RuntimeError) and str(e).startswith("Dataset not found")
+            ):  # present but unreadable (truncated, wrong shape)
+                raise IterkdError(
+                    f"{info.name} files under {root} are unreadable ({_one_line(e)}); "
+                    "replace them with intact copies"
+                ) from None
             if not download:
                 raise _missing(info, data_dir, "downloads are off (--no-download)") from None
         try:
@@ -177,8 +238,10 @@ def _check_data_dir(data_dir: Path) -> None:
     there fails deep inside torchvision with NotADirectoryError."""
     existing = next(p for p in (data_dir, *data_dir.parents) if p.exists())
     if not existing.is_dir():
-        raise IterkdError(f"data directory {data_dir}: {existing} is a file, not a directory; "
-                          "pass --data-dir DIR (or set ITERKD_DATA) naming a directory")
+        raise IterkdError(
+            f"data directory {data_dir}: {existing} is a file, not a directory; "
+            "pass --data-dir DIR (or set ITERKD_DATA) naming a directory"
+        )
 
 
 def _idx_dims(path: Path, ndim: int, info: DatasetInfo) -> tuple[int, ...]:
@@ -192,13 +255,17 @@ def _idx_dims(path: Path, ndim: int, info: DatasetInfo) -> tuple[int, ...]:
         raise IterkdError(f"{info.name} file {path} is unreadable ({e.strerror or e})") from None
     magic = 0x0800 + ndim  # 0x08: unsigned bytes; then the number of dimensions
     if len(head) < 4 + 4 * ndim or struct.unpack(">I", head[:4])[0] != magic:
-        raise IterkdError(f"{info.name} file {path} is unreadable: not an IDX file of {ndim}-D unsigned bytes "
-                          f"(its header starts {head[:4].hex() or 'empty'}, expected {magic:08x}); "
-                          "replace it with an intact copy")
+        raise IterkdError(
+            f"{info.name} file {path} is unreadable: not an IDX file of {ndim}-D unsigned bytes "
+            f"(its header starts {head[:4].hex() or 'empty'}, expected {magic:08x}); "
+            "replace it with an intact copy"
+        )
     dims = struct.unpack(f">{ndim}I", head[4:])
     if size != len(head) + math.prod(dims):
-        raise IterkdError(f"{info.name} file {path} is unreadable: its header promises {' x '.join(map(str, dims))} "
-                          f"bytes of data but it holds {size - len(head)}; replace it with an intact copy")
+        raise IterkdError(
+            f"{info.name} file {path} is unreadable: its header promises {' x '.join(map(str, dims))} "
+            f"bytes of data but it holds {size - len(head)}; replace it with an intact copy"
+        )
     return dims
 
 
@@ -211,8 +278,10 @@ def _check_idx(raw: Path, train: bool, info: DatasetInfo) -> None:
     n_images, _, _ = _idx_dims(images, 3, info)
     (n_labels,) = _idx_dims(labels, 1, info)
     if n_images != n_labels:
-        raise IterkdError(f"{info.name} files do not match: {images} holds {n_images} images but {labels} holds "
-                          f"{n_labels} labels; replace them with a matching pair")
+        raise IterkdError(
+            f"{info.name} files do not match: {images} holds {n_images} images but {labels} holds "
+            f"{n_labels} labels; replace them with a matching pair"
+        )
 
 
 def _source_files(ds, train: bool) -> tuple[Path, Path]:
@@ -221,7 +290,9 @@ def _source_files(ds, train: bool) -> tuple[Path, Path]:
         prefix = "train" if train else "t10k"
         raw = Path(ds.raw_folder)
         return raw / f"{prefix}-images-idx3-ubyte", raw / f"{prefix}-labels-idx1-ubyte"
-    path = Path(ds.root) / (getattr(ds, "base_folder", None) or getattr(ds, "filename", ""))  # CIFAR folder, SVHN .mat
+    path = Path(ds.root) / (
+        getattr(ds, "base_folder", None) or getattr(ds, "filename", "")
+    )  # CIFAR folder, SVHN .mat
     return path, path
 
 
@@ -230,16 +301,22 @@ def _check_arrays(x: torch.Tensor, y: torch.Tensor, info: DatasetInfo, images: P
     would misalign every label silently), images of the dataset's channels and at most its size,
     and labels that are classes of the dataset."""
     if len(x) != len(y) or len(x) == 0:
-        raise IterkdError(f"{info.name} files do not match: {images} holds {len(x)} images but {labels} holds "
-                          f"{len(y)} labels; replace them with a matching pair")
+        raise IterkdError(
+            f"{info.name} files do not match: {images} holds {len(x)} images but {labels} holds "
+            f"{len(y)} labels; replace them with a matching pair"
+        )
     if x.ndim != 4 or x.shape[1] != info.channels or x.shape[2] != x.shape[3] or x.shape[3] > info.size:
-        raise IterkdError(f"{info.name} file {images} holds images of shape {tuple(x.shape[1:])}; {info.name} has "
-                          f"{info.channels}-channel square images of at most {info.size} pixels")
+        raise IterkdError(
+            f"{info.name} file {images} holds images of shape {tuple(x.shape[1:])}; {info.name} has "
+            f"{info.channels}-channel square images of at most {info.size} pixels"
+        )
     bad = ((y < 0) | (y >= info.num_classes)).nonzero()
     if len(bad):
         i = int(bad[0])
-        raise IterkdError(f"{info.name} file {labels}: label {int(y[i])} (sample {i}) is not a class; {info.name} has "
-                          f"classes 0..{info.num_classes - 1}")
+        raise IterkdError(
+            f"{info.name} file {labels}: label {int(y[i])} (sample {i}) is not a class; {info.name} has "
+            f"classes 0..{info.num_classes - 1}"
+        )
 
 
 def _one_line(e: Exception) -> str:
@@ -248,9 +325,13 @@ def _one_line(e: Exception) -> str:
 
 def _missing(info: DatasetInfo, data_dir: Path, why: str) -> IterkdError:
     where = data_dir / "svhn" if info.name == "svhn" else data_dir / str(info.torchvision_class)
-    hint = f" or install Debian's dataset-{info.name} package" if info.name in ("fashion-mnist", "mnist") else ""
-    return IterkdError(f"{info.name} files not found under {where} and {why}; put torchvision's files there "
-                       f"(or pass --data-dir DIR){hint}, or run once with network access")
+    hint = (
+        f" or install Debian's dataset-{info.name} package" if info.name in ("fashion-mnist", "mnist") else ""
+    )
+    return IterkdError(
+        f"{info.name} files not found under {where} and {why}; put torchvision's files there "
+        f"(or pass --data-dir DIR){hint}, or run once with network access"
+    )
 
 
 def _as_tensors(ds) -> tuple[torch.Tensor, torch.Tensor]:
@@ -272,11 +353,13 @@ def normalize(x_uint8: torch.Tensor, info: DatasetInfo, dtype=torch.float32) -> 
     return (x_uint8.to(dtype) / 255 - mean) / std
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _mean_std(info: DatasetInfo, device: torch.device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
     # Made once per device: building them per batch would be a blocking host-to-GPU copy every step.
-    return (torch.tensor(info.mean, device=device, dtype=dtype).view(1, -1, 1, 1),
-            torch.tensor(info.std, device=device, dtype=dtype).view(1, -1, 1, 1))
+    return (
+        torch.tensor(info.mean, device=device, dtype=dtype).view(1, -1, 1, 1),
+        torch.tensor(info.std, device=device, dtype=dtype).view(1, -1, 1, 1),
+    )
 
 
 def augment_draws(n: int, seed: int, view: int, pad: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
@@ -304,9 +387,15 @@ def epoch_view(epoch: int, views: int | None) -> int:
     return epoch % views if views else epoch
 
 
-def train_batches(data: DataSplits, batch_size: int, epoch: int, seed: int, views: int | None = None,
-                  augmented: bool = True, augment_seed: int | None = None
-                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+def train_batches(
+    data: DataSplits,
+    batch_size: int,
+    epoch: int,
+    seed: int,
+    views: int | None = None,
+    augmented: bool = True,
+    augment_seed: int | None = None,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Shuffled, augmented training batches for one epoch as (index, normalised images, labels).
 
     `seed` shuffles; `augment_seed` (default: `seed`) draws the crops and flips, so students that
@@ -316,12 +405,13 @@ def train_batches(data: DataSplits, batch_size: int, epoch: int, seed: int, view
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch)).to(device)
     offsets, flips = _draws_on(data, seed if augment_seed is None else augment_seed, epoch_view(epoch, views))
     for start in range(0, n - batch_size + 1 if n >= batch_size else 1, batch_size):
-        idx = perm[start:start + batch_size]
+        idx = perm[start : start + batch_size]
         yield idx, _images(data, idx, offsets, flips, augmented), data.train_y[idx]
 
 
-def view_batches(data: DataSplits, seed: int, view: int, batch_size: int = 1000
-                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def view_batches(
+    data: DataSplits, seed: int, view: int, batch_size: int = 1000
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Every training sample in index order as (index, normalised images), augmented as in `view`:
     the very images train_batches yields in an epoch using that view with augment_seed `seed`."""
     device = data.train_x.device
@@ -336,8 +426,9 @@ def _draws_on(data: DataSplits, seed: int, view: int) -> tuple[torch.Tensor, tor
     return offsets.to(data.train_x.device), flips.to(data.train_x.device)
 
 
-def _images(data: DataSplits, idx: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor,
-            augmented: bool) -> torch.Tensor:
+def _images(
+    data: DataSplits, idx: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor, augmented: bool
+) -> torch.Tensor:
     x = data.train_x[idx]
     if augmented:
         x = augment(x, offsets[idx], flips[idx] if data.info.flip else None)
@@ -346,4 +437,4 @@ def _images(data: DataSplits, idx: torch.Tensor, offsets: torch.Tensor, flips: t
 
 def eval_batches(x: torch.Tensor, y: torch.Tensor, info: DatasetInfo, batch_size: int = 1000):
     for start in range(0, len(x), batch_size):
-        yield normalize(x[start:start + batch_size], info), y[start:start + batch_size]
+        yield normalize(x[start : start + batch_size], info), y[start : start + batch_size]

@@ -1,16 +1,17 @@
 """Deployment figures of a model on this CPU: latency at batch 1 and throughput at batch 64, each the
 median of timed repeats after a warm-up with the thread count fixed and stated, and the on-disk size of
 its ONNX export. Figures on a shared machine move with its load: state `os.getloadavg()` with them."""
+
 from __future__ import annotations
 
 import os
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -54,7 +55,9 @@ def median_seconds(call: Callable[[], object], warmup: int, repeats: int) -> flo
     return statistics.median(times)
 
 
-def _timing(runtime: str, forward: Callable[[torch.Tensor], object], spec, threads: int, repeats: int) -> Timing:
+def _timing(
+    runtime: str, forward: Callable[[torch.Tensor], object], spec, threads: int, repeats: int
+) -> Timing:
     x1, x64 = example_input(spec, LATENCY_BATCH), example_input(spec, THROUGHPUT_BATCH)
     b1 = median_seconds(lambda: forward(x1), warmup=3, repeats=repeats)
     b64 = median_seconds(lambda: forward(x64), warmup=1, repeats=max(3, repeats // 4))
@@ -78,29 +81,48 @@ def node_figures(model: VGG, threads: int = DEFAULT_THREADS) -> dict:
     with tempfile.TemporaryDirectory(prefix="iterkd-onnx-") as tmp:
         onnx_bytes = write_onnx(model.to("cpu"), Path(tmp) / "model.onnx").stat().st_size
     t = torch_timing(model, threads, repeats=30)  # timing is ~0.3 s of the cost; the ONNX export is the rest
-    return {"latency_ms_b1": t.latency_ms_b1, "throughput_b64": t.throughput_b64, "cpu_threads": t.threads,
-            "onnx_bytes": onnx_bytes}
+    return {
+        "latency_ms_b1": t.latency_ms_b1,
+        "throughput_b64": t.throughput_b64,
+        "cpu_threads": t.threads,
+        "onnx_bytes": onnx_bytes,
+    }
 
 
-def compare(models: dict[str, VGG], threads: int = DEFAULT_THREADS, repeats: int = 40) -> tuple[list[str], list[list]]:
+def compare(
+    models: dict[str, VGG], threads: int = DEFAULT_THREADS, repeats: int = 40
+) -> tuple[list[str], list[list]]:
     """Side-by-side deployment figures (rows) of several models (columns): size, cost, ONNX file
     bytes, and latency/throughput in PyTorch and in onnxruntime. Returns (headers, rows)."""
     columns = {}
     with tempfile.TemporaryDirectory(prefix="iterkd-bench-") as tmp:
         for i, (label, model) in enumerate(models.items()):
             path = write_onnx(model, Path(tmp) / f"{i}.onnx")
-            columns[label] = (model.spec, path.stat().st_size, torch_timing(model, threads, repeats),
-                              onnx_timing(path, model.spec, threads, repeats))
-    rows = [["parameters"] + [f"{c[0].params():,}" for c in columns.values()],
-            ["FLOPs per image"] + [f"{c[0].flops():,}" for c in columns.values()],
-            ["ONNX file bytes"] + [f"{c[1]:,}" for c in columns.values()]]
+            columns[label] = (
+                model.spec,
+                path.stat().st_size,
+                torch_timing(model, threads, repeats),
+                onnx_timing(path, model.spec, threads, repeats),
+            )
+    rows = [
+        ["parameters"] + [f"{c[0].params():,}" for c in columns.values()],
+        ["FLOPs per image"] + [f"{c[0].flops():,}" for c in columns.values()],
+        ["ONNX file bytes"] + [f"{c[1]:,}" for c in columns.values()],
+    ]
     for k, name in ((2, "PyTorch"), (3, "onnxruntime")):
-        rows.append([f"{name} latency batch 1 (ms)"] + [f"{c[k].latency_ms_b1:.3f}" for c in columns.values()])
-        rows.append([f"{name} throughput batch 64 (img/s)"] + [f"{c[k].throughput_b64:,.0f}" for c in columns.values()])
+        rows.append(
+            [f"{name} latency batch 1 (ms)"] + [f"{c[k].latency_ms_b1:.3f}" for c in columns.values()]
+        )
+        rows.append(
+            [f"{name} throughput batch 64 (img/s)"]
+            + [f"{c[k].throughput_b64:,.0f}" for c in columns.values()]
+        )
     return ["", *columns], rows
 
 
 def bench_note(threads: int, repeats: int = 40) -> str:
     load = ", ".join(f"{v:.2f}" for v in os.getloadavg())
-    return (f"CPU threads: {threads} (torch.set_num_threads / onnxruntime intra-op); medians of {repeats} batch-1 and "
-            f"{max(3, repeats // 4)} batch-64 calls after a warm-up; load average {load} on {os.cpu_count()} CPUs")
+    return (
+        f"CPU threads: {threads} (torch.set_num_threads / onnxruntime intra-op); medians of {repeats} batch-1 and "
+        f"{max(3, repeats // 4)} batch-64 calls after a warm-up; load average {load} on {os.cpu_count()} CPUs"
+    )

@@ -1,6 +1,7 @@
 """Device choices in one place: which device, which precision (autocast) and memory layout on it,
 and whether to compile a model — each a named rule shared by training, the teacher cache and the
 benchmark."""
+
 from __future__ import annotations
 
 import functools
@@ -23,7 +24,9 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise IterkdError("--device cuda was asked for but PyTorch sees no CUDA GPU; use --device cpu or auto")
+        raise IterkdError(
+            "--device cuda was asked for but PyTorch sees no CUDA GPU; use --device cpu or auto"
+        )
     if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
         raise IterkdError(f"--device must be auto, cpu or cuda, got {name!r}")
     return torch.device(name)
@@ -69,8 +72,11 @@ def resolve_precision(name: str, device: torch.device) -> str:
         kind = cpu_bf16_kind()
         native, fast = kind is not None, kind == "amx"
     if name == "bf16" and not native:
-        why = "this GPU has no native bf16 (Ampere or later has)" if device.type == "cuda" else \
-            "this CPU has no native bf16 (no avx512_bf16 or amx_bf16 flag)"
+        why = (
+            "this GPU has no native bf16 (Ampere or later has)"
+            if device.type == "cuda"
+            else "this CPU has no native bf16 (no avx512_bf16 or amx_bf16 flag)"
+        )
         raise IterkdError(f"--precision bf16: {why}; use --precision auto or fp32")
     if name == "auto":
         return "bf16" if fast else "fp32"

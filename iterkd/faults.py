@@ -2,6 +2,7 @@
 the point is reached, counting from 1) makes the process SIGKILL itself there, so a test kills a run
 at an exact place in the code rather than after a sleep. `ITERKD_FAULT_SIGNAL=INT` or `TERM` sends
 that signal instead (Ctrl-C, or `kill`). Unset, a point costs one environment lookup."""
+
 from __future__ import annotations
 
 import os
@@ -9,7 +10,14 @@ import signal
 
 ENV = "ITERKD_FAULT"
 SIGNAL_ENV = "ITERKD_FAULT_SIGNAL"
-POINTS = ("trial-created", "mid-epoch", "checkpoint-written", "trial-told", "between-generations", "selection")
+POINTS = (
+    "trial-created",
+    "mid-epoch",
+    "checkpoint-written",
+    "trial-told",
+    "between-generations",
+    "selection",
+)
 _seen: dict[str, int] = {}
 
 

@@ -1,4 +1,5 @@
 """File helpers shared by every writer of a run directory."""
+
 from __future__ import annotations
 
 import os

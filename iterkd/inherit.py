@@ -14,6 +14,7 @@ BN running statistics are copied too, but they describe the parent's activations
 re-estimates them from training images (Li et al. 2020's adaptive BN) before a child's starting
 accuracy is measured. Training itself normalises with batch statistics, so it does not depend on them.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -45,8 +46,11 @@ def conv_plan(parent: VGGSpec, child: VGGSpec) -> list[ConvMap]:
     n_p, n_c = len(parent.blocks), len(child.blocks)
     for kept in itertools.combinations(range(n_p), min(n_c, n_p)):
         plan = _plan_for_blocks(parent, child, list(kept) + [None] * (n_c - len(kept)))
-        same_width = sum(m.source is not None and parent.blocks[m.source[0]][m.source[1]]
-                         == child.blocks[m.child[0]][m.child[1]] for m in plan)
+        same_width = sum(
+            m.source is not None
+            and parent.blocks[m.source[0]][m.source[1]] == child.blocks[m.child[0]][m.child[1]]
+            for m in plan
+        )
         score = (same_width, sum(m.input_follows for m in plan), _copied_params(child, plan))
         if best_score is None or score > best_score:
             best, best_score = plan, score
@@ -92,7 +96,11 @@ def _convs(model: VGG) -> dict[tuple[int, int], tuple[nn.Conv2d, nn.BatchNorm2d 
         layers, k = list(block), 0
         for i, layer in enumerate(layers):
             if isinstance(layer, nn.Conv2d):
-                bn = layers[i + 1] if i + 1 < len(layers) and isinstance(layers[i + 1], nn.BatchNorm2d) else None
+                bn = (
+                    layers[i + 1]
+                    if i + 1 < len(layers) and isinstance(layers[i + 1], nn.BatchNorm2d)
+                    else None
+                )
                 out[(b, k)] = (layer, bn)
                 k += 1
     return out
@@ -142,11 +150,19 @@ def inherit_weights(child: VGG, parent: VGG) -> dict:
             bn.num_batches_tracked.copy_(p_bn.num_batches_tracked)
         prev_kept = out_idx
     last = plan[-1]
-    head_copied = last.source == (len(parent.spec.blocks) - 1, len(parent.spec.blocks[-1]) - 1) and prev_kept is not None
+    head_copied = (
+        last.source == (len(parent.spec.blocks) - 1, len(parent.spec.blocks[-1]) - 1)
+        and prev_kept is not None
+    )
     if head_copied:  # the classifier reads the same features it was trained on
         child.head.weight.copy_(parent.head.weight[:, prev_kept])
         child.head.bias.copy_(parent.head.bias)
-    copied = _copied_params(child.spec, plan) + (child.head.weight.numel() + child.head.bias.numel()
-                                                              if head_copied else 0)
-    return {"copied_params": copied, "params": child.spec.params(), "fresh_convs": fresh,
-            "head_copied": bool(head_copied)}
+    copied = _copied_params(child.spec, plan) + (
+        child.head.weight.numel() + child.head.bias.numel() if head_copied else 0
+    )
+    return {
+        "copied_params": copied,
+        "params": child.spec.params(),
+        "fresh_convs": fresh,
+        "head_copied": bool(head_copied),
+    }

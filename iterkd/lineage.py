@@ -1,5 +1,6 @@
 """The lineage tree as a view of the run's Optuna study: one trial per trained node, its record in
 the trial's user attributes, the accepted nodes of each generation in the study's user attributes."""
+
 from __future__ import annotations
 
 import json
@@ -13,9 +14,28 @@ from .arch import VGGSpec
 from .files import write_atomic
 from .storage import trial_handle
 
-LINEAGE_COLUMNS = ["node", "generation", "parents", "teachers", "operator", "spec", "params", "bytes", "flops",
-                   "val_acc", "test_acc", "drop", "status", "seconds", "epochs", "alpha", "temperature",
-                   "hint_weight", "checkpoint", "error"]
+LINEAGE_COLUMNS = [
+    "node",
+    "generation",
+    "parents",
+    "teachers",
+    "operator",
+    "spec",
+    "params",
+    "bytes",
+    "flops",
+    "val_acc",
+    "test_acc",
+    "drop",
+    "status",
+    "seconds",
+    "epochs",
+    "alpha",
+    "temperature",
+    "hint_weight",
+    "checkpoint",
+    "error",
+]
 # Deployment figures the search records per node (iterkd.deploy.node_figures); empty when turned off.
 DEPLOY_COLUMNS = ["latency_ms_b1", "throughput_b64", "cpu_threads", "onnx_bytes"]
 LINEAGE_COLUMNS += DEPLOY_COLUMNS
@@ -43,40 +63,88 @@ class Node:
     loss: dict = field(default_factory=dict)
     history: tuple[float, ...] = ()
     deploy: dict = field(default_factory=dict)  # DEPLOY_COLUMNS that were measured
-    members: tuple[dict, ...] = ()  # an ensemble root's models: checkpoint, spec_summary, params, val_acc, test_acc
+    members: tuple[
+        dict, ...
+    ] = ()  # an ensemble root's models: checkpoint, spec_summary, params, val_acc, test_acc
 
     @property
     def ok(self) -> bool:
         return self.state == "COMPLETE" and self.val_acc is not None
 
     @classmethod
-    def from_trial(cls, t: optuna.trial.FrozenTrial) -> "Node | None":
+    def from_trial(cls, t: optuna.trial.FrozenTrial) -> Node | None:
         a = t.user_attrs
         if "spec" not in a:
             return None
-        return cls(node=t.number, state=t.state.name, generation=int(a["generation"]),
-                   parents=tuple(a.get("parents", ())), teachers=tuple(a.get("teachers", ())),
-                   operator=a.get("operator", ""), spec=VGGSpec.from_json(a["spec"]), key=a.get("key", ""),
-                   val_acc=a.get("val_acc"), test_acc=a.get("test_acc"), seconds=a.get("seconds"),
-                   epochs=int(a.get("epochs", 0)), checkpoint=a.get("checkpoint"),
-                   error=a.get("error", "interrupted" if t.state.name == "FAIL" else ""), failure=a.get("failure", ""),
-                   loss=a.get("loss", {}), history=tuple(a.get("history", ())),
-                   deploy={k: a[k] for k in DEPLOY_COLUMNS if k in a}, members=tuple(a.get("members", ())))
+        return cls(
+            node=t.number,
+            state=t.state.name,
+            generation=int(a["generation"]),
+            parents=tuple(a.get("parents", ())),
+            teachers=tuple(a.get("teachers", ())),
+            operator=a.get("operator", ""),
+            spec=VGGSpec.from_json(a["spec"]),
+            key=a.get("key", ""),
+            val_acc=a.get("val_acc"),
+            test_acc=a.get("test_acc"),
+            seconds=a.get("seconds"),
+            epochs=int(a.get("epochs", 0)),
+            checkpoint=a.get("checkpoint"),
+            error=a.get("error", "interrupted" if t.state.name == "FAIL" else ""),
+            failure=a.get("failure", ""),
+            loss=a.get("loss", {}),
+            history=tuple(a.get("history", ())),
+            deploy={k: a[k] for k in DEPLOY_COLUMNS if k in a},
+            members=tuple(a.get("members", ())),
+        )
 
 
-NODE_ATTRS = ("generation", "parents", "teachers", "operator", "spec", "spec_summary", "params", "bytes", "flops",
-              "key", "loss", "epochs")  # what node_attrs writes: all a worker needs to train a queued node
+NODE_ATTRS = (
+    "generation",
+    "parents",
+    "teachers",
+    "operator",
+    "spec",
+    "spec_summary",
+    "params",
+    "bytes",
+    "flops",
+    "key",
+    "loss",
+    "epochs",
+)  # what node_attrs writes: all a worker needs to train a queued node
 
 
-def node_attrs(*, generation: int, parents, teachers, operator: str, spec: VGGSpec, key: str,
-               loss: dict | None = None, epochs: int = 0) -> dict:
+def node_attrs(
+    *,
+    generation: int,
+    parents,
+    teachers,
+    operator: str,
+    spec: VGGSpec,
+    key: str,
+    loss: dict | None = None,
+    epochs: int = 0,
+) -> dict:
     """User attributes a trial gets when its node starts: who it comes from and what it is."""
-    return {"generation": generation, "parents": list(parents), "teachers": list(teachers), "operator": operator,
-            "spec": spec.to_json(), "spec_summary": spec.summary(), "params": spec.params(),
-            "bytes": spec.state_bytes(), "flops": spec.flops(), "key": key, "loss": loss or {}, "epochs": epochs}
+    return {
+        "generation": generation,
+        "parents": list(parents),
+        "teachers": list(teachers),
+        "operator": operator,
+        "spec": spec.to_json(),
+        "spec_summary": spec.summary(),
+        "params": spec.params(),
+        "bytes": spec.state_bytes(),
+        "flops": spec.flops(),
+        "key": key,
+        "loss": loss or {},
+        "epochs": epochs,
+    }
 
 
 # -- the view -------------------------------------------------------------------------------------
+
 
 def nodes(study: optuna.Study) -> list[Node]:
     """Every node of the study. A node whose checkpoint was found damaged (study attribute `damaged`)
@@ -86,7 +154,9 @@ def nodes(study: optuna.Study) -> list[Node]:
     for t in study.get_trials(deepcopy=False):
         n = Node.from_trial(t)
         if n is not None and n.node in damaged:
-            n = replace(n, state="FAIL", error=f"checkpoint {n.checkpoint} was found damaged", failure="damaged")
+            n = replace(
+                n, state="FAIL", error=f"checkpoint {n.checkpoint} was found damaged", failure="damaged"
+            )
         if n is not None:
             out.append(n)
     return out
@@ -118,7 +188,9 @@ def set_selection(study: optuna.Study, generation: int, node_ids: list[int], by:
     sel[generation] = list(node_ids)
     _write_selections(study, sel)
     log = study.user_attrs.get("selection_log", [])
-    study.set_user_attr("selection_log", log + [{"generation": generation, "nodes": list(node_ids), "by": by}])
+    study.set_user_attr(
+        "selection_log", log + [{"generation": generation, "nodes": list(node_ids), "by": by}]
+    )
 
 
 def drop_selections(study: optuna.Study, *, from_generation: int) -> None:
@@ -160,14 +232,31 @@ def lineage_frame(study: optuna.Study) -> pd.DataFrame:
     rows = []
     for n in all_nodes:
         drop = None if (root is None or n.val_acc is None) else round(root.val_acc - n.val_acc, 4)
-        rows.append({
-            "node": n.node, "generation": n.generation, "parents": json.dumps(list(n.parents)),
-            "teachers": json.dumps(list(n.teachers)), "operator": n.operator, "spec": n.spec.to_json(),
-            "params": n.spec.params(), "bytes": n.spec.state_bytes(), "flops": n.spec.flops(),
-            "val_acc": n.val_acc, "test_acc": n.test_acc, "drop": drop, "status": node_status(n, chosen),
-            "seconds": n.seconds, "epochs": n.epochs, "alpha": n.loss.get("alpha"),
-            "temperature": n.loss.get("temperature"), "hint_weight": n.loss.get("hint_weight"),
-            "checkpoint": n.checkpoint, "error": n.error, **{k: n.deploy.get(k) for k in DEPLOY_COLUMNS}})
+        rows.append(
+            {
+                "node": n.node,
+                "generation": n.generation,
+                "parents": json.dumps(list(n.parents)),
+                "teachers": json.dumps(list(n.teachers)),
+                "operator": n.operator,
+                "spec": n.spec.to_json(),
+                "params": n.spec.params(),
+                "bytes": n.spec.state_bytes(),
+                "flops": n.spec.flops(),
+                "val_acc": n.val_acc,
+                "test_acc": n.test_acc,
+                "drop": drop,
+                "status": node_status(n, chosen),
+                "seconds": n.seconds,
+                "epochs": n.epochs,
+                "alpha": n.loss.get("alpha"),
+                "temperature": n.loss.get("temperature"),
+                "hint_weight": n.loss.get("hint_weight"),
+                "checkpoint": n.checkpoint,
+                "error": n.error,
+                **{k: n.deploy.get(k) for k in DEPLOY_COLUMNS},
+            }
+        )
     return pd.DataFrame(rows, columns=LINEAGE_COLUMNS)
 
 
@@ -179,20 +268,40 @@ def write_lineage_csv(study: optuna.Study, path: Path) -> pd.DataFrame:
 
 # -- dashboard notes ------------------------------------------------------------------------------
 
+
 def lineage_card(n: Node, root: Node | None, status: str | None = None) -> str:
     """A node's Markdown card for the Optuna dashboard's trial note."""
-    status = status or {"COMPLETE": "trained", "FAIL": "failed", "PRUNED": "pruned"}.get(n.state, n.state.lower())
+    status = status or {"COMPLETE": "trained", "FAIL": "failed", "PRUNED": "pruned"}.get(
+        n.state, n.state.lower()
+    )
     size = n.spec.params()
-    ratio = f" ({root.spec.params() / size:.1f}x smaller than the root)" if root is not None and n.generation else ""
+    ratio = (
+        f" ({root.spec.params() / size:.1f}x smaller than the root)"
+        if root is not None and n.generation
+        else ""
+    )
     acc = "—" if n.val_acc is None else f"{n.val_acc:.2f} % val, {n.test_acc:.2f} % test"
-    drop = "" if root is None or n.val_acc is None or not n.generation else f"{root.val_acc - n.val_acc:+.2f} pts"
-    rows = [("status", status), ("generation", n.generation),
-            ("parent", ", ".join(map(str, n.parents)) or "—"), ("teachers", ", ".join(map(str, n.teachers)) or "—"),
-            ("made by", f"`{n.operator}`"), ("architecture", f"`{n.spec.summary()}`"),
-            ("params", f"{size:,}{ratio}"), ("bytes (fp32)", f"{n.spec.state_bytes():,}"),
-            ("FLOPs / image", f"{n.spec.flops():,}"), ("accuracy", acc), ("drop vs root", drop or "—"),
-            ("KD settings", ", ".join(f"{k}={v:g}" for k, v in n.loss.items()) or "labels only"),
-            ("epochs", n.epochs), ("error", n.error or "—")]
+    drop = (
+        ""
+        if root is None or n.val_acc is None or not n.generation
+        else f"{root.val_acc - n.val_acc:+.2f} pts"
+    )
+    rows = [
+        ("status", status),
+        ("generation", n.generation),
+        ("parent", ", ".join(map(str, n.parents)) or "—"),
+        ("teachers", ", ".join(map(str, n.teachers)) or "—"),
+        ("made by", f"`{n.operator}`"),
+        ("architecture", f"`{n.spec.summary()}`"),
+        ("params", f"{size:,}{ratio}"),
+        ("bytes (fp32)", f"{n.spec.state_bytes():,}"),
+        ("FLOPs / image", f"{n.spec.flops():,}"),
+        ("accuracy", acc),
+        ("drop vs root", drop or "—"),
+        ("KD settings", ", ".join(f"{k}={v:g}" for k, v in n.loss.items()) or "labels only"),
+        ("epochs", n.epochs),
+        ("error", n.error or "—"),
+    ]
     lines = [f"## Node {n.node}", "", "| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows]
     return "\n".join(lines) + "\n"
 

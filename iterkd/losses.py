@@ -6,11 +6,13 @@ The hint kinds live in a registry (`register_hint`): FitNets' (a regressor maps 
 onto a teacher block, MSE) and similarity-preserving (Tung & Mori 2019: the students' and
 teachers' batch-wise similarity matrices must match). The trainer calls the kind the config names.
 """
+
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +22,7 @@ from .errors import IterkdError
 from .models import HintRegressor
 
 # (student block output, teacher block output, the kind's regressor or None) -> scalar loss
-HintFn = Callable[[torch.Tensor, torch.Tensor, Optional[nn.Module]], torch.Tensor]
+HintFn = Callable[[torch.Tensor, torch.Tensor, nn.Module | None], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -43,8 +45,9 @@ HINTS: tuple[str, ...] = ("none",)
 DEFAULT_HINT_WEIGHT: dict[str, float] = {"none": 0.0}
 
 
-def register_hint(name: str, *, default_weight: float,
-                  regressor: Callable[[int, int], nn.Module] | None = None) -> Callable[[HintFn], HintFn]:
+def register_hint(
+    name: str, *, default_weight: float, regressor: Callable[[int, int], nn.Module] | None = None
+) -> Callable[[HintFn], HintFn]:
     """Decorator: register `fn(student_feat, teacher_feat, regressor) -> loss` as hint kind `name`,
     usable as `--hint name` / `LossWeights(hint=name)` with no change to the trainer."""
     if name == "none" or name in _HINT_KINDS:
@@ -54,6 +57,7 @@ def register_hint(name: str, *, default_weight: float,
         _HINT_KINDS[name] = HintKind(name, fn, default_weight, regressor)
         _refresh_names()
         return fn
+
     return register
 
 
@@ -90,6 +94,7 @@ def fp32_loss(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
             return fn(*args, **kwargs)
         with torch.autocast(device, enabled=False):
             return fn(*args, **kwargs)
+
     return in_fp32
 
 
@@ -130,8 +135,9 @@ class LossWeights:
 
 
 @fp32_loss
-def teacher_probs(teacher_logits: list[torch.Tensor], temperature: float,
-                  weights: list[float] | None = None) -> torch.Tensor:
+def teacher_probs(
+    teacher_logits: list[torch.Tensor], temperature: float, weights: list[float] | None = None
+) -> torch.Tensor:
     """Temperature-softened target distribution; several teachers are averaged in probability
     space (optionally weighted), so one teacher is the plain Hinton target."""
     probs = torch.stack([F.softmax(t / temperature, dim=1) for t in teacher_logits])
@@ -188,14 +194,20 @@ def sp_hint(student_feat: torch.Tensor, teacher_feat: torch.Tensor, regressor: N
 
 
 @fp32_loss
-def composite_loss(student_logits: torch.Tensor, labels: torch.Tensor, weights: LossWeights,
-                   target_probs: torch.Tensor | None = None,
-                   hint: torch.Tensor | None = None) -> torch.Tensor:
+def composite_loss(
+    student_logits: torch.Tensor,
+    labels: torch.Tensor,
+    weights: LossWeights,
+    target_probs: torch.Tensor | None = None,
+    hint: torch.Tensor | None = None,
+) -> torch.Tensor:
     """The training loss of one batch; without teachers it is plain cross-entropy."""
     ce = F.cross_entropy(student_logits, labels)
     if target_probs is None:
         return ce
-    total = weights.alpha * kd_loss(student_logits, target_probs, weights.temperature) + (1 - weights.alpha) * ce
+    total = (
+        weights.alpha * kd_loss(student_logits, target_probs, weights.temperature) + (1 - weights.alpha) * ce
+    )
     if hint is not None and weights.hint_weight > 0:
         total = total + weights.hint_weight * hint
     return total

@@ -2,6 +2,7 @@
 
 Models are never edited in place: a child is a new model built from a new spec.
 """
+
 from __future__ import annotations
 
 import torch
@@ -49,7 +50,7 @@ class VGG(nn.Module):
     def block_output(self, x: torch.Tensor, block: int) -> torch.Tensor:
         """The output of block `block`, running no block after it: a hint target for a fraction of
         a full forward pass when the logits come from elsewhere (the teacher cache)."""
-        for b in self.blocks[:block + 1]:
+        for b in self.blocks[: block + 1]:
             x = b(x)
         return x
 

@@ -1,13 +1,14 @@
 """One node, one Optuna trial: create the trial with its attributes in one write, train, write the
 checkpoint (also the trial's artifact), record the results and finish the trial. The local search
 and `iterkd worker` both train through `run_node`; neither knows how the other queues work."""
+
 from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable
 
 import optuna
 from optuna.artifacts import FileSystemArtifactStore, upload_artifact
@@ -38,8 +39,15 @@ def create_trial(study: optuna.Study, attrs: dict, params: dict | None = None) -
     return trial
 
 
-def run_node(run: Run, trial: optuna.Trial, model: VGG, fit: Fit, *, parent: Node | None = None,
-             log: Callable[[str], None] = print) -> Node:
+def run_node(
+    run: Run,
+    trial: optuna.Trial,
+    model: VGG,
+    fit: Fit,
+    *,
+    parent: Node | None = None,
+    log: Callable[[str], None] = print,
+) -> Node:
     """Train `model` with `fit` as the RUNNING `trial`, then record it. Diverged and pruned nodes
     finish as FAIL/PRUNED; anything else (Ctrl-C, a full disk, a bug) fails the trial and propagates,
     and the candidate is trained again on resume."""
@@ -72,11 +80,19 @@ def run_node(run: Run, trial: optuna.Trial, model: VGG, fit: Fit, *, parent: Nod
         raise
     root = root_node(nodes(run.study))
     drop = 0.0 if root is None else root.val_acc - result.val_acc
-    figures = {"checkpoint": str(ckpt), "artifact_id": artifact_id, "val_acc": result.val_acc,
-               "test_acc": result.test_acc, "drop": round(drop, 4), "seconds": round(result.seconds, 2),
-               "history": result.history, "images_per_s": round(result.images_per_s, 1),
-               "budget": "within" if within_budget(drop, cfg.max_drop) else "over",
-               "teacher_cache_hit_rate": result.cache_hit_rate, "precision": result.precision}
+    figures = {
+        "checkpoint": str(ckpt),
+        "artifact_id": artifact_id,
+        "val_acc": result.val_acc,
+        "test_acc": result.test_acc,
+        "drop": round(drop, 4),
+        "seconds": round(result.seconds, 2),
+        "history": result.history,
+        "images_per_s": round(result.images_per_s, 1),
+        "budget": "within" if within_budget(drop, cfg.max_drop) else "over",
+        "teacher_cache_hit_rate": result.cache_hit_rate,
+        "precision": result.precision,
+    }
     if cfg.deploy_figures:  # CPU latency/throughput + ONNX size, for the lineage and model cards
         from .deploy import node_figures
 
@@ -84,7 +100,9 @@ def run_node(run: Run, trial: optuna.Trial, model: VGG, fit: Fit, *, parent: Nod
     for k, v in figures.items():
         trial.set_user_attr(k, v)
     # Feasible when <= 0; a drop at the budget up to float error is exactly 0.
-    trial.set_constraint("drop_over_budget", 0.0 if within_budget(drop, cfg.max_drop) else drop - cfg.max_drop)
+    trial.set_constraint(
+        "drop_over_budget", 0.0 if within_budget(drop, cfg.max_drop) else drop - cfg.max_drop
+    )
     values = [result.val_acc, model.spec.params()] if multi_objective else result.val_acc
     node = _finish(run, trial, optuna.trial.TrialState.COMPLETE, log, values=values)
     fault_point("trial-told")
@@ -92,8 +110,16 @@ def run_node(run: Run, trial: optuna.Trial, model: VGG, fit: Fit, *, parent: Nod
     return node
 
 
-def _finish(run: Run, trial: optuna.Trial, state, log: Callable[[str], None], *, values=None, error: str = "",
-            failure: str = "") -> Node:
+def _finish(
+    run: Run,
+    trial: optuna.Trial,
+    state,
+    log: Callable[[str], None],
+    *,
+    values=None,
+    error: str = "",
+    failure: str = "",
+) -> Node:
     if error:
         trial.set_user_attr("error", error)
         log(f"node {trial.number} {state.name.lower()}: {error}")
@@ -128,5 +154,7 @@ def log_node(run: Run, n: Node, log: Callable[[str], None]) -> None:
     root = root_node(nodes(run.study)) if n.generation else n
     ratio = root.spec.params() / n.spec.params()
     drop = f"drop {root.val_acc - n.val_acc:+.2f} pts" if n.generation else "root"
-    log(f"gen {n.generation} node {n.node:>3}  {n.operator:<28} {n.spec.params():>11,} params "
-        f"({ratio:.1f}x smaller)  val {n.val_acc:.2f}%  test {n.test_acc:.2f}%  {drop}  {n.seconds:.0f}s")
+    log(
+        f"gen {n.generation} node {n.node:>3}  {n.operator:<28} {n.spec.params():>11,} params "
+        f"({ratio:.1f}x smaller)  val {n.val_acc:.2f}%  test {n.test_acc:.2f}%  {drop}  {n.seconds:.0f}s"
+    )

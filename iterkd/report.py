@@ -1,6 +1,7 @@
 """Reports of a run read from its study alone (never retrained, never written to): the lineage tree
 as a picture, accuracy vs size, per-generation tables and a summary, as RUN/report.html and report.md.
 Every picture and table is built from the run's `Node`s; the lineage table is only ever written."""
+
 from __future__ import annotations
 
 import base64
@@ -16,8 +17,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-import optuna
 import matplotlib
+import optuna
 import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -47,10 +48,36 @@ PATH_COLOR = "#e66101"  # the accepted path root -> final
 TEACHER_COLOR = "#6a51a3"  # ancestor-teacher edges (ancestors variants)
 
 # Settings worth showing, in the order a reader asks about them.
-SETTINGS = ("variant", "space", "dataset", "preset", "max_drop", "max_generations", "children", "beam", "select",
-            "sampler", "pruner", "objectives",
-            "teacher_weights", "teacher", "width", "epochs", "root_epochs", "batch_size", "lr", "weight_decay",
-            "alpha", "temperature", "hint_weight", "train_subset", "val_size", "test_subset", "seed", "storage")
+SETTINGS = (
+    "variant",
+    "space",
+    "dataset",
+    "preset",
+    "max_drop",
+    "max_generations",
+    "children",
+    "beam",
+    "select",
+    "sampler",
+    "pruner",
+    "objectives",
+    "teacher_weights",
+    "teacher",
+    "width",
+    "epochs",
+    "root_epochs",
+    "batch_size",
+    "lr",
+    "weight_decay",
+    "alpha",
+    "temperature",
+    "hint_weight",
+    "train_subset",
+    "val_size",
+    "test_subset",
+    "seed",
+    "storage",
+)
 
 
 @dataclass(frozen=True)
@@ -101,6 +128,7 @@ class Report:
 
 # -- reading a run ------------------------------------------------------------------------------------
 
+
 def load_run(run_dir: str | Path, storage: str | None = None) -> RunView:
     """Open a run read-only (run.open_run) and collect what a report needs; user mistakes (no such
     run, an empty study) become one-line errors, an unfinished run becomes gaps."""
@@ -113,43 +141,66 @@ def run_view(run: Run) -> RunView:
     gaps = []
     config = json.loads(run.cfg.to_json()) if run.settings_from != "defaults" else {}
     if run.settings_from != "config.json":
-        gaps.append("config.json (the settings were read from the study)" if config else
-                    "the run's settings (no config.json, none in the study)")
+        gaps.append(
+            "config.json (the settings were read from the study)"
+            if config
+            else "the run's settings (no config.json, none in the study)"
+        )
     nodes = run.nodes
     if not nodes:
-        raise IterkdError(f"run {name!r} in {run_dir} has no nodes yet (its study is empty); nothing to report. "
-                          f"Start or resume it with: iterkd resume {run_dir}")
+        raise IterkdError(
+            f"run {name!r} in {run_dir} has no nodes yet (its study is empty); nothing to report. "
+            f"Start or resume it with: iterkd resume {run_dir}"
+        )
     accepted = run.accepted  # once, not per node: Run.accepted reads the study's attributes again
     status = {i: node_status(n, accepted) for i, n in nodes.items()}
     attrs = study.user_attrs
-    stop_reason, final_node, wall = attrs.get("stop_reason"), attrs.get("final_node"), attrs.get("wall_seconds")
+    stop_reason, final_node, wall = (
+        attrs.get("stop_reason"),
+        attrs.get("final_node"),
+        attrs.get("wall_seconds"),
+    )
     if not stop_reason:
-        gaps.append("why the search stopped (the run has not finished: it crashed, was interrupted, "
-                    "or is still running)")
+        gaps.append(
+            "why the search stopped (the run has not finished: it crashed, was interrupted, "
+            "or is still running)"
+        )
     if root_node(list(nodes.values())) is None:
         gaps.append("a finished root (sizes and drops cannot be relative to it)")
     if final_node is None:
         best = run.final_node()
         final_node = None if best is None else best.node
-        gaps.append("the final model (not recorded" +
-                    (f"; node {final_node}, the best accepted so far, is shown instead)" if final_node is not None
-                     else ")"))
+        gaps.append(
+            "the final model (not recorded"
+            + (
+                f"; node {final_node}, the best accepted so far, is shown instead)"
+                if final_node is not None
+                else ")"
+            )
+        )
     span = None
     if wall is None:
         span = _span_seconds(study)
-        gaps.append("the total wall time (not recorded; the time from the first node's start to the last "
-                    "node's end is shown instead)")
+        gaps.append(
+            "the total wall time (not recorded; the time from the first node's start to the last "
+            "node's end is shown instead)"
+        )
     unfinished = [i for i, s in status.items() if s in ("running", "queued")]
     if unfinished:
-        gaps.append(f"results of node(s) {', '.join(map(str, unfinished))} (still marked running: a crash "
-                    f"leaves them so; `iterkd resume {run_dir}` resumes them)")
+        gaps.append(
+            f"results of node(s) {', '.join(map(str, unfinished))} (still marked running: a crash "
+            f"leaves them so; `iterkd resume {run_dir}` resumes them)"
+        )
     return RunView(run_dir, name, config, nodes, status, stop_reason, final_node, wall, tuple(gaps), span)
 
 
 def _span_seconds(study: optuna.Study) -> float | None:
     """Wall time as the trials saw it (it also counts pauses between sessions of a resumed run)."""
-    times = [(t.datetime_start, t.datetime_complete or t.datetime_start)
-             for t in study.get_trials(deepcopy=False) if t.datetime_start]
+    times = [
+        (t.datetime_start, t.datetime_complete or t.datetime_start)
+        for t in study.get_trials(deepcopy=False)
+        if t.datetime_start
+    ]
     return (max(e for _, e in times) - min(s for s, _ in times)).total_seconds() if times else None
 
 
@@ -159,6 +210,7 @@ def _parent(n: Node) -> int | None:
 
 
 # -- a node's figures ---------------------------------------------------------------------------------
+
 
 def drop_pts(root: Node | None, n: Node) -> float | None:
     """Validation accuracy points lost against the root, rounded as lineage.csv rounds them (so the
@@ -186,6 +238,7 @@ def _deploy_figure(key: str) -> Callable[[Node], float | None]:
 
 
 # -- formatting -----------------------------------------------------------------------------------------
+
 
 def _missing(value) -> bool:
     """None or NaN: either way the figure was not measured (or not yet)."""
@@ -228,6 +281,7 @@ def _smaller(root_value, value) -> float | None:
 
 # -- the lineage tree ---------------------------------------------------------------------------------
 
+
 def tidy_layout(children: dict[int, list[int]], roots: list[int], level: dict[int, int]) -> dict[int, float]:
     """x slot of every node: leaves take the next free slot of their level, a parent sits over the
     middle of its children, and a subtree that would collide is shifted right (so boxes never overlap
@@ -269,8 +323,11 @@ def _box_lines(n: Node, status: str, root: Node | None) -> tuple[str, str]:
         return title, f"{size}\n{acc[:34]}\n"
     acc = f"val {n.val_acc:.2f}% · test {_num(n.test_acc, '.2f')}%"
     drop = drop_pts(root, n)
-    drop = f"drop {drop:.2f} pts" if n.generation and drop is not None else (
-        "reference for drops" if status == "root" else status)
+    drop = (
+        f"drop {drop:.2f} pts"
+        if n.generation and drop is not None
+        else ("reference for drops" if status == "root" else status)
+    )
     return title, f"{size}\n{acc}\n{drop}"
 
 
@@ -317,12 +374,22 @@ def tree_figure(view: RunView) -> Figure:
     ax.axis("off")
 
     def centre(n: int) -> tuple[float, float]:
-        return (x0 + slot[n] * (box_w + gap_x) + box_w / 2,
-                height - top - nodes[n].generation * (box_h + gap_y) - box_h / 2)
+        return (
+            x0 + slot[n] * (box_w + gap_x) + box_w / 2,
+            height - top - nodes[n].generation * (box_h + gap_y) - box_h / 2,
+        )
 
     for g in range(levels):
-        ax.text(x0 - 0.62, height - top - g * (box_h + gap_y) - box_h / 2, f"gen {g}", fontsize=9, weight="bold",
-                va="center", ha="left", color="#444444")
+        ax.text(
+            x0 - 0.62,
+            height - top - g * (box_h + gap_y) - box_h / 2,
+            f"gen {g}",
+            fontsize=9,
+            weight="bold",
+            va="center",
+            ha="left",
+            color="#444444",
+        )
 
     path = view.accepted_path()
     on_path = set(path)
@@ -333,16 +400,33 @@ def tree_figure(view: RunView) -> Figure:
         fill, edge, style = STATUS_STYLE.get(status, STATUS_STYLE["rejected"])
         cx, cy = centre(n)
         highlight = n in on_path
-        boxes[n] = box = FancyBboxPatch((cx - box_w / 2, cy - box_h / 2), box_w, box_h,
-                                        boxstyle="round,pad=0,rounding_size=0.06", facecolor=fill,
-                                        edgecolor=PATH_COLOR if highlight else edge, linestyle=style,
-                                        linewidth=2.4 if highlight else 1.0, zorder=3, gid=f"node-{n}")
+        boxes[n] = box = FancyBboxPatch(
+            (cx - box_w / 2, cy - box_h / 2),
+            box_w,
+            box_h,
+            boxstyle="round,pad=0,rounding_size=0.06",
+            facecolor=fill,
+            edgecolor=PATH_COLOR if highlight else edge,
+            linestyle=style,
+            linewidth=2.4 if highlight else 1.0,
+            zorder=3,
+            gid=f"node-{n}",
+        )
         ax.add_patch(box)
         muted = "#777777" if status in ("rejected", "failed", "pruned") else "#111111"
         top_y = cy + box_h / 2 - pad
         ax.text(cx, top_y, title, fontsize=font, weight="bold", ha="center", va="top", color=muted, zorder=4)
-        ax.text(cx, top_y - title_h - pad, body, fontsize=font, ha="center", va="top", color=muted, zorder=4,
-                linespacing=1.2)
+        ax.text(
+            cx,
+            top_y - title_h - pad,
+            body,
+            fontsize=font,
+            ha="center",
+            va="top",
+            color=muted,
+            zorder=4,
+            linespacing=1.2,
+        )
 
     # Every child of an ancestors variant is taught by all its accepted ancestors, so drawing each of
     # those edges would bury the tree at 30 nodes; they are drawn into the accepted path's nodes and
@@ -354,27 +438,57 @@ def tree_figure(view: RunView) -> Figure:
             (px, py), (cx, cy) = centre(t), centre(n)
             first, bold = t == parent, (t, n) in path_edges
             # Endpoints on the box edges computed here: matplotlib's patch clipping is slow at 30+ nodes.
-            ax.add_artist(FancyArrowPatch(
-                (px, py - box_h / 2), (cx, cy + box_h / 2), shrinkA=0, shrinkB=1, arrowstyle="-|>",
-                mutation_scale=9, connectionstyle="arc3,rad=0" if first else "arc3,rad=0.25",
-                color=PATH_COLOR if bold else ("#555555" if first else TEACHER_COLOR),
-                linestyle="solid" if first else (0, (4, 3)), linewidth=2.4 if bold else (1.0 if first else 0.9),
-                alpha=1.0 if first else 0.7, zorder=2 if bold else 1))
+            ax.add_artist(
+                FancyArrowPatch(
+                    (px, py - box_h / 2),
+                    (cx, cy + box_h / 2),
+                    shrinkA=0,
+                    shrinkB=1,
+                    arrowstyle="-|>",
+                    mutation_scale=9,
+                    connectionstyle="arc3,rad=0" if first else "arc3,rad=0.25",
+                    color=PATH_COLOR if bold else ("#555555" if first else TEACHER_COLOR),
+                    linestyle="solid" if first else (0, (4, 3)),
+                    linewidth=2.4 if bold else (1.0 if first else 0.9),
+                    alpha=1.0 if first else 0.7,
+                    zorder=2 if bold else 1,
+                )
+            )
 
-    handles = [Patch(facecolor=STATUS_STYLE[s][0], edgecolor=STATUS_STYLE[s][1], linestyle=STATUS_STYLE[s][2],
-                     label=s) for s in ("root", "accepted", "rejected", "failed", "pruned", "running")]
-    handles += [Line2D([], [], color=PATH_COLOR, lw=2.4, label="accepted path → final"),
-                Line2D([], [], color="#555555", lw=1, label="parent → child"),
-                Line2D([], [], color=TEACHER_COLOR, lw=0.9, ls=(0, (4, 3)), alpha=0.7,
-                       label="ancestor teacher → path node")]
-    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(0.12, height - 0.05), ncol=5, fontsize=8,
-              frameon=False, bbox_transform=ax.transData, borderaxespad=0)
+    handles = [
+        Patch(
+            facecolor=STATUS_STYLE[s][0], edgecolor=STATUS_STYLE[s][1], linestyle=STATUS_STYLE[s][2], label=s
+        )
+        for s in ("root", "accepted", "rejected", "failed", "pruned", "running")
+    ]
+    handles += [
+        Line2D([], [], color=PATH_COLOR, lw=2.4, label="accepted path → final"),
+        Line2D([], [], color="#555555", lw=1, label="parent → child"),
+        Line2D(
+            [],
+            [],
+            color=TEACHER_COLOR,
+            lw=0.9,
+            ls=(0, (4, 3)),
+            alpha=0.7,
+            label="ancestor teacher → path node",
+        ),
+    ]
+    ax.legend(
+        handles=handles,
+        loc="upper left",
+        bbox_to_anchor=(0.12, height - 0.05),
+        ncol=5,
+        fontsize=8,
+        frameon=False,
+        bbox_transform=ax.transData,
+        borderaxespad=0,
+    )
     return fig
 
 
-
-
 # -- accuracy vs size -----------------------------------------------------------------------------------
+
 
 def pareto_front(nodes: Iterable[Node], size: Callable[[Node], float] = _params) -> list[Node]:
     """Finished nodes no other node beats on both size (smaller) and validation accuracy (higher),
@@ -406,28 +520,58 @@ def pareto_figure(view: RunView) -> Figure:
         budget = root.val_acc - float(view.config["max_drop"])
     path = [view.nodes[i] for i in view.accepted_path() if not _missing(view.nodes[i].val_acc)]
     # Legend entries in a stable order, whatever order the nodes were trained in.
-    by_status = {s: [n for n in done if view.status[n.node] == s] for s in sorted({view.status[n.node] for n in done})}
+    by_status = {
+        s: [n for n in done if view.status[n.node] == s] for s in sorted({view.status[n.node] for n in done})
+    }
     for ax, size, label in zip(axes, (_params, _flops), ("parameters", "FLOPs per image")):
         ax.set_xscale("log")
         ax.grid(True, which="both", alpha=0.25)
-        ax.plot(*_points(pareto_front(done, size), size), drawstyle="steps-post", color="#1f77b4", lw=1.2,
-                alpha=0.8, label="Pareto front", zorder=2)
+        ax.plot(
+            *_points(pareto_front(done, size), size),
+            drawstyle="steps-post",
+            color="#1f77b4",
+            lw=1.2,
+            alpha=0.8,
+            label="Pareto front",
+            zorder=2,
+        )
         ax.plot(*_points(path, size), color=PATH_COLOR, lw=2, label="accepted path", zorder=3)
         for status, group in by_status.items():
             fill, edge, _ = STATUS_STYLE.get(status, STATUS_STYLE["rejected"])
-            ax.scatter(*_points(group, size), s=42, facecolor=fill, edgecolor=edge, linewidth=1.2,
-                       label=status, zorder=4)
+            ax.scatter(
+                *_points(group, size),
+                s=42,
+                facecolor=fill,
+                edgecolor=edge,
+                linewidth=1.2,
+                label=status,
+                zorder=4,
+            )
         if budget is not None:
-            ax.axhline(budget, color="#cc0000", ls="--", lw=1.2, zorder=1,
-                       label=f"budget: root − {float(view.config['max_drop']):g} pts")
+            ax.axhline(
+                budget,
+                color="#cc0000",
+                ls="--",
+                lw=1.2,
+                zorder=1,
+                label=f"budget: root − {float(view.config['max_drop']):g} pts",
+            )
         marks = [(root, "root", (10, -18))] if root is not None else []
         if final is not None and not _missing(final.val_acc):
             same = root is not None and final.node == root.node
-            marks = [(final, "root = final" if same else "final", (-12, 14))] + marks[:0 if same else 1]
+            marks = [(final, "root = final" if same else "final", (-12, 14))] + marks[: 0 if same else 1]
         for n, text, offset in marks:
-            ax.annotate(f"{text} (#{n.node})", (size(n), n.val_acc), xytext=offset, textcoords="offset points",
-                        ha="right" if offset[0] < 0 else "left", fontsize=9, weight="bold",
-                        arrowprops=dict(arrowstyle="-", color="#333333", lw=0.8), zorder=5)
+            ax.annotate(
+                f"{text} (#{n.node})",
+                (size(n), n.val_acc),
+                xytext=offset,
+                textcoords="offset points",
+                ha="right" if offset[0] < 0 else "left",
+                fontsize=9,
+                weight="bold",
+                arrowprops=dict(arrowstyle="-", color="#333333", lw=0.8),
+                zorder=5,
+            )
         _log_ticks(ax, [size(n) for n in done])
         ax.set_xlabel(f"{label} (log scale)")
         ax.margins(x=0.12, y=0.08)
@@ -439,6 +583,7 @@ def pareto_figure(view: RunView) -> Figure:
 
 
 # -- tables ---------------------------------------------------------------------------------------------
+
 
 def _log_ticks(ax, values: list[float]) -> None:
     """Tick labels like '150 k' that never crowd: intermediate ticks only as many as the span allows."""
@@ -454,23 +599,25 @@ def node_table(view: RunView, nodes: list[Node]) -> pd.DataFrame:
     """Display form of some of the run's nodes: one line per candidate, numbers formatted for people."""
     root = view.root
     root_params = None if root is None else _params(root)
-    out = pd.DataFrame({
-        "node": [str(n.node) for n in nodes],
-        "parent": [_num(_parent(n), "d") for n in nodes],
-        "teachers": [", ".join(map(str, n.teachers)) or "—" for n in nodes],
-        "operator": [n.operator for n in nodes],
-        "architecture": [n.spec.summary() for n in nodes],
-        "val %": [_num(n.val_acc, ".2f") for n in nodes],
-        "test %": [_num(n.test_acc, ".2f") for n in nodes],
-        "drop pts": [_num(drop_pts(root, n), ".2f") for n in nodes],
-        "params": [f"{_params(n):,}" for n in nodes],
-        "× smaller": [_num(_smaller(root_params, _params(n)), ".2f") for n in nodes],
-        "bytes": [_si(n.spec.state_bytes(), "B") for n in nodes],
-        "FLOPs": [_si(_flops(n)) for n in nodes],
-        "epochs": [str(n.epochs) for n in nodes],
-        "seconds": [_num(n.seconds, ".1f") for n in nodes],
-        "status": [view.status[n.node] for n in nodes],
-    })
+    out = pd.DataFrame(
+        {
+            "node": [str(n.node) for n in nodes],
+            "parent": [_num(_parent(n), "d") for n in nodes],
+            "teachers": [", ".join(map(str, n.teachers)) or "—" for n in nodes],
+            "operator": [n.operator for n in nodes],
+            "architecture": [n.spec.summary() for n in nodes],
+            "val %": [_num(n.val_acc, ".2f") for n in nodes],
+            "test %": [_num(n.test_acc, ".2f") for n in nodes],
+            "drop pts": [_num(drop_pts(root, n), ".2f") for n in nodes],
+            "params": [f"{_params(n):,}" for n in nodes],
+            "× smaller": [_num(_smaller(root_params, _params(n)), ".2f") for n in nodes],
+            "bytes": [_si(n.spec.state_bytes(), "B") for n in nodes],
+            "FLOPs": [_si(_flops(n)) for n in nodes],
+            "epochs": [str(n.epochs) for n in nodes],
+            "seconds": [_num(n.seconds, ".1f") for n in nodes],
+            "status": [view.status[n.node] for n in nodes],
+        }
+    )
     # Deployment figures, where the run measured them (not the smoke preset, not --no-deploy-figures).
     if any(_measured(n, "latency_ms_b1") for n in nodes):
         out.insert(12, "CPU ms (b1)", [_num(n.deploy.get("latency_ms_b1"), ".2f") for n in nodes])
@@ -484,8 +631,10 @@ def generation_tables(view: RunView) -> list[tuple[str, pd.DataFrame]]:
     by_generation: dict[int, list[Node]] = defaultdict(list)
     for n in view.nodes.values():
         by_generation[n.generation].append(n)
-    return [(_generation_heading(view, g, by_generation[g]), node_table(view, by_generation[g]))
-            for g in sorted(by_generation)]
+    return [
+        (_generation_heading(view, g, by_generation[g]), node_table(view, by_generation[g]))
+        for g in sorted(by_generation)
+    ]
 
 
 def _generation_heading(view: RunView, generation: int, nodes: list[Node]) -> str:
@@ -496,8 +645,10 @@ def _generation_heading(view: RunView, generation: int, nodes: list[Node]) -> st
     if not accepted:
         undecided = any(view.status[n.node] in ("running", "queued") for n in nodes)
         accepted = "not decided yet (nodes still running)" if undecided else "none"
-    return (f"Generation {generation}: {len(nodes)} candidate{'s' * (len(nodes) != 1)} from parent"
-            f"{'s' * (len(parents) != 1)} {', '.join(map(str, parents))}; accepted: {accepted}")
+    return (
+        f"Generation {generation}: {len(nodes)} candidate{'s' * (len(nodes) != 1)} from parent"
+        f"{'s' * (len(parents) != 1)} {', '.join(map(str, parents))}; accepted: {accepted}"
+    )
 
 
 def root_vs_final_table(view: RunView) -> pd.DataFrame:
@@ -505,34 +656,54 @@ def root_vs_final_table(view: RunView) -> pd.DataFrame:
     the CPU deployment figures when the run measured them for both."""
     root, final = view.root, view.final
     # row label: (the node's figure, how it is shown, the word for the change; None: no change shown)
-    rows = {"architecture": (lambda n: n.spec, lambda spec: spec.summary(), None),
-            "params": (_params, lambda v: f"{int(v):,}", "smaller"),
-            "bytes": (lambda n: n.spec.state_bytes(), lambda v: _si(v, "B"), "smaller"),
-            "FLOPs": (_flops, _si, "fewer"),
-            "validation accuracy %": (lambda n: n.val_acc, lambda v: _num(v, ".2f"), "drop"),
-            "test accuracy %": (lambda n: n.test_acc, lambda v: _num(v, ".2f"), "drop")}
-    if root is not None and final is not None and _measured(root, "latency_ms_b1") \
-            and _measured(final, "latency_ms_b1"):
+    rows = {
+        "architecture": (lambda n: n.spec, lambda spec: spec.summary(), None),
+        "params": (_params, lambda v: f"{int(v):,}", "smaller"),
+        "bytes": (lambda n: n.spec.state_bytes(), lambda v: _si(v, "B"), "smaller"),
+        "FLOPs": (_flops, _si, "fewer"),
+        "validation accuracy %": (lambda n: n.val_acc, lambda v: _num(v, ".2f"), "drop"),
+        "test accuracy %": (lambda n: n.test_acc, lambda v: _num(v, ".2f"), "drop"),
+    }
+    if (
+        root is not None
+        and final is not None
+        and _measured(root, "latency_ms_b1")
+        and _measured(final, "latency_ms_b1")
+    ):
         threads = _num(final.deploy.get("cpu_threads"), ".0f")
         threads = f"{threads} thread{'s' * (threads != '1')}"
-        rows[f"CPU latency, batch 1, {threads} (ms)"] = (_deploy_figure("latency_ms_b1"), lambda v: _num(v, ".2f"),
-                                                         "faster")
-        rows[f"CPU throughput, batch 64, {threads} (img/s)"] = (_deploy_figure("throughput_b64"),
-                                                                lambda v: _num(v, ",.0f"), "more")
+        rows[f"CPU latency, batch 1, {threads} (ms)"] = (
+            _deploy_figure("latency_ms_b1"),
+            lambda v: _num(v, ".2f"),
+            "faster",
+        )
+        rows[f"CPU throughput, batch 64, {threads} (img/s)"] = (
+            _deploy_figure("throughput_b64"),
+            lambda v: _num(v, ",.0f"),
+            "more",
+        )
         rows["ONNX file"] = (_deploy_figure("onnx_bytes"), lambda v: _si(v, "B"), "smaller")
     cols = {}
-    for label, n in ((f"root (#{root.node})" if root is not None else "root", root),
-                     (f"final (#{final.node})" if final is not None else "final", final)):
+    for label, n in (
+        (f"root (#{root.node})" if root is not None else "root", root),
+        (f"final (#{final.node})" if final is not None else "final", final),
+    ):
         cols[label] = ["—" if n is None else show(figure(n)) for figure, show, _ in rows.values()]
     both = root is not None and final is not None
-    cols["change"] = [_change(figure(root), figure(final), word) if both else "" for figure, _, word in rows.values()]
+    cols["change"] = [
+        _change(figure(root), figure(final), word) if both else "" for figure, _, word in rows.values()
+    ]
     return pd.DataFrame(cols, index=list(rows))
 
 
 def _change(root_value, final_value, word: str | None) -> str:
     """The change column of root_vs_final_table: '' where there is nothing to compare."""
-    if word is None or _missing(root_value) or _missing(final_value) \
-            or (word != "drop" and not (root_value and final_value)):  # ratios: nothing to divide by
+    if (
+        word is None
+        or _missing(root_value)
+        or _missing(final_value)
+        or (word != "drop" and not (root_value and final_value))
+    ):  # ratios: nothing to divide by
         return ""
     if word == "drop":
         return f"drop {_num(root_value - final_value, '.2f')} pts"
@@ -544,35 +715,51 @@ def _change(root_value, final_value, word: str | None) -> str:
 def facts(view: RunView) -> list[tuple[str, str]]:
     """The one-line answers: why it stopped, how long it took, how many nodes of each kind."""
     counts = Counter(view.status.values())
-    kinds = ", ".join(f"{counts[s]} {s}" for s in ("accepted", "rejected", "failed", "pruned", "running", "queued")
-                      if s in counts)
+    kinds = ", ".join(
+        f"{counts[s]} {s}"
+        for s in ("accepted", "rejected", "failed", "pruned", "running", "queued")
+        if s in counts
+    )
     trained = _duration(sum(n.seconds or 0 for n in view.nodes.values()))
     if view.wall_seconds is not None:
         wall = _duration(view.wall_seconds)
     elif view.span_seconds is not None:
-        wall = f"not recorded; {_duration(view.span_seconds)} from the first node's start to the last one's end " \
-               f"(training alone: {trained})"
+        wall = (
+            f"not recorded; {_duration(view.span_seconds)} from the first node's start to the last one's end "
+            f"(training alone: {trained})"
+        )
     else:
         wall = f"not recorded (training alone: {trained})"
     c = view.config
-    out = [("stopped because", view.stop_reason or "not recorded (the run has not finished)"),
-           ("total wall time", wall),
-           ("nodes", f"{len(view.nodes)} over {view.generations} generations ({kinds or 'root only'})")]
+    out = [
+        ("stopped because", view.stop_reason or "not recorded (the run has not finished)"),
+        ("total wall time", wall),
+        ("nodes", f"{len(view.nodes)} over {view.generations} generations ({kinds or 'root only'})"),
+    ]
     if c:
-        out.append(("variant", f"{c.get('variant')} (children {c.get('children')}, beam {c.get('beam')}, "
-                               f"select {c.get('select')})"))
+        out.append(
+            (
+                "variant",
+                f"{c.get('variant')} (children {c.get('children')}, beam {c.get('beam')}, "
+                f"select {c.get('select')})",
+            )
+        )
         out.append(("budget", f"--max-drop {c.get('max_drop')} validation accuracy points vs the root"))
     return out
 
 
 def settings_table(view: RunView) -> pd.DataFrame:
     c = view.config
-    rows = [(k.replace("_", "-"), redact_url(str(c[k])) if k == "storage" and c[k] else str(c[k]))
-            for k in SETTINGS if k in c and c[k] is not None]
+    rows = [
+        (k.replace("_", "-"), redact_url(str(c[k])) if k == "storage" and c[k] else str(c[k]))
+        for k in SETTINGS
+        if k in c and c[k] is not None
+    ]
     return pd.DataFrame(rows, columns=["setting", "value"])
 
 
 # -- writing --------------------------------------------------------------------------------------------
+
 
 def write_report(run_dir: str | Path, *, storage: str | None = None, fmt: str = "csv") -> Report:
     """Write RUN/report.html (self-contained), RUN/report.md with lineage.svg and pareto.png beside
@@ -600,8 +787,14 @@ def write_report(run_dir: str | Path, *, storage: str | None = None, fmt: str = 
     _write_bytes(run_dir / "pareto.png", plot_png)
     write_atomic(run_dir / "report.html", render_html(view, tree_svg, plot_png))
     write_atomic(run_dir / "report.md", render_markdown(view))
-    return Report(run_dir / "report.html", run_dir / "report.md", run_dir / "lineage.svg", run_dir / "pareto.png",
-                  tuple(tables), view.gaps)
+    return Report(
+        run_dir / "report.html",
+        run_dir / "report.md",
+        run_dir / "lineage.svg",
+        run_dir / "pareto.png",
+        tuple(tables),
+        view.gaps,
+    )
 
 
 def _has_pyarrow() -> bool:
@@ -664,14 +857,19 @@ def render_html(view: RunView, tree_svg: bytes, plot_png: bytes) -> str:
     tree_fig_w, tree_fig_h = _svg_size_px(tree_svg)
     gaps = ""
     if view.gaps:
-        gaps = ("<div class='gaps' id='gaps'><b>Partial report</b>: the run's study does not record"
-                + "".join(f"<li>{esc(g)}</li>" for g in view.gaps).join(("<ul>", "</ul>")) + "</div>")
+        gaps = (
+            "<div class='gaps' id='gaps'><b>Partial report</b>: the run's study does not record"
+            + "".join(f"<li>{esc(g)}</li>" for g in view.gaps).join(("<ul>", "</ul>"))
+            + "</div>"
+        )
     facts_html = "".join(f"<dt>{esc(k)}</dt><dd>{esc(v)}</dd>" for k, v in facts(view))
-    generations = "".join(f"<h3>{esc(h)}</h3><div class='wide'>{_html_table(t)}</div>"
-                          for h, t in generation_tables(view))
+    generations = "".join(
+        f"<h3>{esc(h)}</h3><div class='wide'>{_html_table(t)}</div>" for h, t in generation_tables(view)
+    )
     c = view.config
-    subtitle = " · ".join(esc(str(x)) for x in (view.run_dir, c.get("dataset"), c.get("space"), c.get("variant"))
-                          if x)
+    subtitle = " · ".join(
+        esc(str(x)) for x in (view.run_dir, c.get("dataset"), c.get("space"), c.get("variant")) if x
+    )
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>iterkd report: {esc(view.name)}</title>
 <style>{_CSS}</style></head>
@@ -684,7 +882,7 @@ def render_html(view: RunView, tree_svg: bytes, plot_png: bytes) -> str:
 <dl class="facts">{facts_html}</dl></div>
 </section>
 <section id="lineage"><h2>Lineage tree</h2>
-<div class="scroll{' bleed' if tree_fig_w > 1340 else ''}"><img id="tree" alt="lineage tree of run {esc(view.name)}" width="{tree_fig_w}" height="{tree_fig_h}"
+<div class="scroll{" bleed" if tree_fig_w > 1340 else ""}"><img id="tree" alt="lineage tree of run {esc(view.name)}" width="{tree_fig_w}" height="{tree_fig_h}"
  src="data:image/svg+xml;base64,{base64.b64encode(tree_svg).decode()}"></div>
 </section>
 <section id="pareto"><h2>Accuracy vs size</h2>
@@ -719,12 +917,23 @@ def render_markdown(view: RunView) -> str:
     """The summary and tables for a README or PR, with the images as files beside it."""
     parts = [f"# iterkd run `{view.name}`", ""]
     if view.gaps:
-        parts += ["**Partial report**: the run's study does not record", ""] + [f"- {g}" for g in view.gaps] + [""]
+        parts += (
+            ["**Partial report**: the run's study does not record", ""] + [f"- {g}" for g in view.gaps] + [""]
+        )
     parts += ["## Summary", "", _markdown_table(root_vs_final_table(view), index=True), ""]
     parts += [f"- **{k}**: {v}" for k, v in facts(view)] + [""]
-    parts += ["## Lineage tree", "", "![lineage tree](lineage.svg)", "",
-              "## Accuracy vs size", "", "![validation accuracy vs parameters and FLOPs](pareto.png)", "",
-              "## Generations", ""]
+    parts += [
+        "## Lineage tree",
+        "",
+        "![lineage tree](lineage.svg)",
+        "",
+        "## Accuracy vs size",
+        "",
+        "![validation accuracy vs parameters and FLOPs](pareto.png)",
+        "",
+        "## Generations",
+        "",
+    ]
     for heading, table in generation_tables(view):
         parts += [f"### {heading}", "", _markdown_table(table), ""]
     parts += ["## Settings", "", _markdown_table(settings_table(view)), ""]

@@ -2,14 +2,15 @@
 command (resume, report, export, compare, select, dashboard, worker) opens an existing run;
 `start_run` creates one for `iterkd search`. Crash recovery (trials left RUNNING by a dead process,
 checkpoints damaged while the run was stopped) happens here, before a search writes anything."""
+
 from __future__ import annotations
 
 import json
 import os
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Callable
 
 import optuna
 
@@ -72,14 +73,18 @@ class Run:
         if number is None:
             number = self.study.user_attrs.get("final_node")
             if number is None:
-                raise IterkdError(f"run {self.run_dir} has no final model yet (its search has not finished); "
-                                  f"pass --node N to choose a trained node ({trained})")
+                raise IterkdError(
+                    f"run {self.run_dir} has no final model yet (its search has not finished); "
+                    f"pass --node N to choose a trained node ({trained})"
+                )
         if number not in by_id:
             raise IterkdError(f"run {self.run_dir} has no node {number}; its trained nodes are {trained}")
         n = by_id[number]
         if not (n.ok and n.checkpoint):
-            raise IterkdError(f"node {number} of run {self.run_dir} is {self.status(n)} and has no checkpoint; "
-                              f"choose a trained node instead ({trained})")
+            raise IterkdError(
+                f"node {number} of run {self.run_dir} is {self.status(n)} and has no checkpoint; "
+                f"choose a trained node instead ({trained})"
+            )
         return n
 
     def model(self, n: Node) -> VGG:
@@ -99,8 +104,11 @@ def read_config(run_dir: Path) -> SearchConfig | None:
     known = {f.name for f in fields(SearchConfig)}
     if not isinstance(data, dict) or "name" not in data or set(data) - known:
         extra = sorted(set(data) - known)[:5] if isinstance(data, dict) else []
-        raise IterkdError(f"{path} is not an iterkd config" + (f" (unknown keys: {', '.join(extra)})" if extra else "")
-                          + "; point at a directory that `iterkd search` wrote")
+        raise IterkdError(
+            f"{path} is not an iterkd config"
+            + (f" (unknown keys: {', '.join(extra)})" if extra else "")
+            + "; point at a directory that `iterkd search` wrote"
+        )
     try:
         return validate(replace(SearchConfig(**data), run_dir=str(run_dir)))
     except (TypeError, ValueError, IterkdError) as e:  # a value of the wrong type or out of its range
@@ -127,12 +135,16 @@ def open_run(run_dir: str | Path | None, storage: str | None = None, *, name: st
     cfg = read_config(run_dir)
     url = storage or (cfg.storage if cfg else None)
     if url and "***" in url:
-        raise IterkdError(f"run {run_dir} uses storage {url}; passwords are never saved, so pass --storage "
-                          "with the full URL")
+        raise IterkdError(
+            f"run {run_dir} uses storage {url}; passwords are never saved, so pass --storage "
+            "with the full URL"
+        )
     if not url:
         if not (run_dir / "study.db").is_file():  # opening a missing SQLite file would create an empty one
             what = "no study.db: was its search started?" if cfg else "no config.json and no study.db"
-            raise IterkdError(f"{run_dir} has {what} (not an iterkd run directory, or its search never started)")
+            raise IterkdError(
+                f"{run_dir} has {what} (not an iterkd run directory, or its search never started)"
+            )
         url = default_storage(run_dir)
     if cfg is None:
         study_name = name or _only_study_name(url, run_dir)
@@ -149,8 +161,10 @@ def _only_study_name(url: str, run_dir: Path) -> str:
     except Exception:
         names = []
     if len(names) != 1:
-        raise IterkdError(f"{run_dir} has no config.json naming its study, and its storage holds "
-                          f"{len(names)} studies; restore config.json or pass the run directory of a single run")
+        raise IterkdError(
+            f"{run_dir} has no config.json naming its study, and its storage holds "
+            f"{len(names)} studies; restore config.json or pass the run directory of a single run"
+        )
     return names[0]
 
 
@@ -159,7 +173,9 @@ def start_run(cfg: SearchConfig, *, directions: tuple[str, ...], sampler, pruner
     has been checked, so a refused command leaves nothing behind; config.json is written once."""
     run_dir = Path(cfg.run_dir)
     if cfg.storage:  # a database elsewhere: reachable before anything is created here
-        open_study(cfg.storage, cfg.name, directions=directions, sampler=sampler, pruner=pruner, heartbeat=heartbeat)
+        open_study(
+            cfg.storage, cfg.name, directions=directions, sampler=sampler, pruner=pruner, heartbeat=heartbeat
+        )
     try:
         for sub in ("checkpoints", "artifacts"):
             (run_dir / sub).mkdir(parents=True, exist_ok=True)
@@ -167,19 +183,25 @@ def start_run(cfg: SearchConfig, *, directions: tuple[str, ...], sampler, pruner
         probe.write_text("")
         probe.unlink()
     except OSError as e:
-        raise IterkdError(f"run directory {run_dir} is not writable ({e.strerror}); choose another with --run-dir") \
-            from None
+        raise IterkdError(
+            f"run directory {run_dir} is not writable ({e.strerror}); choose another with --run-dir"
+        ) from None
     url = cfg.storage or default_storage(run_dir)
-    study = open_study(url, cfg.name, directions=directions, sampler=sampler, pruner=pruner, heartbeat=heartbeat)
+    study = open_study(
+        url, cfg.name, directions=directions, sampler=sampler, pruner=pruner, heartbeat=heartbeat
+    )
     if not config_path(run_dir).exists():
         # Passwords never reach disk or the study: a resumed run asks for --storage again.
         saved = replace(cfg, storage=redact_url(cfg.storage) if cfg.storage else None)
         write_atomic(config_path(run_dir), saved.to_json())
-        study.set_user_attr("config", json.loads(saved.to_json()))  # workers and reports read it from the study
+        study.set_user_attr(
+            "config", json.loads(saved.to_json())
+        )  # workers and reports read it from the study
     return Run(run_dir, cfg, study, url)
 
 
 # -- crash recovery ---------------------------------------------------------------------------------
+
 
 def fail_interrupted_trials(study: optuna.Study, log: Callable[[str], None], *, remote: bool) -> None:
     """RUNNING trials left by a process of this machine that no longer exists are marked failed
@@ -192,7 +214,12 @@ def fail_interrupted_trials(study: optuna.Study, log: Callable[[str], None], *, 
     host = socket.gethostname()
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         pid = t.user_attrs.get("pid")
-        if t.user_attrs.get("host") == host and isinstance(pid, int) and pid != os.getpid() and not alive(pid):
+        if (
+            t.user_attrs.get("host") == host
+            and isinstance(pid, int)
+            and pid != os.getpid()
+            and not alive(pid)
+        ):
             study.tell(t.number, state=optuna.trial.TrialState.FAIL)
             log(f"node {t.number} was interrupted by a crash; its candidate will be trained again")
 
@@ -233,6 +260,7 @@ def verify_checkpoints(run: Run, log: Callable[[str], None]) -> None:
 
 # -- one writer per run -----------------------------------------------------------------------------
 
+
 class WriterLock:
     """One `iterkd search`/`resume` drives a run at a time. A lock file in the run directory (an OS
     lock, freed by the kernel when its holder dies) and, for PostgreSQL, an advisory lock in the
@@ -244,7 +272,7 @@ class WriterLock:
         self._file = None
         self._conn = None
 
-    def acquire(self, log: Callable[[str], None] = print) -> "WriterLock":
+    def acquire(self, log: Callable[[str], None] = print) -> WriterLock:
         import fcntl
         import time
 
@@ -254,8 +282,10 @@ class WriterLock:
         except BlockingIOError:
             holder = self._holder()
             self._file.close()
-            raise IterkdError(f"run {self.path.parent} is already being driven by {holder}; wait for it to end "
-                              "or stop it (then `iterkd resume` continues)") from None
+            raise IterkdError(
+                f"run {self.path.parent} is already being driven by {holder}; wait for it to end "
+                "or stop it (then `iterkd resume` continues)"
+            ) from None
         previous = self._holder()
         if previous != "another iterkd process":
             log(f"iterkd: taking over run {self.path.parent} from {previous}, which is no longer running")
@@ -265,8 +295,10 @@ class WriterLock:
             self._conn = hold_advisory_lock(self.storage, self.name)
             if self._conn is None:
                 self.release()
-                raise IterkdError(f"run {self.name!r} in {redact_url(self.storage)} is already being driven by "
-                                  "another iterkd process (on another machine?); wait for it to end or stop it")
+                raise IterkdError(
+                    f"run {self.name!r} in {redact_url(self.storage)} is already being driven by "
+                    "another iterkd process (on another machine?); wait for it to end or stop it"
+                )
         me = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
         self._file.seek(0)
         self._file.truncate()
@@ -292,7 +324,7 @@ class WriterLock:
             self._file.close()  # closing frees the OS lock
             self._file = None
 
-    def __enter__(self) -> "WriterLock":
+    def __enter__(self) -> WriterLock:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -2,13 +2,14 @@
 slots and the space for moves sized by the step controller, have each candidate trained (here, or by
 workers), select within --max-drop or back off to a smaller step, and stop when no step of at least
 --min-step stays within the budget (or at a limit). Re-running on the same run directory resumes."""
+
 from __future__ import annotations
 
 import itertools
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import optuna
 
@@ -19,8 +20,21 @@ from .data import dataset_info
 from .device import resolve_device, resolve_precision
 from .errors import IterkdError
 from .faults import fault_point
-from .lineage import (Node, accepted, ancestry, lineage_card, lineage_frame, node_status, nodes, root_node, selections,
-                      set_selection, within_budget, write_lineage_csv, write_note)
+from .lineage import (
+    Node,
+    accepted,
+    ancestry,
+    lineage_card,
+    lineage_frame,
+    node_status,
+    nodes,
+    root_node,
+    selections,
+    set_selection,
+    within_budget,
+    write_lineage_csv,
+    write_note,
+)
 from .run import WriterLock, fail_interrupted_trials, start_run, verify_checkpoints
 from .spaces import Move, load_space
 from .storage import set_status
@@ -90,7 +104,9 @@ class StepController:
         step, number, overshot = self.start, 0, ()
         for r in sorted(records, key=lambda r: (r["generation"], r["round"])):
             current = r["generation"] == generation
-            if r["generation"] > generation or (current and (r["outcome"] != "backed-off" or r["parents"] != parents)):
+            if r["generation"] > generation or (
+                current and (r["outcome"] != "backed-off" or r["parents"] != parents)
+            ):
                 continue
             step = self.after(r)
             if current:
@@ -112,7 +128,9 @@ def record_step(study: optuna.Study, record: dict) -> None:
     """Add a decided attempt to the study's `steps`. Records from this attempt on are replaced: the
     one a killed run wrote for it, and those of a path `iterkd select` has since abandoned."""
     here = (record["generation"], record["round"])
-    study.set_user_attr("steps", [r for r in step_records(study) if (r["generation"], r["round"]) < here] + [record])
+    study.set_user_attr(
+        "steps", [r for r in step_records(study) if (r["generation"], r["round"]) < here] + [record]
+    )
 
 
 class Search:
@@ -136,8 +154,13 @@ class Search:
         data = None if self.remote else cfg.load_data(resolve_device(cfg.device))
         self.sampler = make_sampler(cfg.sampler, cfg.seed)
         multi = cfg.objectives == "acc,params"
-        self.opened = start_run(cfg, directions=("maximize", "minimize") if multi else ("maximize",),
-                             sampler=self.sampler, pruner=make_pruner(cfg.pruner, cfg.epochs), heartbeat=self.remote)
+        self.opened = start_run(
+            cfg,
+            directions=("maximize", "minimize") if multi else ("maximize",),
+            sampler=self.sampler,
+            pruner=make_pruner(cfg.pruner, cfg.epochs),
+            heartbeat=self.remote,
+        )
         self.study = self.opened.study
         self.trainer = NodeTrainer(self.opened, data=data, progress=progress, log=log)
         self.queue: WorkQueue | None = None
@@ -185,21 +208,34 @@ class Search:
                 drop = root.val_acc - best.val_acc
                 within = within_budget(drop, self.cfg.max_drop)
                 # Recorded before the selection: a run killed between the two decides this attempt again.
-                record_step(self.study, {"generation": generation, "round": attempt.number, "step": attempt.step,
-                                         "target": attempt.target, "parents": [n.node for n in frontier],
-                                         "outcome": "accepted" if within else "backed-off", "drop": drop,
-                                         "nodes": [n.node for n in trained]})
+                record_step(
+                    self.study,
+                    {
+                        "generation": generation,
+                        "round": attempt.number,
+                        "step": attempt.step,
+                        "target": attempt.target,
+                        "parents": [n.node for n in frontier],
+                        "outcome": "accepted" if within else "backed-off",
+                        "drop": drop,
+                        "nodes": [n.node for n in trained],
+                    },
+                )
                 if within:
                     frontier = self._select(ok, root)
                     fault_point("selection")
                     set_selection(self.study, generation, [n.node for n in frontier])
                     generation += 1
                 else:
-                    self.log(f"gen {generation}: best child (node {best.node}) dropped {drop:.2f} points > "
-                             f"--max-drop {self.cfg.max_drop:g}; backing off to a step of "
-                             f"{attempt.step * StepController.BACK_OFF:.1%} from the same parents")
+                    self.log(
+                        f"gen {generation}: best child (node {best.node}) dropped {drop:.2f} points > "
+                        f"--max-drop {self.cfg.max_drop:g}; backing off to a step of "
+                        f"{attempt.step * StepController.BACK_OFF:.1%} from the same parents"
+                    )
             self._refresh_notes(trained, root)
-            write_lineage_csv(self.study, self.opened.run_dir / "lineage.csv")  # current while the search runs
+            write_lineage_csv(
+                self.study, self.opened.run_dir / "lineage.csv"
+            )  # current while the search runs
             fault_point("between-generations")
         final = frontier[0]
         seconds = time.perf_counter() - start
@@ -214,8 +250,9 @@ class Search:
         """The run's step controller: it starts at the space's step (no larger than --max-step)."""
         start = 1 - self.space.step
         largest = start if self.cfg.max_step is None else self.cfg.max_step
-        return StepController(start=min(start, largest), smallest=self.cfg.min_step, largest=largest,
-                              max_drop=self.cfg.max_drop)
+        return StepController(
+            start=min(start, largest), smallest=self.cfg.min_step, largest=largest, max_drop=self.cfg.max_drop
+        )
 
     def _limit(self, attempt: Round, seconds: float) -> str:
         """Why the search stops before `attempt`, in words; empty when it goes on."""
@@ -223,28 +260,44 @@ class Search:
         if attempt.generation > cfg.max_generations:
             return f"reached --max-generations {cfg.max_generations}"
         if cfg.time_budget and seconds >= cfg.time_budget:
-            return (f"used the --time-budget of {cfg.time_budget:g} s ({seconds:.0f} s) before generation "
-                    f"{attempt.generation}")
+            return (
+                f"used the --time-budget of {cfg.time_budget:g} s ({seconds:.0f} s) before generation "
+                f"{attempt.generation}"
+            )
         if attempt.step < cfg.min_step and not attempt.number:
-            return (f"the first step ({attempt.step:.1%} of the parent's parameters: the space's step, or "
-                    f"--max-step) is below --min-step {cfg.min_step:g}; lower --min-step")
+            return (
+                f"the first step ({attempt.step:.1%} of the parent's parameters: the space's step, or "
+                f"--max-step) is below --min-step {cfg.min_step:g}; lower --min-step"
+            )
         if attempt.step < cfg.min_step:
-            last = max((r for r in step_records(self.study) if r["generation"] == attempt.generation
-                        and r["outcome"] == "backed-off"), key=lambda r: r["round"])
-            return (f"no step of at least --min-step {cfg.min_step:g} of the parent stays within --max-drop "
-                    f"{cfg.max_drop:g}: generation {attempt.generation}'s smallest step ({last['step']:.1%} of "
-                    f"node(s) {', '.join(map(str, last['parents']))}) still dropped {last['drop']:.2f} points")
+            last = max(
+                (
+                    r
+                    for r in step_records(self.study)
+                    if r["generation"] == attempt.generation and r["outcome"] == "backed-off"
+                ),
+                key=lambda r: r["round"],
+            )
+            return (
+                f"no step of at least --min-step {cfg.min_step:g} of the parent stays within --max-drop "
+                f"{cfg.max_drop:g}: generation {attempt.generation}'s smallest step ({last['step']:.1%} of "
+                f"node(s) {', '.join(map(str, last['parents']))}) still dropped {last['drop']:.2f} points"
+            )
         return ""
 
     def _nothing_to_propose(self, attempt: Round, frontier: list[Node]) -> str:
         """Why a generation had no candidate, in words."""
         parents = ", ".join(str(n.node) for n in frontier)
         if attempt.number:
-            return (f"generation {attempt.generation} overshot --max-drop {self.cfg.max_drop:g} and node(s) "
-                    f"{parents} have no smaller step of at least --min-step {self.cfg.min_step:g} left to try")
+            return (
+                f"generation {attempt.generation} overshot --max-drop {self.cfg.max_drop:g} and node(s) "
+                f"{parents} have no smaller step of at least --min-step {self.cfg.min_step:g} left to try"
+            )
         if any(self.space.moves(n.spec) for n in frontier):
-            return (f"every child the space allows from node(s) {parents} removes less than --min-step "
-                    f"{self.cfg.min_step:g} of its parent's parameters")
+            return (
+                f"every child the space allows from node(s) {parents} removes less than --min-step "
+                f"{self.cfg.min_step:g} of its parent's parameters"
+            )
         return "the space has no smaller child to propose (min_model reached)"
 
     def _refresh_notes(self, generation_nodes: list[Node], root: Node) -> None:
@@ -275,7 +328,7 @@ class Search:
             ranked = sorted(within, key=lambda n: (n.spec.params(), -n.val_acc, first[n.key]))
         else:
             ranked = sorted(within, key=lambda n: (-n.val_acc, n.spec.params(), first[n.key]))
-        return ranked[:self.cfg.beam]
+        return ranked[: self.cfg.beam]
 
     def _train_generation(self, attempt: Round, frontier: list[Node]) -> list[Node]:
         trained = []
@@ -285,11 +338,16 @@ class Search:
 
     def _moves(self, attempt: Round, parent: Node) -> list[Move]:
         """The children this attempt may propose from `parent`, closest to its step first."""
-        earlier = [n for n in nodes(self.study) if n.node in attempt.overshot and n.parents[:1] == (parent.node,)]
+        earlier = [
+            n for n in nodes(self.study) if n.node in attempt.overshot and n.parents[:1] == (parent.node,)
+        ]
         floor = max((n.spec.params() for n in earlier if n.ok), default=0)
         tried = {n.spec for n in earlier}
-        return [m for m in self.space.moves(parent.spec, target=attempt.target)
-                if m.spec not in tried and self.steps.allows(m, parent, floor)]
+        return [
+            m
+            for m in self.space.moves(parent.spec, target=attempt.target)
+            if m.spec not in tried and self.steps.allows(m, parent, floor)
+        ]
 
     def _fill_slot(self, attempt: Round, slot: Slot) -> list[Node]:
         """Train `slot.count` children of one parent (or reuse those a previous run trained). A child
@@ -337,13 +395,16 @@ class Search:
             planned.add(Node.from_trial(waiting).spec)
             return waiting.number
         planned.add(move.spec)
-        return self.queue.enqueue(self.trainer.child_attrs(generation, slot, key, move),
-                                  move_params(move, slot.parent.spec))
+        return self.queue.enqueue(
+            self.trainer.child_attrs(generation, slot, key, move), move_params(move, slot.parent.spec)
+        )
 
     def _existing(self, key: str) -> Node | None:
         """A finished node with this key, if a previous (interrupted) run already trained it."""
         for n in nodes(self.study):
-            if n.key == key and (n.state in ("COMPLETE", "PRUNED") or (n.state == "FAIL" and n.failure == "diverged")):
+            if n.key == key and (
+                n.state in ("COMPLETE", "PRUNED") or (n.state == "FAIL" and n.failure == "diverged")
+            ):
                 return n
         return None
 
@@ -358,15 +419,27 @@ class Search:
         elif root is None:
             root = self.trainer.train_root()
         if not root.ok:
-            raise IterkdError(f"the root {root.failure or 'failed'} ({root.error}); lower --lr (or check "
-                              "--weight-decay) and start again with another --name")
+            raise IterkdError(
+                f"the root {root.failure or 'failed'} ({root.error}); lower --lr (or check "
+                "--weight-decay) and start again with another --name"
+            )
         return root
 
 
 def summary_table(study: optuna.Study):
     """The lineage as a compact pandas table for the terminal."""
     df = lineage_frame(study)
-    cols = ["node", "generation", "parents", "teachers", "operator", "params", "val_acc", "test_acc", "drop",
-            "status", "seconds"]
+    cols = [
+        "node",
+        "generation",
+        "parents",
+        "teachers",
+        "operator",
+        "params",
+        "val_acc",
+        "test_acc",
+        "drop",
+        "status",
+        "seconds",
+    ]
     return df[cols]
-

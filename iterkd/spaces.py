@@ -1,12 +1,13 @@
 """Search spaces: YAML files naming a root architecture, the mutation operators that make a child
 from a parent, and the smallest model allowed. A new space is a file; a new operator is one function."""
+
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Callable
 
 import yaml
 
@@ -36,10 +37,12 @@ OPERATOR_PARAMS: dict[str, dict[str, Callable[[object, tuple], object]]] = {}
 def operator(name: str, **params: Callable[[object, tuple], object]):
     """Register a mutation operator under the name a space YAML uses; `params` maps each parameter
     it reads to a check `(value, key) -> value` that raises SpaceError for a bad value."""
+
     def register(fn: Operator) -> Operator:
         OPERATORS[name] = fn
         OPERATOR_PARAMS[name] = params
         return fn
+
     return register
 
 
@@ -53,7 +56,12 @@ class SpaceError(Exception):
 
 
 def _number(value, key: tuple, ok: Callable[[float], bool], what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not ok(value):
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or not ok(value)
+    ):
         raise SpaceError(key, f"must be {what}, got {short_repr(value)}")
     return float(value)
 
@@ -72,15 +80,20 @@ def _mapping(value, key: tuple, allowed, what: str) -> dict:
         raise SpaceError(key, f"must be a mapping of {', '.join(allowed)}, got {short_repr(value)}")
     for k in value:
         if k not in allowed:
-            raise SpaceError(key + (k,), f"is not a setting iterkd knows; {what} may set "
-                                         f"{', '.join(allowed) or 'nothing'}")
+            raise SpaceError(
+                key + (k,), f"is not a setting iterkd knows; {what} may set {', '.join(allowed) or 'nothing'}"
+            )
     return value
 
 
 def _factors(value, key: tuple) -> list[float]:
     if not isinstance(value, list) or not value:
-        raise SpaceError(key, f"must be a list of width factors in (0, 1), e.g. [0.75, 0.5], got {short_repr(value)}")
-    return [_number(f, key + (i,), lambda x: 0 < x < 1, "a width factor in (0, 1)") for i, f in enumerate(value)]
+        raise SpaceError(
+            key, f"must be a list of width factors in (0, 1), e.g. [0.75, 0.5], got {short_repr(value)}"
+        )
+    return [
+        _number(f, key + (i,), lambda x: 0 < x < 1, "a width factor in (0, 1)") for i, f in enumerate(value)
+    ]
 
 
 def _scopes(value, key: tuple):
@@ -111,8 +124,10 @@ def drop_block(spec: VGGSpec, params: dict) -> list[Move]:
     """Remove one whole block (and its pool); the next block reads the previous block's output."""
     if len(spec.blocks) < 2:
         return []
-    return [Move("drop_block", (("block", i + 1),), _with_blocks(spec, spec.blocks[:i] + spec.blocks[i + 1:]))
-            for i in range(len(spec.blocks))]
+    return [
+        Move("drop_block", (("block", i + 1),), _with_blocks(spec, spec.blocks[:i] + spec.blocks[i + 1 :]))
+        for i in range(len(spec.blocks))
+    ]
 
 
 @operator("shrink_widths", factors=_factors, scope=_scopes)
@@ -123,8 +138,10 @@ def shrink_widths(spec: VGGSpec, params: dict) -> list[Move]:
     scopes = [scopes] if isinstance(scopes, str) else scopes
     moves = []
     for f in factors:
-        def shrink(b):
+
+        def shrink(b, f=f):  # called within this iteration; bound anyway so it cannot drift
             return tuple(max(1, round(w * f)) for w in b)
+
         if "all" in scopes:
             child = _with_blocks(spec, [shrink(b) for b in spec.blocks])
             if child != spec:
@@ -134,7 +151,9 @@ def shrink_widths(spec: VGGSpec, params: dict) -> list[Move]:
                 blocks = list(spec.blocks)
                 blocks[i] = shrink(block)
                 if tuple(blocks) != spec.blocks:
-                    moves.append(Move("shrink_widths", (("block", i + 1), ("factor", f)), _with_blocks(spec, blocks)))
+                    moves.append(
+                        Move("shrink_widths", (("block", i + 1), ("factor", f)), _with_blocks(spec, blocks))
+                    )
     return moves
 
 
@@ -147,8 +166,11 @@ class MinModel:
     params: int = 0
 
     def admits(self, spec: VGGSpec) -> bool:
-        return (len(spec.blocks) >= self.blocks and min(w for b in spec.blocks for w in b) >= self.width
-                and spec.params() >= self.params)
+        return (
+            len(spec.blocks) >= self.blocks
+            and min(w for b in spec.blocks for w in b) >= self.width
+            and spec.params() >= self.params
+        )
 
 
 @dataclass(frozen=True)
@@ -160,16 +182,22 @@ class SearchSpace:
     root_blocks: tuple[tuple[int, ...], ...] | None
     operators: tuple[tuple[str, dict], ...]
     min_model: MinModel = field(default_factory=MinModel)
-    kd: dict = field(default_factory=dict)  # alpha/temperature/hint_weight/lr: a number (fixed) or [low, high] (searched)
+    kd: dict = field(
+        default_factory=dict
+    )  # alpha/temperature/hint_weight/lr: a number (fixed) or [low, high] (searched)
     step: float = 0.5  # preferred child/parent parameter ratio: moves closest to it come first
 
-    def root_spec(self, in_channels: int, num_classes: int, input_size: int, width: float | None = None) -> VGGSpec:
+    def root_spec(
+        self, in_channels: int, num_classes: int, input_size: int, width: float | None = None
+    ) -> VGGSpec:
         """The root architecture for a dataset; `width` overrides the space's width multiplier."""
         if self.root_blocks is not None:
             mult = self.root_width if width is None else width
             blocks = tuple(tuple(max(1, round(w * mult)) for w in b) for b in self.root_blocks)
             return VGGSpec(blocks, in_channels, num_classes, input_size)
-        return vgg_spec(self.root_arch, self.root_width if width is None else width, in_channels, num_classes, input_size)
+        return vgg_spec(
+            self.root_arch, self.root_width if width is None else width, in_channels, num_classes, input_size
+        )
 
     def moves(self, spec: VGGSpec, target: float | None = None) -> list[Move]:
         """Every child the space allows from `spec`, those whose size ratio to the parent is closest
@@ -187,7 +215,11 @@ class SearchSpace:
         log_target = math.log(self.step if target is None else target)
 
         def preference(m: Move):
-            return (round(abs(math.log(m.spec.params() / spec.params()) - log_target), 9), m.spec.params(), order[m])
+            return (
+                round(abs(math.log(m.spec.params() / spec.params()) - log_target), 9),
+                m.spec.params(),
+                order[m],
+            )
 
         return sorted(moves, key=preference)
 
@@ -215,15 +247,19 @@ def load_space(name_or_path: str) -> SearchSpace:
     if not (path.suffix in (".yaml", ".yml") and path.exists()):
         spaces = available_spaces()
         if name_or_path not in spaces:
-            raise IterkdError(f"unknown search space {name_or_path!r}; choose one of {', '.join(spaces)} "
-                              "or give the path of a space YAML")
+            raise IterkdError(
+                f"unknown search space {name_or_path!r}; choose one of {', '.join(spaces)} "
+                "or give the path of a space YAML"
+            )
         path = spaces[name_or_path]
     node, data = _read_yaml(path)
     try:
         return _parse_space(data, path)
     except SpaceError as e:
         where = "".join(f"[{k}]" if isinstance(k, int) else f".{k}" for k in e.key).lstrip(".")
-        raise IterkdError(f"search space {path}:{_line(node, e.key)}: {where or 'the document'} {e}") from None
+        raise IterkdError(
+            f"search space {path}:{_line(node, e.key)}: {where or 'the document'} {e}"
+        ) from None
 
 
 def _read_yaml(path: Path) -> tuple[yaml.Node | None, object]:
@@ -234,14 +270,18 @@ def _read_yaml(path: Path) -> tuple[yaml.Node | None, object]:
     except OSError as e:
         raise IterkdError(f"search space {path}: cannot read it ({e.strerror or e})") from None
     if len(raw) > MAX_SPACE_BYTES:
-        raise IterkdError(f"search space {path}: larger than {MAX_SPACE_BYTES // 1024} KiB; a space is a few lines")
+        raise IterkdError(
+            f"search space {path}: larger than {MAX_SPACE_BYTES // 1024} KiB; a space is a few lines"
+        )
     loader = None
     try:
         loader = yaml.SafeLoader(raw)  # reads (and decodes) the first bytes already
         node = loader.get_single_node()
         if node is not None and _expanded_size(node) > MAX_SPACE_NODES:
-            raise IterkdError(f"search space {path}: more than {MAX_SPACE_NODES} values once its aliases are "
-                              "expanded; a space is a few lines")
+            raise IterkdError(
+                f"search space {path}: more than {MAX_SPACE_NODES} values once its aliases are "
+                "expanded; a space is a few lines"
+            )
         return node, loader.construct_document(node) if node is not None else None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
@@ -290,8 +330,11 @@ MIN_MODEL_KEYS = ("blocks", "width", "params")
 # Each KD setting's valid values (a fixed value and both ends of a searched [low, high]); these are
 # the ranges LossWeights enforces for the flags, checked here so the space file is named, not --alpha.
 KD_RANGES: dict[str, tuple[Callable[[float], bool], str]] = {
-    "alpha": (lambda x: 0 <= x <= 1, "in [0, 1]"), "temperature": (lambda x: x > 0, "> 0"),
-    "hint_weight": (lambda x: x >= 0, ">= 0"), "lr": (lambda x: x > 0, "> 0")}
+    "alpha": (lambda x: 0 <= x <= 1, "in [0, 1]"),
+    "temperature": (lambda x: x > 0, "> 0"),
+    "hint_weight": (lambda x: x >= 0, ">= 0"),
+    "lr": (lambda x: x > 0, "> 0"),
+}
 KD_KEYS = tuple(KD_RANGES)
 
 
@@ -305,42 +348,63 @@ def _parse_space(data, path: Path) -> SearchSpace:
             raise SpaceError((key,), f"must be text, got {short_repr(data[key])}")
     arch, width, blocks = _parse_root(data.get("root"))
     space = SearchSpace(
-        name=data.get("name", path.stem), description=data.get("description", ""), root_arch=arch,
-        root_width=width, root_blocks=blocks, operators=_parse_operators(data.get("operators")),
-        min_model=_parse_min_model(data.get("min_model")), kd=_parse_kd(data.get("kd")),
-        step=_number(data.get("step", 0.5), ("step",), lambda x: 0 < x < 1,
-                     "a number in (0, 1) (the preferred child/parent size ratio)"))
+        name=data.get("name", path.stem),
+        description=data.get("description", ""),
+        root_arch=arch,
+        root_width=width,
+        root_blocks=blocks,
+        operators=_parse_operators(data.get("operators")),
+        min_model=_parse_min_model(data.get("min_model")),
+        kd=_parse_kd(data.get("kd")),
+        step=_number(
+            data.get("step", 0.5),
+            ("step",),
+            lambda x: 0 < x < 1,
+            "a number in (0, 1) (the preferred child/parent size ratio)",
+        ),
+    )
     try:  # the size ceiling, by arithmetic: nothing is allocated for a spec that fails it
         probe = space.root_spec(3, 10, 32)
     except IterkdError as e:
         raise SpaceError(("root",), f"describes an {e}") from None
     if not space.min_model.admits(probe):
         m = space.min_model
-        raise SpaceError(("min_model",), f"(blocks {m.blocks}, width {m.width}, params {m.params}) is larger than "
-                                         f"the root {probe.summary()} ({probe.params()} params)")
+        raise SpaceError(
+            ("min_model",),
+            f"(blocks {m.blocks}, width {m.width}, params {m.params}) is larger than "
+            f"the root {probe.summary()} ({probe.params()} params)",
+        )
     return space
 
 
 def _parse_root(root) -> tuple[str, float, tuple[tuple[int, ...], ...] | None]:
     key = ("root",)
     if not isinstance(root, dict):
-        raise SpaceError(key, f"must be a mapping of {', '.join(ROOT_KEYS)}, e.g. {{arch: vgg16}}, "
-                              f"got {short_repr(root)}")
+        raise SpaceError(
+            key, f"must be a mapping of {', '.join(ROOT_KEYS)}, e.g. {{arch: vgg16}}, got {short_repr(root)}"
+        )
     _mapping(root, key, ROOT_KEYS, "root")
     arch = root.get("arch", "custom" if "blocks" in root else None)
     if arch not in (*VGG_PRESETS, "custom") or (arch == "custom" and "blocks" not in root):
-        raise SpaceError(key + ("arch",), f"must be one of {', '.join(VGG_PRESETS)} (or give root.blocks), "
-                                          f"got {arch!r}")
-    width = _number(root.get("width", 1.0), key + ("width",), lambda x: x > 0, "a number > 0 (the width multiplier)")
+        raise SpaceError(
+            key + ("arch",), f"must be one of {', '.join(VGG_PRESETS)} (or give root.blocks), got {arch!r}"
+        )
+    width = _number(
+        root.get("width", 1.0), key + ("width",), lambda x: x > 0, "a number > 0 (the width multiplier)"
+    )
     if "blocks" not in root:
         return arch, width, None
     blocks = root["blocks"]
     if not isinstance(blocks, list) or not blocks:
-        raise SpaceError(key + ("blocks",), f"must be a list of blocks of conv widths, e.g. [[64, 64], [128]], "
-                                           f"got {short_repr(blocks)}")
+        raise SpaceError(
+            key + ("blocks",),
+            f"must be a list of blocks of conv widths, e.g. [[64, 64], [128]], got {short_repr(blocks)}",
+        )
     for i, block in enumerate(blocks):
         if not isinstance(block, list) or not block:
-            raise SpaceError(key + ("blocks", i), f"must be a non-empty list of conv widths, got {short_repr(block)}")
+            raise SpaceError(
+                key + ("blocks", i), f"must be a non-empty list of conv widths, got {short_repr(block)}"
+            )
         for j, w in enumerate(block):
             _count(w, key + ("blocks", i, j), "a conv width")
     return arch, width, tuple(tuple(b) for b in blocks)
@@ -353,12 +417,13 @@ def _parse_operators(entries) -> tuple[tuple[str, dict], ...]:
     ops = []
     for i, entry in enumerate(entries):
         if isinstance(entry, dict) and len(entry) == 1:
-            (name, params), = entry.items()
+            ((name, params),) = entry.items()
         elif isinstance(entry, str):
             name, params = entry, None
         else:
-            raise SpaceError(key + (i,), "must be an operator name or {name: {parameters}}, "
-                                         f"got {short_repr(entry)}")
+            raise SpaceError(
+                key + (i,), f"must be an operator name or {{name: {{parameters}}}}, got {short_repr(entry)}"
+            )
         if name not in OPERATORS:
             raise SpaceError(key + (i,), f"names unknown operator {name!r}; known: {', '.join(OPERATORS)}")
         checks = OPERATOR_PARAMS[name]
@@ -370,8 +435,12 @@ def _parse_operators(entries) -> tuple[tuple[str, dict], ...]:
 def _parse_min_model(value) -> MinModel:
     key = ("min_model",)
     value = _mapping(value, key, MIN_MODEL_KEYS, "min_model")
-    return MinModel(**{k: _count(v, key + (k,), f"smallest {k}", minimum=0 if k == "params" else 1)
-                       for k, v in value.items()})
+    return MinModel(
+        **{
+            k: _count(v, key + (k,), f"smallest {k}", minimum=0 if k == "params" else 1)
+            for k, v in value.items()
+        }
+    )
 
 
 def _parse_kd(kd) -> dict:

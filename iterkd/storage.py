@@ -2,6 +2,7 @@
 URL redaction, heartbeat settings, and the few writes Optuna's public API does not offer. Every use of
 Optuna's private attributes (`Study._storage`, `FrozenTrial._trial_id`, its RDB models) is in this
 module, so an Optuna upgrade that moves them breaks one file."""
+
 from __future__ import annotations
 
 import json
@@ -12,6 +13,7 @@ from urllib.parse import urlsplit, urlunsplit
 import optuna
 
 from .errors import IterkdError
+
 
 def redact_url(url: str) -> str:
     """The storage URL with any password replaced by '***', for logs, reports and the lineage."""
@@ -33,15 +35,24 @@ HEARTBEAT_S = 10  # a worker's heartbeat interval (seconds)
 GRACE_S = 60  # a RUNNING trial without a heartbeat for this long belongs to a dead worker
 
 
-def open_study(storage: str, name: str, *, create: bool = True, directions: tuple[str, ...] = ("maximize",),
-               sampler: optuna.samplers.BaseSampler | None = None,
-               pruner: optuna.pruners.BasePruner | None = None, heartbeat: bool = False) -> optuna.Study:
+def open_study(
+    storage: str,
+    name: str,
+    *,
+    create: bool = True,
+    directions: tuple[str, ...] = ("maximize",),
+    sampler: optuna.samplers.BaseSampler | None = None,
+    pruner: optuna.pruners.BasePruner | None = None,
+    heartbeat: bool = False,
+) -> optuna.Study:
     """Open (or create) the run's study; bad or unreachable storage URLs become one-line errors.
     Samplers and pruners are not stored by Optuna: every process passes its own. `heartbeat`: a
     coordinator's view, which fails RUNNING trials whose worker stopped beating (docs/distributed.md)."""
     if "://" not in storage:
-        raise IterkdError(f"--storage {redact_url(storage)!r} is not a database URL; expected e.g. "
-                          "sqlite:///runs/NAME/study.db or postgresql://USER@HOST/DB")
+        raise IterkdError(
+            f"--storage {redact_url(storage)!r} is not a database URL; expected e.g. "
+            "sqlite:///runs/NAME/study.db or postgresql://USER@HOST/DB"
+        )
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
         # Workers record a heartbeat while they train; a trial whose heartbeat is older than the
@@ -51,14 +62,22 @@ def open_study(storage: str, name: str, *, create: bool = True, directions: tupl
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             rdb = optuna.storages.RDBStorage(storage, engine_kwargs=_engine_kwargs(storage), **beat)
         if create:
-            return optuna.create_study(storage=rdb, study_name=name, directions=list(directions), sampler=sampler,
-                                       pruner=pruner, load_if_exists=True)
+            return optuna.create_study(
+                storage=rdb,
+                study_name=name,
+                directions=list(directions),
+                sampler=sampler,
+                pruner=pruner,
+                load_if_exists=True,
+            )
         return optuna.load_study(storage=rdb, study_name=name, sampler=sampler, pruner=pruner)
     except KeyError:
         raise IterkdError(f"no run named {name!r} in storage {redact_url(storage)}") from None
     except ImportError as e:
-        raise IterkdError(f"storage {redact_url(storage)} needs a database driver that is not installed ({e.name or e}); "
-                          "for PostgreSQL: pip install 'iterkd[postgres]'") from None
+        raise IterkdError(
+            f"storage {redact_url(storage)} needs a database driver that is not installed ({e.name or e}); "
+            "for PostgreSQL: pip install 'iterkd[postgres]'"
+        ) from None
     except Exception as e:  # SQLAlchemy's errors: bad URL, refused connection, auth failure, ...
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise IterkdError(f"cannot open storage {redact_url(storage)}: {redact_url(first)[:300]}") from None
@@ -87,29 +106,46 @@ def claim_waiting(study: optuna.Study, owner: dict) -> optuna.Trial | None:
     from optuna.storages._rdb import models
 
     backend = getattr(study._storage, "_backend", study._storage)  # noqa: SLF001 - under the trial cache
-    values = {k: json.dumps(v) for k, v in owner.items()}  # before the transaction: a bad value claims nothing
+    values = {
+        k: json.dumps(v) for k, v in owner.items()
+    }  # before the transaction: a bad value claims nothing
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,)):
         trial_id = t._trial_id  # noqa: SLF001
         session = backend.scoped_session()
         try:
             # One conditional UPDATE: the database evaluates "still WAITING" under the row's write lock
             # (PostgreSQL re-checks it after a concurrent claimer commits; SQLite locks the file).
-            taken = session.query(models.TrialModel).filter(
-                models.TrialModel.trial_id == trial_id, models.TrialModel.state == optuna.trial.TrialState.WAITING,
-            ).update({"state": optuna.trial.TrialState.RUNNING,
-                      "datetime_start": datetime.now()},  # what Optuna's own claim records
-                     synchronize_session=False)
+            taken = (
+                session.query(models.TrialModel)
+                .filter(
+                    models.TrialModel.trial_id == trial_id,
+                    models.TrialModel.state == optuna.trial.TrialState.WAITING,
+                )
+                .update(
+                    {
+                        "state": optuna.trial.TrialState.RUNNING,
+                        "datetime_start": datetime.now(),
+                    },  # what Optuna's own claim records
+                    synchronize_session=False,
+                )
+            )
             if taken != 1:  # another worker took it first, or the coordinator failed it
                 session.rollback()
                 continue
             for key, value in values.items():
-                attr = session.query(models.TrialUserAttributeModel).filter_by(trial_id=trial_id, key=key).one_or_none()
+                attr = (
+                    session.query(models.TrialUserAttributeModel)
+                    .filter_by(trial_id=trial_id, key=key)
+                    .one_or_none()
+                )
                 if attr is None:
                     session.add(models.TrialUserAttributeModel(trial_id=trial_id, key=key, value_json=value))
                 else:
                     attr.value_json = value
             if models.TrialHeartbeatModel.where_trial_id(trial_id, session) is None:
-                session.add(models.TrialHeartbeatModel(trial_id=trial_id))  # the server's clock, as Optuna's beats
+                session.add(
+                    models.TrialHeartbeatModel(trial_id=trial_id)
+                )  # the server's clock, as Optuna's beats
             session.commit()
         except Exception:
             session.rollback()
@@ -150,9 +186,17 @@ def set_status(study: optuna.Study, number: int, status: str) -> bool:
         trial_id = study.get_trials(deepcopy=False)[number]._trial_id  # noqa: SLF001
         session = backend.scoped_session()
         try:
-            row = session.query(models.TrialUserAttributeModel).filter_by(trial_id=trial_id, key="status").one_or_none()
+            row = (
+                session.query(models.TrialUserAttributeModel)
+                .filter_by(trial_id=trial_id, key="status")
+                .one_or_none()
+            )
             if row is None:
-                session.add(models.TrialUserAttributeModel(trial_id=trial_id, key="status", value_json=json.dumps(status)))
+                session.add(
+                    models.TrialUserAttributeModel(
+                        trial_id=trial_id, key="status", value_json=json.dumps(status)
+                    )
+                )
             else:
                 row.value_json = json.dumps(status)
             session.commit()

@@ -5,12 +5,13 @@ validation each epoch -> final validation/test accuracy. Teachers run in eval mo
 `teacher_targets` is what they say about a batch (with a teacher cache their logits are looked up
 instead of computed), `active_hint` the hint term of the kind the loss settings name.
 """
+
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -35,7 +36,9 @@ class TrainSettings:
     loss: LossWeights = field(default_factory=LossWeights)
     seed: int = 0
     augment: bool = True
-    views: int | None = None  # augmentation views cycled through (epoch e uses e mod views); None: one per epoch
+    views: int | None = (
+        None  # augmentation views cycled through (epoch e uses e mod views); None: one per epoch
+    )
     augment_seed: int | None = None  # seed of the crops and flips (default: seed); shared by siblings
     compile: str = "off"  # torch.compile mode, or auto (see device.compile_mode)
     precision: str = "auto"  # auto, fp32 or bf16 autocast (see device.resolve_precision)
@@ -49,21 +52,28 @@ class TrainResult:
     epochs: int
     history: list[float]  # validation accuracy after each epoch
     images_per_s: float
-    epoch_seconds: list[float] = field(default_factory=list)  # training steps only: no validation, no cache filling
+    epoch_seconds: list[float] = field(
+        default_factory=list
+    )  # training steps only: no validation, no cache filling
     losses: list[float] = field(default_factory=list)  # mean training loss of each epoch
-    cache_hit_rate: float | None = None  # share of teacher-output lookups already used before (None: no cache)
+    cache_hit_rate: float | None = (
+        None  # share of teacher-output lookups already used before (None: no cache)
+    )
     precision: str | None = None  # what training ran in: "fp32" or "bf16" (None: nothing was trained)
 
 
 @torch.no_grad()
-def evaluate(model: VGG, x: torch.Tensor, y: torch.Tensor, data: DataSplits, precision: str = "auto") -> float:
+def evaluate(
+    model: VGG, x: torch.Tensor, y: torch.Tensor, data: DataSplits, precision: str = "auto"
+) -> float:
     """Top-1 accuracy in percent."""
     return evaluate_ensemble([model], x, y, data, precision)
 
 
 @torch.no_grad()
-def evaluate_ensemble(models: Sequence[VGG], x: torch.Tensor, y: torch.Tensor, data: DataSplits,
-                      precision: str = "auto") -> float:
+def evaluate_ensemble(
+    models: Sequence[VGG], x: torch.Tensor, y: torch.Tensor, data: DataSplits, precision: str = "auto"
+) -> float:
     """Top-1 accuracy in percent of the models' averaged probabilities (softmax keeps the order of
     the logits, so one model scores as its own argmax)."""
     device = next(models[0].parameters()).device
@@ -110,7 +120,9 @@ class ActiveHint:
     student_block: int
     teacher_block: int
     regressor: nn.Module | None
-    teacher_pos: int | None  # the hint teacher's place among the live teachers: its forward gives the features
+    teacher_pos: (
+        int | None
+    )  # the hint teacher's place among the live teachers: its forward gives the features
 
     def __call__(self, student_feats: list[torch.Tensor], teacher_feat: torch.Tensor) -> torch.Tensor:
         return self.kind.loss(student_feats[self.student_block], teacher_feat, self.regressor)
@@ -120,8 +132,9 @@ class ActiveHint:
         return [] if self.regressor is None else list(self.regressor.parameters())
 
 
-def active_hint(model: VGG, hint_teacher: VGG | None, teachers: Sequence[VGG], loss: LossWeights,
-                device: torch.device) -> ActiveHint | None:
+def active_hint(
+    model: VGG, hint_teacher: VGG | None, teachers: Sequence[VGG], loss: LossWeights, device: torch.device
+) -> ActiveHint | None:
     """The hint `loss.hint` names between `model` and `hint_teacher` (on `device`), or None when
     there is none to give: no hint teacher, no teachers at all, hint 'none' or weight 0."""
     if hint_teacher is None or not teachers or loss.hint == "none" or loss.hint_weight <= 0:
@@ -139,9 +152,14 @@ def active_hint(model: VGG, hint_teacher: VGG | None, teachers: Sequence[VGG], l
 
 
 @torch.no_grad()
-def teacher_targets(x: torch.Tensor, idx: torch.Tensor, view: int, teachers: Sequence[VGG],
-                    cache: Sequence[TeacherCache], hint: ActiveHint | None,
-                    ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+def teacher_targets(
+    x: torch.Tensor,
+    idx: torch.Tensor,
+    view: int,
+    teachers: Sequence[VGG],
+    cache: Sequence[TeacherCache],
+    hint: ActiveHint | None,
+) -> tuple[list[torch.Tensor], torch.Tensor | None]:
     """What the teachers say about batch `x` (samples `idx` in augmentation `view`): each teacher's
     logits, and the hint teacher's block output when a hint is active (else None)."""
     if cache:  # stored soft labels: a gather instead of a teacher forward
@@ -169,14 +187,29 @@ def sgd(params: list[torch.Tensor], settings: TrainSettings) -> torch.optim.SGD:
     PyTorch 2.4): on CPU 3x faster than the foreach kernels it replaces there (0.08 against 0.25 ms
     a step for the 71.6k-param child, 0.23 against 0.72 for the quick root), the same update up to
     float rounding."""
-    return torch.optim.SGD(params, lr=settings.lr, momentum=settings.momentum, nesterov=True,
-                           weight_decay=settings.weight_decay, fused=True)
+    return torch.optim.SGD(
+        params,
+        lr=settings.lr,
+        momentum=settings.momentum,
+        nesterov=True,
+        weight_decay=settings.weight_decay,
+        fused=True,
+    )
 
 
-def train(model: VGG, data: DataSplits, settings: TrainSettings, *, teachers: Sequence[VGG] = (),
-          teacher_weights: list[float] | None = None, hint_teacher: VGG | None = None,
-          teacher_cache: Sequence[TeacherCache] = (), on_epoch: Callable[[int, float], None] | None = None,
-          desc: str = "train", progress: bool = True) -> TrainResult:
+def train(
+    model: VGG,
+    data: DataSplits,
+    settings: TrainSettings,
+    *,
+    teachers: Sequence[VGG] = (),
+    teacher_weights: list[float] | None = None,
+    hint_teacher: VGG | None = None,
+    teacher_cache: Sequence[TeacherCache] = (),
+    on_epoch: Callable[[int, float], None] | None = None,
+    desc: str = "train",
+    progress: bool = True,
+) -> TrainResult:
     """Train `model` in place on `data` (already on the target device) and return its accuracies.
 
     With `teachers` the loss is alpha*KD + (1-alpha)*CE (+ the `settings.loss.hint` term between
@@ -190,15 +223,24 @@ def train(model: VGG, data: DataSplits, settings: TrainSettings, *, teachers: Se
     precision = resolve_precision(settings.precision, device)
     torch.manual_seed(settings.seed)
     if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # same shapes every step: cuDNN times its kernels once, keeps the fastest
+        torch.backends.cudnn.benchmark = (
+            True  # same shapes every step: cuDNN times its kernels once, keeps the fastest
+        )
     model.to(device, memory_format=fmt).train()
     for t in teachers:
         t.to(device, memory_format=fmt).eval().requires_grad_(False)
     augment_seed = settings.seed if settings.augment_seed is None else settings.augment_seed
-    if teacher_cache and (len(teacher_cache) != len(teachers) or not settings.augment or any(
-            (c.seed, c.views, c.n) != (augment_seed, settings.views, len(data.train_x)) for c in teacher_cache)):
-        raise ValueError("the teacher cache must hold one entry per teacher, built for this training set's "
-                         "augment_seed and views")
+    if teacher_cache and (
+        len(teacher_cache) != len(teachers)
+        or not settings.augment
+        or any(
+            (c.seed, c.views, c.n) != (augment_seed, settings.views, len(data.train_x)) for c in teacher_cache
+        )
+    ):
+        raise ValueError(
+            "the teacher cache must hold one entry per teacher, built for this training set's "
+            "augment_seed and views"
+        )
     # After manual_seed: a regressor's random init is the same for the same seed.
     hint = active_hint(model, hint_teacher, teachers, settings.loss, device)
     # Copied to the device once, not in every step.
@@ -209,16 +251,27 @@ def train(model: VGG, data: DataSplits, settings: TrainSettings, *, teachers: Se
     steps_per_epoch = max(1, n // settings.batch_size) if n >= settings.batch_size else 1
     total_steps = settings.epochs * steps_per_epoch
     # Warm-up over a quarter of the steps, but over 1.5 at least: OneCycleLR divides by zero at exactly one.
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=settings.lr, total_steps=total_steps,
-                                                pct_start=0.25 if total_steps == 1 else max(0.25, 1.5 / total_steps))
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt,
+        max_lr=settings.lr,
+        total_steps=total_steps,
+        pct_start=0.25 if total_steps == 1 else max(0.25, 1.5 / total_steps),
+    )
     mode = compile_mode(settings.compile, device, model.spec)
     # Compiled forward (CUDA graphs for small, launch-bound models); batches always have the same shape.
     forward = torch.compile(model.forward_features, mode=mode) if mode else model.forward_features
 
     lookups_before = [c.counts() for c in teacher_cache]
     history, losses, epoch_seconds, images, start = [], [], [], 0, time.perf_counter()
-    bar = tqdm(total=total_steps, desc=desc, unit="step", disable=not progress,
-               leave=False, dynamic_ncols=True, mininterval=0.5)
+    bar = tqdm(
+        total=total_steps,
+        desc=desc,
+        unit="step",
+        disable=not progress,
+        leave=False,
+        dynamic_ncols=True,
+        mininterval=0.5,
+    )
     try:
         for epoch in range(settings.epochs):
             view = epoch_view(epoch, settings.views)
@@ -226,9 +279,17 @@ def train(model: VGG, data: DataSplits, settings: TrainSettings, *, teachers: Se
                 c.ensure_view(view)  # the first epoch on a view runs the teacher over every sample once
             epoch_start = time.perf_counter()
             loss_sum = torch.zeros((), device=device)
-            for step, (idx, x, y) in enumerate(train_batches(data, settings.batch_size, epoch, settings.seed,
-                                                             views=settings.views, augmented=settings.augment,
-                                                             augment_seed=settings.augment_seed)):
+            for step, (idx, x, y) in enumerate(
+                train_batches(
+                    data,
+                    settings.batch_size,
+                    epoch,
+                    settings.seed,
+                    views=settings.views,
+                    augmented=settings.augment,
+                    augment_seed=settings.augment_seed,
+                )
+            ):
                 if step == steps_per_epoch // 2:
                     fault_point("mid-epoch")  # crash tests (iterkd.faults); a no-op otherwise
                 x = x.contiguous(memory_format=fmt)
@@ -238,7 +299,9 @@ def train(model: VGG, data: DataSplits, settings: TrainSettings, *, teachers: Se
                     logits, feats = forward(x)
                     t_logits, t_feat = teacher_targets(x, idx, view, teachers, teacher_cache, hint)
                     target = teacher_probs(t_logits, settings.loss.temperature, weights) if teachers else None
-                    loss = composite_loss(logits, y, settings.loss, target, hint(feats, t_feat) if hint else None)
+                    loss = composite_loss(
+                        logits, y, settings.loss, target, hint(feats, t_feat) if hint else None
+                    )
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -262,8 +325,18 @@ def train(model: VGG, data: DataSplits, settings: TrainSettings, *, teachers: Se
         bar.close()
     seconds = time.perf_counter() - start
     test = evaluate(model, data.test_x, data.test_y, data, precision)
-    return TrainResult(history[-1], test, seconds, settings.epochs, history, images / max(seconds, 1e-9),
-                       epoch_seconds, losses, _hit_rate(lookups_before, [c.counts() for c in teacher_cache]), precision)
+    return TrainResult(
+        history[-1],
+        test,
+        seconds,
+        settings.epochs,
+        history,
+        images / max(seconds, 1e-9),
+        epoch_seconds,
+        losses,
+        _hit_rate(lookups_before, [c.counts() for c in teacher_cache]),
+        precision,
+    )
 
 
 def _hit_rate(before: list[tuple[int, int]], after: list[tuple[int, int]]) -> float | None:

@@ -2,12 +2,13 @@
 in the space, weights inherited from its parent, its teachers and their soft-label caches, its KD
 settings). `NodeTrainer` holds what nodes share in one process (data, loaded teachers, caches); the
 local search and `iterkd worker` both train through it, and it records each node with `run_node`."""
+
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable
 
 import optuna
 import torch
@@ -32,18 +33,35 @@ def train_settings(cfg, epochs: int, seed: int, *, child: bool = False) -> Train
     """The TrainSettings of a run's root, or of a child before its own KD settings (also `iterkd compare`'s)."""
     # Children share the run's augmentation views, so one teacher cache serves all of them.
     views = dict(views=cfg.views, augment_seed=cfg.seed) if child else {}
-    return TrainSettings(epochs=epochs, batch_size=cfg.batch_size, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                         loss=cfg.loss_weights(), seed=seed, compile=cfg.compile, precision=cfg.precision, **views)
+    return TrainSettings(
+        epochs=epochs,
+        batch_size=cfg.batch_size,
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        loss=cfg.loss_weights(),
+        seed=seed,
+        compile=cfg.compile,
+        precision=cfg.precision,
+        **views,
+    )
 
 
 class NodeTrainer:
-    def __init__(self, run: Run, *, data: DataSplits | None = None, progress: bool = True,
-                 log: Callable[[str], None] = print):
+    def __init__(
+        self,
+        run: Run,
+        *,
+        data: DataSplits | None = None,
+        progress: bool = True,
+        log: Callable[[str], None] = print,
+    ):
         self.run, self.cfg, self.progress, self.log = run, run.cfg, progress, log
         self.space = load_space(self.cfg.space)
         self.info = dataset_info(self.cfg.dataset)
         self.device = resolve_device(self.cfg.device)
-        resolve_precision(self.cfg.precision, self.device)  # an impossible --precision is refused before any node
+        resolve_precision(
+            self.cfg.precision, self.device
+        )  # an impossible --precision is refused before any node
         self._data = data  # loaded on first use when not given
         self._models: dict[int | str, VGG] = {}  # node, or 'node-member' of an ensemble root
         self._caches: dict[int | str, TeacherCache] = {}
@@ -57,18 +75,37 @@ class NodeTrainer:
     # -- the root -----------------------------------------------------------------------------------
     def root_attrs(self) -> dict:
         spec = self.space.root_spec(self.info.channels, self.info.num_classes, self.info.size, self.cfg.width)
-        return node_attrs(generation=0, parents=(), teachers=(), operator="root", spec=spec, key="root",
-                          epochs=self.cfg.root_epochs)
+        return node_attrs(
+            generation=0,
+            parents=(),
+            teachers=(),
+            operator="root",
+            spec=spec,
+            key="root",
+            epochs=self.cfg.root_epochs,
+        )
 
     def train_root(self, trial: optuna.Trial | None = None) -> Node:
         """The root trained on labels; `trial` when a worker claimed it, else a new one."""
         attrs = self.root_attrs()
         trial = trial or create_trial(self.run.study, attrs)
         torch.manual_seed(self.cfg.seed)
-        model = VGG(self.space.root_spec(self.info.channels, self.info.num_classes, self.info.size, self.cfg.width))
+        model = VGG(
+            self.space.root_spec(self.info.channels, self.info.num_classes, self.info.size, self.cfg.width)
+        )
         settings = train_settings(self.cfg, self.cfg.root_epochs, self.cfg.seed)
-        return self._record(trial, model, lambda m, on_epoch: train(
-            m, self.data, settings, on_epoch=on_epoch, desc=f"root {m.spec.summary()}", progress=self.progress))
+        return self._record(
+            trial,
+            model,
+            lambda m, on_epoch: train(
+                m,
+                self.data,
+                settings,
+                on_epoch=on_epoch,
+                desc=f"root {m.spec.summary()}",
+                progress=self.progress,
+            ),
+        )
 
     def root_from_teachers(self, paths: list[Path]) -> Node:
         """The root from given checkpoints. One: that model. Several: an ensemble whose averaged
@@ -79,24 +116,37 @@ class NodeTrainer:
         for path in paths:
             model = load_model(path).to(self.device)
             spec = model.spec
-            if (spec.in_channels, spec.num_classes, spec.input_size) != (info.channels, info.num_classes, info.size):
+            if (spec.in_channels, spec.num_classes, spec.input_size) != (
+                info.channels,
+                info.num_classes,
+                info.size,
+            ):
                 raise IterkdError(
                     f"teacher {path} takes {spec.in_channels}-channel {spec.input_size}px input with {spec.num_classes} "
-                    f"classes, but {info.name} has {info.channels} channels, {info.size}px, {info.num_classes} classes")
+                    f"classes, but {info.name} has {info.channels} channels, {info.size}px, {info.num_classes} classes"
+                )
             members.append((path, model, evaluate(model, data.val_x, data.val_y, data)))
         best = max(range(len(members)), key=lambda i: (members[i][2], -i))
         path, model, _ = members[best]
         name = path.name if len(paths) == 1 else f"ensemble of {len(paths)}"
-        attrs = node_attrs(generation=0, parents=(), teachers=(), operator=f"teacher:{name}", spec=model.spec,
-                           key="root")
+        attrs = node_attrs(
+            generation=0, parents=(), teachers=(), operator=f"teacher:{name}", spec=model.spec, key="root"
+        )
         if len(paths) > 1:
             attrs["members"] = []
             for i, (p, m, val) in enumerate(members):
                 ckpt = Path("checkpoints") / f"root-member-{i}.safetensors"
                 save_checkpoint(self.run.run_dir / ckpt, m, source=str(p), val_acc=val)
-                attrs["members"].append({"checkpoint": str(ckpt), "source": p.name, "spec_summary": m.spec.summary(),
-                                         "params": m.spec.params(), "val_acc": val,
-                                         "test_acc": evaluate(m, data.test_x, data.test_y, data)})
+                attrs["members"].append(
+                    {
+                        "checkpoint": str(ckpt),
+                        "source": p.name,
+                        "spec_summary": m.spec.summary(),
+                        "params": m.spec.params(),
+                        "val_acc": val,
+                        "test_acc": evaluate(m, data.test_x, data.test_y, data),
+                    }
+                )
             attrs["ensemble_params"] = sum(m.spec.params() for _, m, _ in members)
         models = [m for _, m, _ in members]
 
@@ -108,12 +158,23 @@ class NodeTrainer:
         return self._record(create_trial(self.run.study, attrs), model, measure)
 
     # -- children -----------------------------------------------------------------------------------
-    def child_attrs(self, generation: int, slot: Slot, key: str, move: Move, loss: dict | None = None) -> dict:
-        return node_attrs(generation=generation, parents=(slot.parent.node,), teachers=[t.node for t in slot.teachers],
-                          operator=move.label, spec=move.spec, key=key, loss=loss, epochs=self.cfg.epochs)
+    def child_attrs(
+        self, generation: int, slot: Slot, key: str, move: Move, loss: dict | None = None
+    ) -> dict:
+        return node_attrs(
+            generation=generation,
+            parents=(slot.parent.node,),
+            teachers=[t.node for t in slot.teachers],
+            operator=move.label,
+            spec=move.spec,
+            key=key,
+            loss=loss,
+            epochs=self.cfg.epochs,
+        )
 
-    def train_child(self, generation: int, slot: Slot, key: str, moves: list[Move],
-                    trial: optuna.Trial | None = None) -> Node:
+    def train_child(
+        self, generation: int, slot: Slot, key: str, moves: list[Move], trial: optuna.Trial | None = None
+    ) -> Node:
         """Create the candidate's trial (or take the one a worker claimed, its move fixed when it was
         queued), let it choose the move and KD settings, inherit, train with its teachers, record."""
         parent = slot.parent
@@ -123,13 +184,23 @@ class NodeTrainer:
             attrs = self.child_attrs(generation, slot, key, moves[0])
             if not greedy:  # the move is not chosen yet: no spec until it is, so no node shows a wrong one
                 attrs = {k: attrs[k] for k in ("generation", "parents", "teachers", "key", "epochs")}
-            trial = create_trial(self.run.study, attrs, move_params(moves[0], parent.spec) if greedy else None)
+            trial = create_trial(
+                self.run.study, attrs, move_params(moves[0], parent.spec) if greedy else None
+            )
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             move = suggest_move(trial, self.space, parent.spec, moves)
             cfg = self.cfg
-            kd = suggest_kd(trial, self.space, {"alpha": cfg.alpha, "temperature": cfg.temperature,
-                                                "hint_weight": cfg.hint_weight, "lr": cfg.lr})
+            kd = suggest_kd(
+                trial,
+                self.space,
+                {
+                    "alpha": cfg.alpha,
+                    "temperature": cfg.temperature,
+                    "hint_weight": cfg.hint_weight,
+                    "lr": cfg.lr,
+                },
+            )
         seed = candidate_seed(cfg.seed, key)
         torch.manual_seed(seed)
         model = VGG(move.spec)
@@ -145,15 +216,38 @@ class NodeTrainer:
         members = [(t, i) for t in slot.teachers for i in range(max(1, len(t.members)))]
         teachers = [self.model(t, i) for t, i in members]
         caches = [self.teacher_cache(t, i) for t, i in members] if cfg.teacher_cache else []
-        weights = [t.members[i]["val_acc"] if t.members else t.val_acc for t, i in members] \
-            if cfg.teacher_weights == "accuracy" else None
-        settings = replace(train_settings(cfg, cfg.epochs, seed, child=True), lr=kd["lr"],
-                           loss=replace(cfg.loss_weights(), alpha=kd["alpha"], temperature=kd["temperature"],
-                                        hint_weight=kd["hint_weight"]))
-        return self._record(trial, model, lambda m, on_epoch: train(
-            m, self.data, settings, teachers=teachers, teacher_weights=weights, hint_teacher=hint_teacher,
-            teacher_cache=caches, on_epoch=on_epoch, progress=self.progress, desc=f"gen {generation} {move.label}"),
-            parent=parent)
+        weights = (
+            [t.members[i]["val_acc"] if t.members else t.val_acc for t, i in members]
+            if cfg.teacher_weights == "accuracy"
+            else None
+        )
+        settings = replace(
+            train_settings(cfg, cfg.epochs, seed, child=True),
+            lr=kd["lr"],
+            loss=replace(
+                cfg.loss_weights(),
+                alpha=kd["alpha"],
+                temperature=kd["temperature"],
+                hint_weight=kd["hint_weight"],
+            ),
+        )
+        return self._record(
+            trial,
+            model,
+            lambda m, on_epoch: train(
+                m,
+                self.data,
+                settings,
+                teachers=teachers,
+                teacher_weights=weights,
+                hint_teacher=hint_teacher,
+                teacher_cache=caches,
+                on_epoch=on_epoch,
+                progress=self.progress,
+                desc=f"gen {generation} {move.label}",
+            ),
+            parent=parent,
+        )
 
     def train_queued(self, trial: optuna.Trial) -> Node:
         """Train the node a coordinator queued as this (claimed) trial: the worker's side of queueing."""
@@ -165,7 +259,9 @@ class NodeTrainer:
         spec = Node.from_trial(self.run.study.get_trials(deepcopy=False)[trial.number]).spec
         moves = [m for m in self.space.moves(parent.spec) if m.spec == spec]
         if not moves:
-            raise IterkdError(f"trial {trial.number}: {spec.summary()} is not a move of node {parent.node} in this space")
+            raise IterkdError(
+                f"trial {trial.number}: {spec.summary()} is not a move of node {parent.node} in this space"
+            )
         slot = Slot(parent, tuple(by_id[i] for i in a["teachers"]), 1)
         return self.train_child(int(a["generation"]), slot, a["key"], moves, trial=trial)
 
@@ -188,6 +284,12 @@ class NodeTrainer:
         """A teacher's soft labels, shared by every student it teaches; kept in RUN/cache for resumed runs."""
         key = node.node if not node.members else f"{node.node}-{member}"
         if key not in self._caches:
-            self._caches[key] = TeacherCache(self.model(node, member), self.data, seed=self.cfg.seed,
-                                             views=self.cfg.views, directory=self.run.run_dir / "cache", node=key)
+            self._caches[key] = TeacherCache(
+                self.model(node, member),
+                self.data,
+                seed=self.cfg.seed,
+                views=self.cfg.views,
+                directory=self.run.run_dir / "cache",
+                node=key,
+            )
         return self._caches[key]

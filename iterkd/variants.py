@@ -1,10 +1,11 @@
 """The four ways to grow the lineage, as strategy objects with one method: given the accepted
 frontier, how many children each parent gets next and who teaches them."""
+
 from __future__ import annotations
 
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from .lineage import Node
 from .spaces import Move
@@ -38,8 +39,10 @@ class Variant:
     all_ancestors: bool
 
     def plan(self, frontier: list[Node], ancestors: Callable[[Node], list[Node]], k: int) -> list[Slot]:
-        return [Slot(p, tuple(ancestors(p)) if self.all_ancestors else (p,), k if self.children else 1)
-                for p in frontier]
+        return [
+            Slot(p, tuple(ancestors(p)) if self.all_ancestors else (p,), k if self.children else 1)
+            for p in frontier
+        ]
 
 
 def diverse_order(moves: list[Move]) -> list[Move]:
@@ -59,7 +62,8 @@ def diverse_order(moves: list[Move]) -> list[Move]:
 
 
 VARIANTS: dict[str, Variant] = {
-    v.name: v for v in (
+    v.name: v
+    for v in (
         Variant("parent-child", children=False, all_ancestors=False),
         Variant("parent-children", children=True, all_ancestors=False),
         Variant("ancestors-child", children=False, all_ancestors=True),

@@ -4,6 +4,7 @@ study, waits, selects and enqueues the next; `iterkd worker` processes — any n
 that reaches the storage and sees the run directory — each take one waiting trial at a time, train
 it and tell the result. A worker records an Optuna heartbeat while it trains, so the coordinator
 fails (and queues again) the trial of a worker that died anywhere."""
+
 from __future__ import annotations
 
 import os
@@ -13,9 +14,9 @@ import sys
 import threading
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable
 
 import optuna
 
@@ -29,7 +30,9 @@ from .run import Run, fail_interrupted_trials, open_run
 from .storage import claim_waiting, default_storage, record_heartbeat, redact_url
 from .trainer import NodeTrainer
 
-STORAGE_ENV = "ITERKD_STORAGE"  # how local workers get the storage URL: never on a command line (ps shows those)
+STORAGE_ENV = (
+    "ITERKD_STORAGE"  # how local workers get the storage URL: never on a command line (ps shows those)
+)
 MAX_RETRIES = 3  # a candidate whose worker dies more often than this stops the search with its error
 POLL_S = 1.0  # how often a coordinator looks at the queued trials
 
@@ -57,7 +60,7 @@ class Heartbeat:
             if self._stop.wait(storage_mod.HEARTBEAT_S):
                 return
 
-    def __enter__(self) -> "Heartbeat":
+    def __enter__(self) -> Heartbeat:
         self._thread.start()
         return self
 
@@ -66,23 +69,37 @@ class Heartbeat:
         self._thread.join()
 
 
-def run_worker(storage: str, name: str, *, run_dir: str | None = None, device: str | None = None,
-               data_dir: str | None = None, progress: bool = True, log: Callable[[str], None] = print,
-               poll_s: float = 1.0) -> int:
+def run_worker(
+    storage: str,
+    name: str,
+    *,
+    run_dir: str | None = None,
+    device: str | None = None,
+    data_dir: str | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+    poll_s: float = 1.0,
+) -> int:
     """Train queued nodes until the coordinator says the search is over and nothing is queued.
     Returns how many nodes this worker trained."""
     run = open_run(None, storage, name=name)  # the run's settings as the coordinator saved them in the study
     here = {k: v for k, v in dict(run_dir=run_dir, device=device, data_dir=data_dir).items() if v is not None}
-    run = replace(run, cfg=replace(run.cfg, storage=storage, workers=None, **here), run_dir=Path(run_dir or run.run_dir))
+    run = replace(
+        run, cfg=replace(run.cfg, storage=storage, workers=None, **here), run_dir=Path(run_dir or run.run_dir)
+    )
     # Optuna does not store samplers and pruners: without these a worker's trials got Optuna's
     # defaults (an unseeded TPE, a MedianPruner) whatever --sampler/--pruner the run was started with.
     run.study.sampler = make_sampler(run.cfg.sampler, run.cfg.seed)
     run.study.pruner = make_pruner(run.cfg.pruner, run.cfg.epochs)
     if not config_path(run.run_dir).exists():
-        raise IterkdError(f"run directory {run.run_dir} has no config.json: a worker needs the run directory the "
-                          "coordinator writes (a shared filesystem path); give it with --run-dir")
+        raise IterkdError(
+            f"run directory {run.run_dir} has no config.json: a worker needs the run directory the "
+            "coordinator writes (a shared filesystem path); give it with --run-dir"
+        )
     main_thread = threading.current_thread() is threading.main_thread()  # signal handlers live there only
-    previous = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None  # SIGTERM fails the trial cleanly
+    previous = (
+        signal.signal(signal.SIGTERM, _interrupt) if main_thread else None
+    )  # SIGTERM fails the trial cleanly
     try:
         return _work(run, NodeTrainer(run, progress=progress, log=log), log, poll_s)
     finally:
@@ -109,8 +126,10 @@ def _work(run: Run, trainer: NodeTrainer, log: Callable[[str], None], poll_s: fl
             except optuna.exceptions.UpdateFinishedTrialError:
                 # The coordinator gave this trial up (its heartbeat went stale, e.g. the database was
                 # out of reach) and has queued the candidate again: drop this result, take more work.
-                log(f"worker {os.getpid()}: node {trial.number} was failed by the coordinator meanwhile "
-                    "(heartbeat missed); its result is dropped")
+                log(
+                    f"worker {os.getpid()}: node {trial.number} was failed by the coordinator meanwhile "
+                    "(heartbeat missed); its result is dropped"
+                )
                 continue
             except BaseException as e:
                 _fail(study, trial, e)
@@ -137,7 +156,7 @@ class WorkQueue:
     them, and queue again a candidate whose worker died (its process is gone, or its heartbeat went
     stale), up to MAX_RETRIES times."""
 
-    def __init__(self, run: Run, workers: "LocalWorkers", log: Callable[[str], None] = print):
+    def __init__(self, run: Run, workers: LocalWorkers, log: Callable[[str], None] = print):
         self.run, self.study, self.workers, self.log = run, run.study, workers, log
 
     def enqueue(self, attrs: dict, params: dict | None = None) -> int:
@@ -154,8 +173,14 @@ class WorkQueue:
     def in_flight(self, key: str) -> optuna.trial.FrozenTrial | None:
         """A queued or running trial for this candidate, left by an earlier coordinator: wait for it."""
         states = (optuna.trial.TrialState.WAITING, optuna.trial.TrialState.RUNNING)
-        return next((t for t in self.study.get_trials(deepcopy=False, states=states) if t.user_attrs.get("key") == key),
-                    None)
+        return next(
+            (
+                t
+                for t in self.study.get_trials(deepcopy=False, states=states)
+                if t.user_attrs.get("key") == key
+            ),
+            None,
+        )
 
     def wait(self, numbers: list[int]) -> list[Node]:
         """Wait until the workers have finished these trials; a crashed worker's candidate is queued again."""
@@ -175,8 +200,10 @@ class WorkQueue:
                 key = t.user_attrs["key"]
                 tries[key] = tries.get(key, 0) + 1
                 if tries[key] > MAX_RETRIES:
-                    raise IterkdError(f"node {number} ({t.user_attrs['operator']}) failed {tries[key]} times on "
-                                      f"workers; last error: {node.error}")
+                    raise IterkdError(
+                        f"node {number} ({t.user_attrs['operator']}) failed {tries[key]} times on "
+                        f"workers; last error: {node.error}"
+                    )
                 attrs = {k: v for k, v in t.user_attrs.items() if k in NODE_ATTRS}
                 pending.append(self.enqueue(attrs, t.system_attrs.get("fixed_params")))
             if pending:
@@ -198,14 +225,26 @@ class LocalWorkers:
         self.procs: list[subprocess.Popen] = []
         self.logs = [Path(cfg.run_dir) / "workers" / f"worker-{i}.log" for i in range(n)]
 
-    def __enter__(self) -> "LocalWorkers":
+    def __enter__(self) -> LocalWorkers:
         if not self.n:
             return self
         storage = self.cfg.storage or default_storage(Path(self.cfg.run_dir))
         gpus = _visible_gpus() if self.cfg.device != "cpu" else 0
-        cmd = [sys.executable, "-m", "iterkd", "worker", "--run", self.cfg.name, "--run-dir", self.cfg.run_dir,
-               "--no-progress"] + (["--data-dir", self.cfg.data_dir] if self.cfg.data_dir else []) \
+        cmd = (
+            [
+                sys.executable,
+                "-m",
+                "iterkd",
+                "worker",
+                "--run",
+                self.cfg.name,
+                "--run-dir",
+                self.cfg.run_dir,
+                "--no-progress",
+            ]
+            + (["--data-dir", self.cfg.data_dir] if self.cfg.data_dir else [])
             + ["--device", self.cfg.device]
+        )
         self.logs[0].parent.mkdir(parents=True, exist_ok=True)
         for i, log in enumerate(self.logs):
             env = {**os.environ, STORAGE_ENV: storage}
@@ -217,11 +256,15 @@ class LocalWorkers:
 
     def check(self) -> None:
         """Raise if every local worker has exited while nodes are still queued (nothing would train them)."""
-        exited = [p.poll() is not None for p in self.procs]  # poll each: it also reaps a dead one, so its pid is gone
+        exited = [
+            p.poll() is not None for p in self.procs
+        ]  # poll each: it also reaps a dead one, so its pid is gone
         if self.procs and all(exited):
             last = _last_line(self.logs[0])
-            raise IterkdError(f"all {self.n} local workers exited (worker-0: status {self.procs[0].returncode}, "
-                              f"{last!r}); see {self.logs[0].parent}")
+            raise IterkdError(
+                f"all {self.n} local workers exited (worker-0: status {self.procs[0].returncode}, "
+                f"{last!r}); see {self.logs[0].parent}"
+            )
 
     def __exit__(self, exc_type, exc, tb) -> None:
         for p in self.procs:

@@ -1,4 +1,5 @@
 """Shared fixtures: tiny specs and a finished smoke run, built once per session."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -33,5 +34,14 @@ def lineage_shape(study) -> list[tuple]:
     they are renumbered, since a failed (killed) trial takes a trial number of its own."""
     kept = sorted((n for n in nodes(study) if n.state != "FAIL"), key=lambda n: (n.generation, n.key))
     index = {n.node: i for i, n in enumerate(kept)}
-    return [(n.generation, tuple(index[p] for p in n.parents), tuple(index[t] for t in n.teachers), n.operator,
-             n.spec.to_json(), n.state) for n in kept]
+    return [
+        (
+            n.generation,
+            tuple(index[p] for p in n.parents),
+            tuple(index[t] for t in n.teachers),
+            n.operator,
+            n.spec.to_json(),
+            n.state,
+        )
+        for n in kept
+    ]

@@ -67,25 +67,29 @@ def test_bad_specs_and_names_are_user_errors():
     assert set(VGG_PRESETS) == {"vgg11", "vgg13", "vgg16", "vgg19"}
 
 
-@pytest.mark.parametrize("text, message", [
-    ("{not json", "not JSON"),
-    ("[1, 2]", "expected a JSON object"),
-    ('{"in_channels": 3}', "no 'blocks'"),
-    ('{"blocks": [[8]], "colour": "red"}', "unknown key 'colour'"),
-    ('{"blocks": [[8, "wide"]]}', "blocks must be"),
-    ('{"blocks": [8, 16]}', "blocks must be"),
-    ('{"blocks": [[8], []]}', "blocks must be"),
-    ('{"blocks": [[8.5]]}', "blocks must be"),
-    ('{"blocks": [[true]]}', "blocks must be"),
-    ('{"blocks": [[-4]]}', "blocks must be"),
-    ('{"blocks": [[8]], "in_channels": 0}', "in_channels must be an integer >= 1"),
-    ('{"blocks": [[8]], "num_classes": "10"}', "num_classes must be an integer >= 1"),
-    ('{"blocks": [[8]], "batch_norm": 1}', "batch_norm must be true or false"),
-    ('{"blocks": [[1000000, 1000000]]}', "9e+12 parameters, more than the 2e+09"),
-    ('{"blocks": [[' + "9" * 5000 + ']]}', "not JSON"),  # beyond Python's int-parsing limit
-    ('{"blocks": [[' + "9" * 4000 + ']]}', "about 1e4001 parameters"),
-    ('{"blocks": [' + ",".join(["[1]"] * 1001) + ']}', "1001 convs, more than the 1000"),
-], ids=lambda v: v[:40])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("{not json", "not JSON"),
+        ("[1, 2]", "expected a JSON object"),
+        ('{"in_channels": 3}', "no 'blocks'"),
+        ('{"blocks": [[8]], "colour": "red"}', "unknown key 'colour'"),
+        ('{"blocks": [[8, "wide"]]}', "blocks must be"),
+        ('{"blocks": [8, 16]}', "blocks must be"),
+        ('{"blocks": [[8], []]}', "blocks must be"),
+        ('{"blocks": [[8.5]]}', "blocks must be"),
+        ('{"blocks": [[true]]}', "blocks must be"),
+        ('{"blocks": [[-4]]}', "blocks must be"),
+        ('{"blocks": [[8]], "in_channels": 0}', "in_channels must be an integer >= 1"),
+        ('{"blocks": [[8]], "num_classes": "10"}', "num_classes must be an integer >= 1"),
+        ('{"blocks": [[8]], "batch_norm": 1}', "batch_norm must be true or false"),
+        ('{"blocks": [[1000000, 1000000]]}', "9e+12 parameters, more than the 2e+09"),
+        ('{"blocks": [[' + "9" * 5000 + "]]}", "not JSON"),  # beyond Python's int-parsing limit
+        ('{"blocks": [[' + "9" * 4000 + "]]}", "about 1e4001 parameters"),
+        ('{"blocks": [' + ",".join(["[1]"] * 1001) + "]}", "1001 convs, more than the 1000"),
+    ],
+    ids=lambda v: v[:40],
+)
 def test_hostile_spec_json_is_refused_before_anything_is_built(text, message):
     with pytest.raises(IterkdError, match=re.escape(message)) as e:
         VGGSpec.from_json(text)

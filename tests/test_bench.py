@@ -1,5 +1,6 @@
 """`iterkd bench` in a tiny form: one JSON line per case with the documented fields (speed is not
 asserted: CI machines differ; docs/performance.md holds measured figures)."""
+
 import json
 import math
 
@@ -15,20 +16,48 @@ from iterkd.train import TrainSettings
 
 TINY_ROOT = VGGSpec(((8, 8), (16,), (16,)), in_channels=1, input_size=16)
 TINY_CHILD = VGGSpec(((4,), (8,)), in_channels=1, input_size=16)
-FIELDS = {"case", "device", "model", "params", "mflops_per_img", "teacher", "hint", "batch_size", "timed_epochs",
-          "img_per_s", "step_ms", "step_ratio_vs_ce", "vs_plain", "cache_hit_rate", "cache_build_s", "peak_mem_mb",
-          "mem", "compile", "precision", "threads", "load_avg_1m", "torch"}
+FIELDS = {
+    "case",
+    "device",
+    "model",
+    "params",
+    "mflops_per_img",
+    "teacher",
+    "hint",
+    "batch_size",
+    "timed_epochs",
+    "img_per_s",
+    "step_ms",
+    "step_ratio_vs_ce",
+    "vs_plain",
+    "cache_hit_rate",
+    "cache_build_s",
+    "peak_mem_mb",
+    "mem",
+    "compile",
+    "precision",
+    "threads",
+    "load_avg_1m",
+    "torch",
+}
 
 
 @pytest.fixture
 def tiny_bench(monkeypatch):
-    monkeypatch.setitem(bench.PLANS, ("cpu", True), bench.BenchPlan(batch_size=16, root_samples=48,
-                                                                    child_samples=64, epochs=2, views=2, repeats=2,
-                                                                    root_repeats=2))
+    monkeypatch.setitem(
+        bench.PLANS,
+        ("cpu", True),
+        bench.BenchPlan(
+            batch_size=16, root_samples=48, child_samples=64, epochs=2, views=2, repeats=2, root_repeats=2
+        ),
+    )
     monkeypatch.setattr(bench, "ROOT", TINY_ROOT)
     monkeypatch.setattr(bench, "CHILD", TINY_CHILD)
-    monkeypatch.setattr(bench.run_bench, "__kwdefaults__", {**bench.run_bench.__kwdefaults__,
-                                                             "root": TINY_ROOT, "child": TINY_CHILD})
+    monkeypatch.setattr(
+        bench.run_bench,
+        "__kwdefaults__",
+        {**bench.run_bench.__kwdefaults__, "root": TINY_ROOT, "child": TINY_CHILD},
+    )
 
 
 def test_quick_bench_prints_one_json_line_per_case_and_a_summary(tiny_bench, capsys):
@@ -49,11 +78,17 @@ def test_quick_bench_prints_one_json_line_per_case_and_a_summary(tiny_bench, cap
         assert by_case[plain]["vs_plain"] == 1.0 and by_case[plain]["params"] == model.params()
         assert by_case[plain]["teacher"] is None and by_case[plain]["cache_hit_rate"] is None
     # each iterkd case's speed over its plain loop's, from the step times printed beside it
-    for case, plain in (("child_ce", "plain_child"), ("root", "plain_root"), ("child_kd_live", "plain_child")):
+    for case, plain in (
+        ("child_ce", "plain_child"),
+        ("root", "plain_root"),
+        ("child_kd_live", "plain_child"),
+    ):
         expected = by_case[plain]["step_ms"] / by_case[case]["step_ms"]
         assert by_case[case]["vs_plain"] == pytest.approx(expected, rel=0.02, abs=0.002)
     assert summary["summary"] == "vs_plain" and summary["precision"] == lines[0]["precision"]
-    assert summary["vs_plain"] == {c: by_case[c]["vs_plain"] for c in bench.CASES if not c.startswith("plain_")}
+    assert summary["vs_plain"] == {
+        c: by_case[c]["vs_plain"] for c in bench.CASES if not c.startswith("plain_")
+    }
     assert by_case["child_kd_live"]["cache_hit_rate"] == 0.0 and by_case["child_kd_live"]["hint"]
     cached, hinted = by_case["child_kd_cached"], by_case["child_kd_cached_hint"]
     assert cached["cache_hit_rate"] == 1.0 and not cached["hint"] and cached["cache_build_s"] > 0
@@ -78,4 +113,6 @@ def test_the_plain_loop_trains_the_model_in_the_precision_it_is_given(precision)
     assert dtypes == {torch.bfloat16 if precision == "bf16" else torch.float32}
     conv = model.blocks[1][0].weight  # 4 input channels (with one, both layouts have the same strides)
     assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
-    assert all(not torch.equal(a, b.detach()) for a, b in zip(before, model.parameters()))  # every weight moved
+    assert all(
+        not torch.equal(a, b.detach()) for a, b in zip(before, model.parameters())
+    )  # every weight moved

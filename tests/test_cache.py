@@ -1,5 +1,6 @@
 """Teacher cache: lookups equal the teacher's live outputs on the student's very inputs, training
 with it gives the live-teacher losses, files are reused, and hits are counted honestly."""
+
 import pytest
 import torch
 
@@ -45,8 +46,15 @@ def test_lookups_are_the_teachers_outputs_on_the_students_inputs_to_fp16():
 
 
 def settings(**kw) -> TrainSettings:
-    values = dict(epochs=1, batch_size=32, lr=0.05, seed=5, views=2, augment_seed=7,
-                  loss=LossWeights(alpha=0.9, temperature=4.0, hint_weight=1.0))
+    values = dict(
+        epochs=1,
+        batch_size=32,
+        lr=0.05,
+        seed=5,
+        views=2,
+        augment_seed=7,
+        loss=LossWeights(alpha=0.9, temperature=4.0, hint_weight=1.0),
+    )
     values.update(kw)
     return TrainSettings(**values)
 
@@ -76,7 +84,9 @@ def test_a_view_is_a_miss_the_first_time_and_a_hit_afterwards_including_for_sibl
     data, t = random_splits(n=64), teacher()
     cache = TeacherCache(t, data, seed=7, views=2)
     first = train_student(data, settings(epochs=3), t, [cache])
-    assert first.cache_hit_rate == pytest.approx(1 / 3)  # epochs 0 and 1 fill views 0 and 1; epoch 2 reuses view 0
+    assert first.cache_hit_rate == pytest.approx(
+        1 / 3
+    )  # epochs 0 and 1 fill views 0 and 1; epoch 2 reuses view 0
     sibling = train_student(data, settings(epochs=3), t, [cache])
     assert sibling.cache_hit_rate == 1.0
     assert cache.counts() == (6 * 64, 2 * 64)
@@ -142,7 +152,9 @@ def test_the_weights_fingerprint_is_of_the_values_not_the_object():
     assert weights_fingerprint(copy) != weights_fingerprint(a)
     with torch.no_grad():
         copy.blocks[0][0].weight[0, 0, 0, 0] -= 1e-3
-        copy.head.bias.data = copy.head.bias.data.bfloat16()  # same numbers rounded: other bytes, other teacher
+        copy.head.bias.data = (
+            copy.head.bias.data.bfloat16()
+        )  # same numbers rounded: other bytes, other teacher
     assert weights_fingerprint(copy) != weights_fingerprint(a)
 
 

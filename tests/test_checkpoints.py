@@ -51,8 +51,11 @@ def test_weights_that_do_not_fit_the_spec_are_refused(tmp_path):
     from safetensors.torch import save_file
 
     path = tmp_path / "odd.safetensors"
-    save_file({"head.weight": torch.zeros(3, 8)}, str(path), metadata={"format": "iterkd-checkpoint-1",
-                                                                      "spec": SPEC.to_json()})
+    save_file(
+        {"head.weight": torch.zeros(3, 8)},
+        str(path),
+        metadata={"format": "iterkd-checkpoint-1", "spec": SPEC.to_json()},
+    )
     with pytest.raises(IterkdError, match="do not match"):
         load_model(path)
 
@@ -60,18 +63,23 @@ def test_weights_that_do_not_fit_the_spec_are_refused(tmp_path):
 def _file_with_metadata(path, **metadata):
     from safetensors.torch import save_file
 
-    save_file({"head.weight": torch.zeros(3, 8)}, str(path), metadata={"format": "iterkd-checkpoint-1", **metadata})
+    save_file(
+        {"head.weight": torch.zeros(3, 8)}, str(path), metadata={"format": "iterkd-checkpoint-1", **metadata}
+    )
     return path
 
 
-@pytest.mark.parametrize("metadata, message", [
-    ({"spec": "{blocks: [[4]]"}, "metadata 'spec' is an invalid VGG spec: not JSON"),
-    ({"spec": '{"in_channels": 1}'}, "no 'blocks'"),
-    ({"spec": '{"blocks": [[4]], "activation": "gelu"}'}, "unknown key 'activation'"),
-    ({"spec": '{"blocks": [["4"]]}'}, "blocks must be"),
-    ({"spec": '{"blocks": [[1000000], [1000000], [1000000]]}'}, "parameters, more than the 2e+09"),
-    ({"spec": SPEC.to_json(), "val_acc": "ninety"}, "metadata 'val_acc' is not JSON"),
-])
+@pytest.mark.parametrize(
+    "metadata, message",
+    [
+        ({"spec": "{blocks: [[4]]"}, "metadata 'spec' is an invalid VGG spec: not JSON"),
+        ({"spec": '{"in_channels": 1}'}, "no 'blocks'"),
+        ({"spec": '{"blocks": [[4]], "activation": "gelu"}'}, "unknown key 'activation'"),
+        ({"spec": '{"blocks": [["4"]]}'}, "blocks must be"),
+        ({"spec": '{"blocks": [[1000000], [1000000], [1000000]]}'}, "parameters, more than the 2e+09"),
+        ({"spec": SPEC.to_json(), "val_acc": "ninety"}, "metadata 'val_acc' is not JSON"),
+    ],
+)
 def test_hostile_metadata_is_one_line_naming_the_file(tmp_path, monkeypatch, metadata, message):
     monkeypatch.setattr("iterkd.checkpoints.VGG", None)  # building a model would be a TypeError
     path = _file_with_metadata(tmp_path / "t.safetensors", **metadata)

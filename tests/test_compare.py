@@ -1,4 +1,5 @@
 """iterkd compare: baselines retrained on the run's final architecture, resume from compare.json, errors."""
+
 import contextlib
 import io
 import json
@@ -40,8 +41,12 @@ def compare_counting(run_dir, *argv):
 
 def md_rows(path):
     """The compare.md table as {method: [cells]}."""
-    lines = [line for line in path.read_text().splitlines() if line.startswith("| ")][1:]  # without the header
-    return {cells[0]: cells[1:] for cells in ([c.strip() for c in line.strip("|").split(" | ")] for line in lines)}
+    lines = [line for line in path.read_text().splitlines() if line.startswith("| ")][
+        1:
+    ]  # without the header
+    return {
+        cells[0]: cells[1:] for cells in ([c.strip() for c in line.strip("|").split(" | ")] for line in lines)
+    }
 
 
 @pytest.fixture(scope="module")
@@ -57,14 +62,22 @@ def test_compare_writes_both_methods_for_each_seed_beside_the_run(smoke_run, com
     assert code == 0
     results = json.loads((run_dir / "compare.json").read_text())["results"]
     assert sorted((r["method"], r["seed"]) for r in results) == [
-        ("one-shot-kd", 0), ("one-shot-kd", 1), ("scratch-ce", 0), ("scratch-ce", 1)]
+        ("one-shot-kd", 0),
+        ("one-shot-kd", 1),
+        ("scratch-ce", 0),
+        ("scratch-ce", 1),
+    ]
     for r in results:
         assert r["epochs"] == 1 and r["node"] == final.node and r["params"] == final.spec.params()
         assert 0 <= r["val_acc"] <= 100 and 0 <= r["test_acc"] <= 100 and r["seconds"] > 0
 
     rows = md_rows(run_dir / "compare.md")
-    assert list(rows) == [f"root (node {root.node})", "scratch-ce", "one-shot-kd",
-                          f"iterkd (this run, node {final.node})"]
+    assert list(rows) == [
+        f"root (node {root.node})",
+        "scratch-ce",
+        "one-shot-kd",
+        f"iterkd (this run, node {final.node})",
+    ]
     for method in compare.METHODS:
         mine = [r for r in results if r["method"] == method]
         val, test = [r["val_acc"] for r in mine], [r["test_acc"] for r in mine]
@@ -72,8 +85,13 @@ def test_compare_writes_both_methods_for_each_seed_beside_the_run(smoke_run, com
         assert rows[method][3] == f"{statistics.fmean(val):.2f} ± {statistics.stdev(val):.2f}"
         assert rows[method][4] == f"{statistics.fmean(test):.2f} ± {statistics.stdev(test):.2f}"
     iterkd_row = rows[f"iterkd (this run, node {final.node})"]
-    assert iterkd_row[:5] == [f"{final.spec.params():,}", str(final.epochs), "1", f"{final.val_acc:.2f} ± –",
-                              f"{final.test_acc:.2f} ± –"]
+    assert iterkd_row[:5] == [
+        f"{final.spec.params():,}",
+        str(final.epochs),
+        "1",
+        f"{final.val_acc:.2f} ± –",
+        f"{final.test_acc:.2f} ± –",
+    ]
     assert rows[f"root (node {root.node})"][0] == f"{root.spec.params():,}"
     assert "Not like for like" in (run_dir / "compare.md").read_text()  # 1 epoch here, 4 in the run
     assert "scratch-ce" in stdout and "one-shot-kd" in stdout and "4 models trained now" in stdout
@@ -91,7 +109,11 @@ def test_baselines_train_the_final_architecture_with_a_childs_settings(smoke_run
             (teacher,) = kw["teachers"]
             assert teacher.spec == out.root.spec and kw["hint_teacher"] is teacher
         else:
-            assert kw["desc"].startswith("scratch-ce") and not kw.get("teachers") and kw.get("hint_teacher") is None
+            assert (
+                kw["desc"].startswith("scratch-ce")
+                and not kw.get("teachers")
+                and kw.get("hint_teacher") is None
+            )
 
 
 def test_rerun_trains_nothing_new_and_retrains_only_a_missing_entry(compared, tmp_path):
@@ -108,7 +130,8 @@ def test_rerun_trains_nothing_new_and_retrains_only_a_missing_entry(compared, tm
     assert calls[0][1].seed == dropped["seed"] and calls[0][2]["desc"].startswith(dropped["method"])
     results = json.loads((run_dir / "compare.json").read_text())["results"]
     assert sorted((r["method"], r["seed"]) for r in results) == sorted(
-        (r["method"], r["seed"]) for r in before["results"] + [dropped])
+        (r["method"], r["seed"]) for r in before["results"] + [dropped]
+    )
 
 
 @pytest.mark.parametrize("final_node", [None, "root"])
@@ -126,11 +149,14 @@ def test_a_run_without_an_accepted_child_is_a_one_line_error(smoke_run, tmp_path
     assert not (run_dir / "compare.json").exists()
 
 
-@pytest.mark.parametrize("argv, needle", [
-    (["--seeds", "0"], "--seeds must be at least 1"),
-    (["--epochs", "0"], "--epochs must be at least 1"),
-    (["--preset", "huge"], "unknown preset"),
-])
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["--seeds", "0"], "--seeds must be at least 1"),
+        (["--epochs", "0"], "--epochs must be at least 1"),
+        (["--preset", "huge"], "unknown preset"),
+    ],
+)
 def test_bad_compare_flags_are_one_line_errors(compared, capsys, argv, needle):
     code = main(["compare", str(compared[0]), *argv])
     err = capsys.readouterr().err.strip().splitlines()

@@ -1,6 +1,7 @@
 """iterkd.data: loading through torchvision from tiny files written in torchvision's on-disk
 formats (never the network), Debian's gzipped IDX files, user-facing errors, the seeded
 validation split, and on-device augmentation / batching."""
+
 from __future__ import annotations
 
 import gzip
@@ -15,12 +16,26 @@ import torch
 import torchvision.datasets as tvd
 
 import iterkd.data as data
-from iterkd.data import (DATASETS, DataSplits, augment, augment_draws, eval_batches, load_data, normalize,
-                         train_batches, view_batches)
+from iterkd.data import (
+    DATASETS,
+    DataSplits,
+    augment,
+    augment_draws,
+    eval_batches,
+    load_data,
+    normalize,
+    train_batches,
+    view_batches,
+)
 from iterkd.errors import IterkdError
 
-TV_CLASS = {"fashion-mnist": "FashionMNIST", "mnist": "MNIST", "cifar10": "CIFAR10", "cifar100": "CIFAR100",
-            "svhn": "SVHN"}
+TV_CLASS = {
+    "fashion-mnist": "FashionMNIST",
+    "mnist": "MNIST",
+    "cifar10": "CIFAR10",
+    "cifar100": "CIFAR100",
+    "svhn": "SVHN",
+}
 N_TRAIN, N_TEST = 50, 12
 
 
@@ -50,6 +65,7 @@ def no_md5(monkeypatch):
 
 # ---------------------------------------------------------------- tiny files in torchvision's formats
 
+
 def idx_images(images: np.ndarray) -> bytes:
     n, h, w = images.shape
     return struct.pack(">IIII", 2051, n, h, w) + images.astype(np.uint8).tobytes()
@@ -74,10 +90,12 @@ def digit_labels(n: int, test: bool) -> np.ndarray:
 
 
 def mnist_files(n_train: int = N_TRAIN, n_test: int = N_TEST) -> dict[str, bytes]:
-    return {"train-images-idx3-ubyte": idx_images(digit_images(n_train, False)),
-            "train-labels-idx1-ubyte": idx_labels(digit_labels(n_train, False)),
-            "t10k-images-idx3-ubyte": idx_images(digit_images(n_test, True)),
-            "t10k-labels-idx1-ubyte": idx_labels(digit_labels(n_test, True))}
+    return {
+        "train-images-idx3-ubyte": idx_images(digit_images(n_train, False)),
+        "train-labels-idx1-ubyte": idx_labels(digit_labels(n_train, False)),
+        "t10k-images-idx3-ubyte": idx_images(digit_images(n_test, True)),
+        "t10k-labels-idx1-ubyte": idx_labels(digit_labels(n_test, True)),
+    }
 
 
 def write_mnist(root, cls_name: str = "MNIST", **kw) -> None:
@@ -109,9 +127,13 @@ def write_cifar10(root, per_batch: int = 10, n_test: int = N_TEST) -> None:
     for b in range(5):
         idx = np.arange(b * per_batch, (b + 1) * per_batch)
         x = colour_images(5 * per_batch)[idx]
-        pickle_to(base / f"data_batch_{b + 1}", {"data": x.reshape(per_batch, 3072), "labels": list(idx % 10)})
-    pickle_to(base / "test_batch", {"data": colour_images(n_test).reshape(n_test, 3072),
-                                     "labels": list((np.arange(n_test) * 3) % 10)})
+        pickle_to(
+            base / f"data_batch_{b + 1}", {"data": x.reshape(per_batch, 3072), "labels": list(idx % 10)}
+        )
+    pickle_to(
+        base / "test_batch",
+        {"data": colour_images(n_test).reshape(n_test, 3072), "labels": list((np.arange(n_test) * 3) % 10)},
+    )
     pickle_to(base / "batches.meta", {"label_names": list(DATASETS["cifar10"].classes)})
 
 
@@ -120,10 +142,21 @@ def write_cifar100(root, n_train: int = 120, n_test: int = N_TEST) -> None:
     base.mkdir(parents=True)
     for name, n in (("train", n_train), ("test", n_test)):
         i = np.arange(n)
-        pickle_to(base / name, {"data": colour_images(n).reshape(n, 3072), "fine_labels": list((i * 7) % 100),
-                                "coarse_labels": list(i % 20)})
-    pickle_to(base / "meta", {"fine_label_names": [f"c{k}" for k in range(100)],
-                              "coarse_label_names": [f"s{k}" for k in range(20)]})
+        pickle_to(
+            base / name,
+            {
+                "data": colour_images(n).reshape(n, 3072),
+                "fine_labels": list((i * 7) % 100),
+                "coarse_labels": list(i % 20),
+            },
+        )
+    pickle_to(
+        base / "meta",
+        {
+            "fine_label_names": [f"c{k}" for k in range(100)],
+            "coarse_label_names": [f"s{k}" for k in range(20)],
+        },
+    )
 
 
 def write_svhn(root, n_train: int = N_TRAIN, n_test: int = N_TEST) -> None:
@@ -140,6 +173,7 @@ def loaded_index(x: torch.Tensor, at: tuple[int, int]) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------- MNIST-style datasets
+
 
 @pytest.mark.parametrize("name", ["mnist", "fashion-mnist"])
 def test_idx_files_load_padded_to_32_with_labels_and_a_permuted_split(tmp_path, name):
@@ -177,6 +211,7 @@ def test_data_dir_defaults_to_iterkd_data_env(tmp_path, monkeypatch):
 
 
 # ---------------------------------------------------------------- CIFAR and SVHN
+
 
 def check_colour_images(x: torch.Tensor, n_expected: int) -> torch.Tensor:
     assert x.shape == (n_expected, 3, 32, 32) and x.dtype == torch.uint8
@@ -219,6 +254,7 @@ def test_svhn_maps_label_10_to_digit_0_and_is_channels_first(tmp_path, no_md5):
 
 # ---------------------------------------------------------------- Debian's dataset packages
 
+
 def test_debian_gzipped_idx_files_are_unpacked_into_torchvision_layout(tmp_path, monkeypatch):
     debian = tmp_path / "debian"
     (debian / "fashion-mnist").mkdir(parents=True)
@@ -242,6 +278,7 @@ def test_debian_gzipped_idx_files_are_unpacked_into_torchvision_layout(tmp_path,
 
 
 # ---------------------------------------------------------------- missing files, offline
+
 
 def expected_dir(tmp_path, name):
     return tmp_path / "svhn" if name == "svhn" else tmp_path / TV_CLASS[name]
@@ -286,6 +323,7 @@ def test_real_mnist_download_failure_is_still_one_line(tmp_path, monkeypatch):
 
 # ---------------------------------------------------------------- argument errors
 
+
 def test_unknown_dataset_lists_valid_names(tmp_path):
     with pytest.raises(IterkdError) as err:
         load_data("imagenet", data_dir=tmp_path, download=False)
@@ -302,6 +340,7 @@ def test_val_size_out_of_range(tmp_path, val_size):
 
 # ---------------------------------------------------------------- validation split
 
+
 def split_indices(d: DataSplits) -> tuple[set[int], set[int]]:
     return set(loaded_index(d.train_x, (2, 2)).tolist()), set(loaded_index(d.val_x, (2, 2)).tolist())
 
@@ -315,7 +354,9 @@ def test_validation_split_is_disjoint_seeded_and_train_subset_limits_train(tmp_p
     assert len(train) == 170 and len(val) == 30 and not train & val and train | val == set(range(200))
 
     b = load(val_size=30, seed=0)
-    assert torch.equal(a.val_x, b.val_x) and torch.equal(a.train_x, b.train_x) and torch.equal(a.val_y, b.val_y)
+    assert (
+        torch.equal(a.val_x, b.val_x) and torch.equal(a.train_x, b.train_x) and torch.equal(a.val_y, b.val_y)
+    )
     assert split_indices(load(val_size=30, seed=1))[1] != val
 
     sub = load(val_size=30, seed=0, train_subset=25)
@@ -324,10 +365,13 @@ def test_validation_split_is_disjoint_seeded_and_train_subset_limits_train(tmp_p
     assert sub_val == val and sub_train <= train  # subsetting never leaks validation images into train
 
     small_test = load(val_size=30, test_subset=5)
-    assert torch.equal(loaded_index(small_test.test_x, (2, 2)), torch.arange(5)) and len(small_test.test_y) == 5
+    assert (
+        torch.equal(loaded_index(small_test.test_x, (2, 2)), torch.arange(5)) and len(small_test.test_y) == 5
+    )
 
 
 # ---------------------------------------------------------------- augmentation
+
 
 def test_augment_draws_are_a_pure_function_of_seed_and_view():
     torch.manual_seed(1)
@@ -441,7 +485,11 @@ def test_view_batches_are_the_images_train_batches_show_in_that_view():
     d = dot_splits("fashion-mnist")
     views = [dot_positions(view_batches(d, seed=7, view=v, batch_size=25)) for v in (0, 1)]
     assert views[0] != views[1]
-    for epoch, shuffle_seed in ((0, 1), (1, 2), (2, 3)):  # shuffling has its own seed; augmentation follows augment_seed
+    for epoch, shuffle_seed in (
+        (0, 1),
+        (1, 2),
+        (2, 3),
+    ):  # shuffling has its own seed; augmentation follows augment_seed
         shown = dot_positions(train_batches(d, 20, epoch, seed=shuffle_seed, views=2, augment_seed=7))
         assert len(shown) == 60 and all(views[epoch % 2][i] == pos for i, pos in shown.items())
     order = torch.cat([i for i, _ in view_batches(d, seed=7, view=0, batch_size=25)])
@@ -456,11 +504,13 @@ def test_eval_batches_are_normalised_in_order():
     assert [len(b[1]) for b in out] == [4, 4, 2]
     assert torch.equal(torch.cat([b[1] for b in out]), y)
     assert torch.allclose(torch.cat([b[0] for b in out]), normalize(x, info))
-    assert normalize(torch.tensor([0, 255], dtype=torch.uint8).view(2, 1, 1, 1), info).flatten().tolist() == \
-        pytest.approx([-0.1307 / 0.3081, (1 - 0.1307) / 0.3081])
+    assert normalize(
+        torch.tensor([0, 255], dtype=torch.uint8).view(2, 1, 1, 1), info
+    ).flatten().tolist() == pytest.approx([-0.1307 / 0.3081, (1 - 0.1307) / 0.3081])
 
 
 # ---------------------------------------------------------------- synthetic
+
 
 def test_synthetic_dataset_shapes_classes_and_determinism(tmp_path):
     a = load_data("synthetic", data_dir=tmp_path, val_size=200)
@@ -469,8 +519,10 @@ def test_synthetic_dataset_shapes_classes_and_determinism(tmp_path):
     for y in (a.train_y, a.val_y, a.test_y):
         assert set(y.tolist()) == set(range(10))
     b = load_data("synthetic", data_dir=tmp_path, val_size=200)
-    assert all(torch.equal(getattr(a, k), getattr(b, k))
-               for k in ("train_x", "train_y", "val_x", "val_y", "test_x", "test_y"))
+    assert all(
+        torch.equal(getattr(a, k), getattr(b, k))
+        for k in ("train_x", "train_y", "val_x", "val_y", "test_x", "test_y")
+    )
     other_seed = load_data("synthetic", data_dir=tmp_path, val_size=200, seed=1)
     assert torch.equal(other_seed.test_x, a.test_x) and not torch.equal(other_seed.val_x, a.val_x)
     assert not (tmp_path.exists() and any(tmp_path.iterdir()))  # nothing downloaded or written
@@ -484,8 +536,12 @@ def test_synthetic_dataset_shapes_classes_and_determinism(tmp_path):
 def test_present_but_truncated_files_are_reported_as_unreadable_not_missing(tmp_path):
     raw = tmp_path / "MNIST" / "raw"
     raw.mkdir(parents=True)
-    for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
-                 "t10k-labels-idx1-ubyte"):
+    for name in (
+        "train-images-idx3-ubyte",
+        "train-labels-idx1-ubyte",
+        "t10k-images-idx3-ubyte",
+        "t10k-labels-idx1-ubyte",
+    ):
         (raw / name).write_bytes(b"\x00\x00\x08\x03\x00\x00\x00\x05")  # header says 5 images, no pixels
     with pytest.raises(IterkdError, match="unreadable") as err:
         load_data("mnist", data_dir=tmp_path, val_size=2, download=False)
@@ -493,6 +549,7 @@ def test_present_but_truncated_files_are_reported_as_unreadable_not_missing(tmp_
 
 
 # ---------------------------------------------------------------- hostile files
+
 
 def write_idx_pair(root, images: np.ndarray, labels: np.ndarray, cls_name: str = "MNIST") -> tuple:
     """MNIST files whose training pair is `images`, `labels` (the test pair is intact)."""
@@ -531,13 +588,25 @@ def test_images_larger_than_the_dataset_or_not_square_are_refused(tmp_path, h, w
     assert f"{images} holds images of shape (1, {h}, {w})" in load_error(tmp_path)
 
 
-@pytest.mark.parametrize("blob, message", [
-    (b"\x00\x00\x08\x01" + struct.pack(">I", 3) + b"\x01\x02\x03", "not an IDX file of 3-D unsigned bytes"),
-    (b"\x00\x00\x0d\x03" + struct.pack(">III", 2, 2, 2) + b"\x00" * 32, "(its header starts 00000d03, expected 00000803)"),
-    (b"", "its header starts empty"),
-    (struct.pack(">IIII", 2051, 4_000_000_000, 28, 28) + b"\x00" * 784, "promises 4000000000 x 28 x 28 bytes"),
-    (struct.pack(">IIII", 2051, 1, 28, 28) + b"\x00" * 785, "bytes of data but it holds 785"),
-])
+@pytest.mark.parametrize(
+    "blob, message",
+    [
+        (
+            b"\x00\x00\x08\x01" + struct.pack(">I", 3) + b"\x01\x02\x03",
+            "not an IDX file of 3-D unsigned bytes",
+        ),
+        (
+            b"\x00\x00\x0d\x03" + struct.pack(">III", 2, 2, 2) + b"\x00" * 32,
+            "(its header starts 00000d03, expected 00000803)",
+        ),
+        (b"", "its header starts empty"),
+        (
+            struct.pack(">IIII", 2051, 4_000_000_000, 28, 28) + b"\x00" * 784,
+            "promises 4000000000 x 28 x 28 bytes",
+        ),
+        (struct.pack(">IIII", 2051, 1, 28, 28) + b"\x00" * 785, "bytes of data but it holds 785"),
+    ],
+)
 def test_idx_headers_are_checked_before_torchvision_reads_the_file(tmp_path, blob, message):
     write_mnist(tmp_path)
     images = tmp_path / "MNIST" / "raw" / "train-images-idx3-ubyte"
@@ -561,5 +630,7 @@ def test_cifar_labels_outside_the_classes_name_the_folder(tmp_path, no_md5):
         content = pickle.load(f)
     content["labels"][4] = 10
     pickle_to(batch, content)
-    with pytest.raises(IterkdError, match="cifar-10-batches-py: label 10 .* is not a class; cifar10 has classes 0..9"):
+    with pytest.raises(
+        IterkdError, match="cifar-10-batches-py: label 10 .* is not a class; cifar10 has classes 0..9"
+    ):
         load_data("cifar10", data_dir=tmp_path, val_size=5, download=False)

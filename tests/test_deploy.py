@@ -1,4 +1,5 @@
 """Timing helpers: the thread count is restored, warm-up calls are not timed."""
+
 import pytest
 import torch
 

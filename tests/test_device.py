@@ -48,7 +48,9 @@ def test_auto_takes_bf16_only_with_amx_and_bf16_needs_native_support(monkeypatch
     assert resolve_precision("auto", CPU) == auto
     assert resolve_precision("fp32", CPU) == "fp32"
     if kind is None:
-        with pytest.raises(IterkdError, match=r"^--precision bf16: this CPU has no native bf16 .*; use --precision"):
+        with pytest.raises(
+            IterkdError, match=r"^--precision bf16: this CPU has no native bf16 .*; use --precision"
+        ):
             resolve_precision("bf16", CPU)
     else:
         assert resolve_precision("bf16", CPU) == "bf16"

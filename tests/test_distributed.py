@@ -1,6 +1,7 @@
 """Scale-out through Optuna's storage: a coordinator queues candidates, `iterkd worker` processes
 train them. Checked against a real PostgreSQL server (.ci/run starts one; ITERKD_TEST_POSTGRES
 names it) and against SQLite, which needs no server."""
+
 from __future__ import annotations
 
 import os
@@ -8,8 +9,8 @@ import signal
 import threading
 import time
 import uuid
-from dataclasses import replace
 from collections import Counter
+from dataclasses import replace
 
 import optuna
 import pytest
@@ -31,7 +32,9 @@ def _postgres_or_skip() -> str:
     try:
         open_study(POSTGRES, f"probe-{uuid.uuid4().hex[:8]}")
     except IterkdError as e:
-        pytest.skip(f"no PostgreSQL server at {POSTGRES} ({e}); .ci/run starts one, or set ITERKD_TEST_POSTGRES")
+        pytest.skip(
+            f"no PostgreSQL server at {POSTGRES} ({e}); .ci/run starts one, or set ITERKD_TEST_POSTGRES"
+        )
     return POSTGRES
 
 
@@ -100,7 +103,9 @@ def test_a_killed_worker_costs_one_retry_and_the_run_completes(tmp_path, referen
     states = {t.number: t.state.name for t in study.get_trials(deepcopy=False)}
     assert states[killed] == "FAIL"
     key = study.get_trials(deepcopy=False)[killed].user_attrs["key"]
-    retried = [t for t in study.get_trials(deepcopy=False) if t.user_attrs["key"] == key and t.number != killed]
+    retried = [
+        t for t in study.get_trials(deepcopy=False) if t.user_attrs["key"] == key and t.number != killed
+    ]
     assert [t.state.name for t in retried] == ["COMPLETE"]  # its candidate trained again, once
 
 
@@ -118,8 +123,22 @@ def test_worker_errors_are_one_line(tmp_path, capsys):
     assert "needs --run NAME" in capsys.readouterr().err
     assert main(["worker", "--run", "x", "--storage", f"sqlite:///{tmp_path}/none.db"]) == 2
     assert "no run named 'x'" in capsys.readouterr().err
-    assert main(["search", "--preset", "smoke", "--run-dir", str(tmp_path / "r"), "--workers", "2",
-                 "--sampler", "tpe"]) == 2
+    assert (
+        main(
+            [
+                "search",
+                "--preset",
+                "smoke",
+                "--run-dir",
+                str(tmp_path / "r"),
+                "--workers",
+                "2",
+                "--sampler",
+                "tpe",
+            ]
+        )
+        == 2
+    )
     assert "--workers needs --sampler greedy" in capsys.readouterr().err
 
 
@@ -128,7 +147,9 @@ def test_queued_trials_are_trained_in_process_when_resumed_without_workers(tmp_p
 
     cfg = _config(tmp_path, None, workers=0)  # a coordinator with no workers queues the root, then is stopped
     search = Search(cfg, progress=False)
-    WorkQueue(search.opened, workers=None, log=lambda _: None).enqueue(search.trainer.root_attrs())  # a coordinator's first step
+    WorkQueue(search.opened, workers=None, log=lambda _: None).enqueue(
+        search.trainer.root_attrs()
+    )  # a coordinator's first step
     assert [t.state.name for t in search.study.get_trials()] == ["WAITING"]
     out = run_search(replace(cfg, workers=None), progress=False)
     assert lineage_shape(_study(cfg)) == reference and out.root.node == 1
@@ -167,8 +188,9 @@ def test_a_worker_on_another_machine_that_stops_beating_is_failed_and_its_node_r
 
     thread = threading.Thread(target=coordinate)
     thread.start()
-    trained = run_worker(f"sqlite:///{cfg.run_dir}/study.db", cfg.name, progress=False, log=lambda _: None,
-                         poll_s=0.2)  # a healthy worker, here; it trains the queued retry
+    trained = run_worker(
+        f"sqlite:///{cfg.run_dir}/study.db", cfg.name, progress=False, log=lambda _: None, poll_s=0.2
+    )  # a healthy worker, here; it trains the queued retry
     thread.join(timeout=60)
     assert not thread.is_alive()
     assert trained == 1 and result["root"].ok and result["root"].node != number

@@ -1,5 +1,6 @@
 """Exporting a smoke run's node: every format written, verified and loaded back; deployment figures
 per node; mistakes give one line and a non-zero exit."""
+
 import json
 import shutil
 
@@ -11,8 +12,8 @@ import iterkd
 from iterkd.checkpoints import load_model
 from iterkd.errors import IterkdError
 from iterkd.export import FILES, load, onnx_session, validation_batch
-from iterkd.run import open_run
 from iterkd.lineage import DEPLOY_COLUMNS
+from iterkd.run import open_run
 from iterkd.storage import open_study
 from tests.test_cli import one_line_error, run
 
@@ -24,7 +25,9 @@ def test_export_all_formats_verified_reloaded_with_bench_and_card(smoke_run, tmp
     assert code == 0
     final = outcome.final
     assert f"exported node {final.node}" in stdout
-    assert f"root (node {outcome.root.node})" in stdout and f"node {final.node}" in stdout  # --bench, side by side
+    assert (
+        f"root (node {outcome.root.node})" in stdout and f"node {final.node}" in stdout
+    )  # --bench, side by side
     assert "PyTorch latency batch 1 (ms)" in stdout and "onnxruntime throughput batch 64" in stdout
     assert "CPU threads: 1" in stdout
     assert sorted(p.name for p in out.iterdir()) == sorted([*FILES.values(), "spec.json", "MODEL_CARD.md"])
@@ -45,12 +48,16 @@ def test_export_all_formats_verified_reloaded_with_bench_and_card(smoke_run, tmp
     card = (out / "MODEL_CARD.md").read_text()
     for n in (outcome.root, *[m for m in open_run(cfg.run_dir).nodes.values() if m.generation]):
         assert f"| {n.node} | {n.generation} | {n.operator} |" in card  # the lineage path, root to node
-    assert "mean (0.5, 0.5, 0.5), std (0.25, 0.25, 0.25)" in card and "## Measured at export (`--bench`)" in card
+    assert (
+        "mean (0.5, 0.5, 0.5), std (0.25, 0.25, 0.25)" in card and "## Measured at export (`--bench`)" in card
+    )
     assert "iterkd search --name smoke --preset smoke" in card and "--max-drop 60.0" in card
     df = pd.read_csv(f"{cfg.run_dir}/lineage.csv").set_index("node")
     figures = df.loc[final.node, DEPLOY_COLUMNS]
-    assert (f"| this (node {final.node}) | {figures.latency_ms_b1} | {figures.throughput_b64} | 1 | "
-            f"{int(figures.onnx_bytes)} |") in card  # recorded during the search
+    assert (
+        f"| this (node {final.node}) | {figures.latency_ms_b1} | {figures.throughput_b64} | 1 | "
+        f"{int(figures.onnx_bytes)} |"
+    ) in card  # recorded during the search
 
 
 def test_a_file_that_computes_something_else_is_an_error(smoke_run, tmp_path, capsys, monkeypatch):
@@ -107,8 +114,11 @@ def test_load_accepts_checkpoints_and_refuses_what_it_cannot_rebuild(smoke_run, 
     assert model.spec == outcome.root.spec and not model.training
     (tmp_path / "m.onnx").write_bytes(b"onnx")
     (tmp_path / "junk.pt").write_bytes(b"not torchscript")
-    for path, needle in [(tmp_path / "m.onnx", "onnxruntime"), (tmp_path / "junk.pt", "not a TorchScript file"),
-                         (tmp_path, "holds neither")]:
+    for path, needle in [
+        (tmp_path / "m.onnx", "onnxruntime"),
+        (tmp_path / "junk.pt", "not a TorchScript file"),
+        (tmp_path, "holds neither"),
+    ]:
         with pytest.raises(IterkdError, match=needle):
             iterkd.load(path)
 
@@ -116,6 +126,8 @@ def test_load_accepts_checkpoints_and_refuses_what_it_cannot_rebuild(smoke_run, 
 def test_the_search_records_deployment_figures_per_node(smoke_run):
     cfg, _ = smoke_run
     df = pd.read_csv(f"{cfg.run_dir}/lineage.csv")
-    assert list(df.columns[-len(DEPLOY_COLUMNS):]) == DEPLOY_COLUMNS and df[DEPLOY_COLUMNS].notna().all().all()
+    assert (
+        list(df.columns[-len(DEPLOY_COLUMNS) :]) == DEPLOY_COLUMNS and df[DEPLOY_COLUMNS].notna().all().all()
+    )
     assert (df.cpu_threads == 1).all() and (df.latency_ms_b1 > 0).all() and (df.throughput_b64 > 0).all()
     assert (df.onnx_bytes > 4 * df.params).all()  # fp32 weights plus the graph

@@ -1,5 +1,6 @@
 """Hostile input and faults, one test per row of docs/errors.md that the flag tests in test_cli.py do
 not already cover: each is one line on stderr, a non-zero exit, no traceback, and finished work kept."""
+
 from __future__ import annotations
 
 import errno
@@ -12,8 +13,8 @@ from iterkd import checkpoints, data
 from iterkd.arch import VGGSpec
 from iterkd.checkpoints import save_checkpoint
 from iterkd.lineage import nodes
-from iterkd.storage import open_study
 from iterkd.models import VGG
+from iterkd.storage import open_study
 from tests.test_cli import one_line_error, run
 from tests.test_data import digit_images, digit_labels, idx_images, idx_labels, write_mnist
 
@@ -27,20 +28,41 @@ def test_truncated_teacher_checkpoint(tmp_path, capsys):
     one_line_error(code, err, "corrupt or not a safetensors file", str(good))
 
 
-@pytest.mark.parametrize("text, needle", [
-    ("root: {arch: vgg16\noperators: [drop_layer", "not valid YAML"),
-    ("root: {arch: vgg16}\noperators: [melt_layer]", "unknown operator 'melt_layer'"),
-    ("root: {arch: vgg11}\noperators: [drop_layer]\nmin_model: {params: 999999999}", "larger than the root"),
-    ("root: {arch: vgg11}\noperators: [[drop_layer]]", ":2: operators[0] must be an operator name"),
-    ("root: [vgg11]\noperators: [drop_layer]", ":1: root must be a mapping"),
-    ("root: {arch: vgg11}\noperators:\n  - shrink_widths: 0.5", ":3: operators[0].shrink_widths must be a mapping"),
-    ("root: {blocks: [[wide]]}\noperators: [drop_layer]", ":1: root.blocks[0][0] must be an integer >= 1"),
-    ("root: {blocks: [[-8, 8]]}\noperators: [drop_layer]", ":1: root.blocks[0][0] must be an integer >= 1"),
-    ("root: {blocks: [[1000000000]]}\noperators: [drop_layer]", ":1: root describes an invalid VGG spec"),
-    ("a: &a [1, 1, 1, 1, 1, 1, 1, 1]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a]\nc: &c [*b, *b, *b, *b, *b, *b, *b, *b]\n"
-     "d: &d [*c, *c, *c, *c, *c, *c, *c, *c]\nroot: {arch: vgg11}\noperators: *d", "aliases are expanded"),
-    ("root: {arch: vgg11}\noperators: [drop_layer]\nkd: {alpha: 2}", ":3: kd.alpha must be a number in [0, 1]"),
-])
+@pytest.mark.parametrize(
+    "text, needle",
+    [
+        ("root: {arch: vgg16\noperators: [drop_layer", "not valid YAML"),
+        ("root: {arch: vgg16}\noperators: [melt_layer]", "unknown operator 'melt_layer'"),
+        (
+            "root: {arch: vgg11}\noperators: [drop_layer]\nmin_model: {params: 999999999}",
+            "larger than the root",
+        ),
+        ("root: {arch: vgg11}\noperators: [[drop_layer]]", ":2: operators[0] must be an operator name"),
+        ("root: [vgg11]\noperators: [drop_layer]", ":1: root must be a mapping"),
+        (
+            "root: {arch: vgg11}\noperators:\n  - shrink_widths: 0.5",
+            ":3: operators[0].shrink_widths must be a mapping",
+        ),
+        (
+            "root: {blocks: [[wide]]}\noperators: [drop_layer]",
+            ":1: root.blocks[0][0] must be an integer >= 1",
+        ),
+        (
+            "root: {blocks: [[-8, 8]]}\noperators: [drop_layer]",
+            ":1: root.blocks[0][0] must be an integer >= 1",
+        ),
+        ("root: {blocks: [[1000000000]]}\noperators: [drop_layer]", ":1: root describes an invalid VGG spec"),
+        (
+            "a: &a [1, 1, 1, 1, 1, 1, 1, 1]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a]\nc: &c [*b, *b, *b, *b, *b, *b, *b, *b]\n"
+            "d: &d [*c, *c, *c, *c, *c, *c, *c, *c]\nroot: {arch: vgg11}\noperators: *d",
+            "aliases are expanded",
+        ),
+        (
+            "root: {arch: vgg11}\noperators: [drop_layer]\nkd: {alpha: 2}",
+            ":3: kd.alpha must be a number in [0, 1]",
+        ),
+    ],
+)
 def test_broken_space_file(tmp_path, capsys, text, needle):
     space = tmp_path / "space.yaml"
     space.write_text(text)
@@ -49,12 +71,15 @@ def test_broken_space_file(tmp_path, capsys, text, needle):
     assert "--alpha" not in err
 
 
-@pytest.mark.parametrize("spec, needle", [
-    ("{blocks: [[4]]}", "is an invalid VGG spec: not JSON"),
-    ('{"in_channels": 3, "input_size": 16}', "no 'blocks'"),
-    ('{"blocks": [[4]], "input_size": 16, "dropout": 0.5}', "unknown key 'dropout'"),
-    ('{"blocks": [[1000000, 1000000], [1000000]], "input_size": 16}', "parameters, more than the 2e+09"),
-])
+@pytest.mark.parametrize(
+    "spec, needle",
+    [
+        ("{blocks: [[4]]}", "is an invalid VGG spec: not JSON"),
+        ('{"in_channels": 3, "input_size": 16}', "no 'blocks'"),
+        ('{"blocks": [[4]], "input_size": 16, "dropout": 0.5}', "unknown key 'dropout'"),
+        ('{"blocks": [[1000000, 1000000], [1000000]], "input_size": 16}', "parameters, more than the 2e+09"),
+    ],
+)
 def test_teacher_with_hostile_metadata(tmp_path, capsys, spec, needle):
     good = save_checkpoint(tmp_path / "t.safetensors", VGG(VGGSpec(((4,),), in_channels=3, input_size=16)))
     state = load_file(str(good))
@@ -72,15 +97,37 @@ def mnist_dir(tmp_path, monkeypatch):
 
 
 def run_mnist(capsys, tmp_path, data_dir):
-    return run(capsys, *SMOKE, "--dataset", "mnist", "--val-size", "10", "--no-download", "--data-dir", str(data_dir),
-               "--run-dir", str(tmp_path / "r"))
+    return run(
+        capsys,
+        *SMOKE,
+        "--dataset",
+        "mnist",
+        "--val-size",
+        "10",
+        "--no-download",
+        "--data-dir",
+        str(data_dir),
+        "--run-dir",
+        str(tmp_path / "r"),
+    )
 
 
-@pytest.mark.parametrize("images, labels, needle", [
-    (digit_images(50, False), digit_labels(40, False), "holds 50 images but"),  # was an IndexError
-    (digit_images(20, False), digit_labels(50, False), "holds 20 images but"),  # trained on misaligned labels
-    (digit_images(50, False), np.full(50, 250), "label 250 (sample 0) is not a class"),  # failed mid-training
-])
+@pytest.mark.parametrize(
+    "images, labels, needle",
+    [
+        (digit_images(50, False), digit_labels(40, False), "holds 50 images but"),  # was an IndexError
+        (
+            digit_images(20, False),
+            digit_labels(50, False),
+            "holds 20 images but",
+        ),  # trained on misaligned labels
+        (
+            digit_images(50, False),
+            np.full(50, 250),
+            "label 250 (sample 0) is not a class",
+        ),  # failed mid-training
+    ],
+)
 def test_data_files_that_do_not_fit_together(tmp_path, capsys, mnist_dir, images, labels, needle):
     raw = mnist_dir / "MNIST" / "raw"
     (raw / "train-images-idx3-ubyte").write_bytes(idx_images(images))
@@ -104,8 +151,20 @@ def test_run_dir_that_cannot_be_created(tmp_path, capsys):
 
 
 def test_dataset_missing_offline(tmp_path, capsys):
-    code, _, err = run(capsys, "search", "--preset", "smoke", "--dataset", "cifar10", "--no-download",
-                       "--data-dir", str(tmp_path / "data"), "--run-dir", str(tmp_path / "r"), "--no-progress")
+    code, _, err = run(
+        capsys,
+        "search",
+        "--preset",
+        "smoke",
+        "--dataset",
+        "cifar10",
+        "--no-download",
+        "--data-dir",
+        str(tmp_path / "data"),
+        "--run-dir",
+        str(tmp_path / "r"),
+        "--no-progress",
+    )
     one_line_error(code, err, str(tmp_path / "data"))
 
 
@@ -127,7 +186,9 @@ def test_disk_full_while_writing_a_checkpoint_keeps_finished_nodes(tmp_path, cap
     one_line_error(code, err, "No space left on device", "free disk space")
     root_ckpt = run_dir / "checkpoints" / "node-0.safetensors"
     before = root_ckpt.read_bytes()
-    assert not list((run_dir / "checkpoints").glob("node-1*")) and not list((run_dir / "checkpoints").glob(".*tmp"))
+    assert not list((run_dir / "checkpoints").glob("node-1*")) and not list(
+        (run_dir / "checkpoints").glob(".*tmp")
+    )
     study = open_study(f"sqlite:///{run_dir}/study.db", "run")
     assert [(n.node, n.state) for n in nodes(study)] == [(0, "COMPLETE"), (1, "FAIL")]
 
@@ -135,5 +196,8 @@ def test_disk_full_while_writing_a_checkpoint_keeps_finished_nodes(tmp_path, cap
     code, out, _ = run(capsys, "resume", str(run_dir), "--no-progress")
     assert code == 0
     assert root_ckpt.read_bytes() == before  # the root was not retrained
-    assert [(n.node, n.state) for n in nodes(open_study(f"sqlite:///{run_dir}/study.db", "run"))] == \
-        [(0, "COMPLETE"), (1, "FAIL"), (2, "COMPLETE")]
+    assert [(n.node, n.state) for n in nodes(open_study(f"sqlite:///{run_dir}/study.db", "run"))] == [
+        (0, "COMPLETE"),
+        (1, "FAIL"),
+        (2, "COMPLETE"),
+    ]

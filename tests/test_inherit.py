@@ -1,4 +1,5 @@
 """Weight inheritance: which parent weights a child gets, and that they carry the parent's knowledge."""
+
 from __future__ import annotations
 
 import pytest
@@ -22,7 +23,8 @@ def test_shrinking_widths_keeps_every_conv_and_its_input():
     child = only(shrink_widths(PARENT, {"factors": [0.5], "scope": ["all"]}), block="all", factor=0.5)
     plan = conv_plan(PARENT, child)
     assert [(m.child, m.source, m.input_follows) for m in plan] == [
-        ((b, k), (b, k), True) for b in range(3) for k in range(2)]
+        ((b, k), (b, k), True) for b in range(3) for k in range(2)
+    ]
 
 
 def test_dropping_a_layer_leaves_only_the_next_conv_without_its_input():
@@ -55,7 +57,9 @@ def test_same_spec_inherits_the_parent_exactly():
     summary = inherit_weights(child, parent)
     x = torch.randn(4, 3, 16, 16)
     torch.testing.assert_close(child(x), parent(x))
-    assert summary["copied_params"] == PARENT.params() and summary["fresh_convs"] == 0 and summary["head_copied"]
+    assert (
+        summary["copied_params"] == PARENT.params() and summary["fresh_convs"] == 0 and summary["head_copied"]
+    )
 
 
 def test_pruning_dead_channels_keeps_the_function_and_slices_the_next_layer():

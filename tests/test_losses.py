@@ -3,10 +3,19 @@ import math
 import pytest
 import torch
 
-from iterkd.errors import IterkdError
 from iterkd import losses
-from iterkd.losses import (LossWeights, composite_loss, hint_kind, hint_loss, kd_loss, register_hint, similarity_matrix,
-                           sp_loss, teacher_probs)
+from iterkd.errors import IterkdError
+from iterkd.losses import (
+    LossWeights,
+    composite_loss,
+    hint_kind,
+    hint_loss,
+    kd_loss,
+    register_hint,
+    similarity_matrix,
+    sp_loss,
+    teacher_probs,
+)
 from iterkd.models import HintRegressor
 
 
@@ -42,7 +51,9 @@ def test_several_teachers_average_probabilities_optionally_weighted():
 
 def test_hint_loss_is_mean_squared_error():
     assert hint_loss(torch.ones(2, 3, 2, 2), torch.zeros(2, 3, 2, 2)).item() == pytest.approx(1.0)
-    assert hint_loss(torch.full((1, 1, 1, 2), 2.0), torch.tensor([[[[0.0, 2.0]]]])).item() == pytest.approx(2.0)
+    assert hint_loss(torch.full((1, 1, 1, 2), 2.0), torch.tensor([[[[0.0, 2.0]]]])).item() == pytest.approx(
+        2.0
+    )
 
 
 def test_composite_loss_weights_the_terms():
@@ -74,7 +85,9 @@ def test_sp_loss_is_squared_frobenius_distance_over_b_squared():
     assert sp_loss(x, torch.randn(4, 16, 2, 2)).item() > 0
 
 
-@pytest.mark.parametrize("kwargs", [dict(alpha=1.5), dict(temperature=0), dict(hint_weight=-1), dict(hint="attention")])
+@pytest.mark.parametrize(
+    "kwargs", [dict(alpha=1.5), dict(temperature=0), dict(hint_weight=-1), dict(hint="attention")]
+)
 def test_invalid_weights_are_user_errors(kwargs):
     with pytest.raises(IterkdError):
         LossWeights(**kwargs)
@@ -105,7 +118,9 @@ def test_every_loss_term_is_computed_in_fp32_under_bf16_autocast():
     terms = {
         "teacher_probs": lambda: teacher_probs([t_logits, logits], 4.0, [2.0, 1.0]),
         "kd": lambda: kd_loss(logits, teacher_probs([t_logits], 4.0), 4.0),
-        "ce+kd+hint": lambda: composite_loss(logits, labels, weights, teacher_probs([t_logits], 4.0), torch.tensor(0.5)),
+        "ce+kd+hint": lambda: composite_loss(
+            logits, labels, weights, teacher_probs([t_logits], 4.0), torch.tensor(0.5)
+        ),
         "fitnet mse": lambda: hint_loss(t_feat * 0.5, t_feat),
         "similarity": lambda: similarity_matrix(s_feat),
         "sp": lambda: sp_loss(s_feat, t_feat),
@@ -120,6 +135,9 @@ def test_every_loss_term_is_computed_in_fp32_under_bf16_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):  # inputs already in bf16, as a student's maps are
         got = sp_loss(s_feat.bfloat16(), t_feat.bfloat16())
     torch.testing.assert_close(got, sp_loss(s_feat, t_feat), rtol=1e-5, atol=1e-7)
-    for kind, regressor in (("fitnet", HintRegressor(8, 16)), ("sp", None)):  # the registered kinds as train() calls them
+    for kind, regressor in (
+        ("fitnet", HintRegressor(8, 16)),
+        ("sp", None),
+    ):  # the registered kinds as train() calls them
         with torch.autocast("cpu", dtype=torch.bfloat16):
             assert hint_kind(kind).loss(s_feat, t_feat, regressor).dtype == torch.float32, kind

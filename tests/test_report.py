@@ -1,6 +1,7 @@
 """Reports: content matches lineage.csv, the tree stays readable at 30+ nodes, unfinished or
 missing runs give partial reports or one-line errors, the study is never modified, and the page
 renders in headless Chromium."""
+
 import hashlib
 import html
 import json
@@ -17,10 +18,18 @@ from iterkd.arch import VGGSpec
 from iterkd.cli import main
 from iterkd.errors import IterkdError
 from iterkd.lineage import Node, node_attrs, node_status, set_selection
-from iterkd.storage import open_study
-from iterkd.report import (RunView, load_run, pareto_figure, pareto_front, render_markdown, tidy_layout, tree_figure,
-                           write_report)
+from iterkd.report import (
+    RunView,
+    load_run,
+    pareto_figure,
+    pareto_front,
+    render_markdown,
+    tidy_layout,
+    tree_figure,
+    write_report,
+)
 from iterkd.spaces import load_space
+from iterkd.storage import open_study
 from iterkd.variants import diverse_order
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -28,27 +37,51 @@ CHROMIUM = Path("/usr/bin/chromium")
 
 # -- a run built straight into a study: real specs from the space's operators, no training ------------
 
-def fake_run(run_dir: Path, *, generations=4, children=4, beam=2, ancestors=True, finished=True,
-             extra_states=True) -> Path:
+
+def fake_run(
+    run_dir: Path, *, generations=4, children=4, beam=2, ancestors=True, finished=True, extra_states=True
+) -> Path:
     """A study shaped like a beam search (`children` candidates per parent, `beam` kept), written
     with the same attributes the search writes. Accuracies fall with size, deterministically."""
     run_dir.mkdir(parents=True, exist_ok=True)
     name = "fake"
-    config = {"name": name, "variant": "ancestors-children" if ancestors else "parent-children",
-              "children": children, "beam": beam, "select": "best-acc", "max_drop": 3.0, "space": "vgg16_blocks",
-              "dataset": "synthetic", "storage": None}
+    config = {
+        "name": name,
+        "variant": "ancestors-children" if ancestors else "parent-children",
+        "children": children,
+        "beam": beam,
+        "select": "best-acc",
+        "max_drop": 3.0,
+        "space": "vgg16_blocks",
+        "dataset": "synthetic",
+        "storage": None,
+    }
     (run_dir / "config.json").write_text(json.dumps(config))
     study = open_study(f"sqlite:///{run_dir}/study.db", name)
     space = load_space("vgg16_blocks")
 
     def add(generation, parents, teachers, op, spec, state=optuna.trial.TrialState.COMPLETE, acc=None):
-        attrs = node_attrs(generation=generation, parents=parents, teachers=teachers, operator=op, spec=spec,
-                           key=f"{generation}|{parents}|{op}", epochs=2)
+        attrs = node_attrs(
+            generation=generation,
+            parents=parents,
+            teachers=teachers,
+            operator=op,
+            spec=spec,
+            key=f"{generation}|{parents}|{op}",
+            epochs=2,
+        )
         if acc is not None:
             attrs.update(val_acc=acc, test_acc=round(acc - 0.4, 2), seconds=1.5, checkpoint="none")
         # One write per node (add_trial), not one per attribute: keeps the fixture fast.
-        study.add_trial(optuna.trial.create_trial(state=state, value=acc if acc is not None else None,
-                                                  user_attrs=attrs, distributions={}, params={}))
+        study.add_trial(
+            optuna.trial.create_trial(
+                state=state,
+                value=acc if acc is not None else None,
+                user_attrs=attrs,
+                distributions={},
+                params={},
+            )
+        )
         return len(study.trials) - 1
 
     root_spec = space.root_spec(3, 10, 32, 1 / 8)
@@ -60,12 +93,25 @@ def fake_run(run_dir: Path, *, generations=4, children=4, beam=2, ancestors=True
             teachers = chain + [parent] if ancestors else [parent]
             for i, move in enumerate(diverse_order(space.moves(spec))[:children]):
                 ratio = move.spec.params() / root_spec.params()
-                acc = round(root_acc - 0.6 * g - 1.2 * (1 - ratio) - (zlib.crc32(move.label.encode()) % 90) / 100, 2)
+                acc = round(
+                    root_acc - 0.6 * g - 1.2 * (1 - ratio) - (zlib.crc32(move.label.encode()) % 90) / 100, 2
+                )
                 state = optuna.trial.TrialState.COMPLETE
                 if extra_states and g == 2 and i == children - 1:
-                    state = optuna.trial.TrialState.FAIL if parent == frontier[0][0] else optuna.trial.TrialState.PRUNED
-                node = add(g, [parent], teachers, move.label, move.spec, state,
-                           acc if state == optuna.trial.TrialState.COMPLETE else None)
+                    state = (
+                        optuna.trial.TrialState.FAIL
+                        if parent == frontier[0][0]
+                        else optuna.trial.TrialState.PRUNED
+                    )
+                node = add(
+                    g,
+                    [parent],
+                    teachers,
+                    move.label,
+                    move.spec,
+                    state,
+                    acc if state == optuna.trial.TrialState.COMPLETE else None,
+                )
                 if state == optuna.trial.TrialState.COMPLETE:
                     scored.append((acc, node, move.spec, teachers))
         scored.sort(key=lambda s: -s[0])
@@ -108,6 +154,7 @@ def md_tables(text: str) -> list[pd.DataFrame]:
 
 # -- content --------------------------------------------------------------------------------------------
 
+
 def test_smoke_report_numbers_match_lineage_csv(smoke_run, tmp_path):
     run = smoke_copy(smoke_run, tmp_path)
     report = write_report(run)
@@ -122,13 +169,19 @@ def test_smoke_report_numbers_match_lineage_csv(smoke_run, tmp_path):
         assert shown["val %"] == f"{row.val_acc:.2f}" and shown["test %"] == f"{row.test_acc:.2f}"
         assert shown["drop pts"] == f"{row.drop:.2f}" and shown["operator"] == row.operator
         # the deployment figures the smoke fixture measured, per node
-        assert shown["CPU ms (b1)"] == f"{row.latency_ms_b1:.2f}" and shown["CPU img/s (b64)"] == f"{row.throughput_b64:,.0f}"
+        assert (
+            shown["CPU ms (b1)"] == f"{row.latency_ms_b1:.2f}"
+            and shown["CPU img/s (b64)"] == f"{row.throughput_b64:,.0f}"
+        )
     root, final = csv[csv.status == "root"].iloc[0], csv[csv.node == smoke_run[1].final.node].iloc[0]
     assert summary.columns[1:3].tolist() == [f"root (#{root.node})", f"final (#{final.node})"]
     params = summary.set_index("").loc["params"]
     assert params.iloc[0] == f"{root.params:,}" and params.iloc[1] == f"{final.params:,}"
     assert params["change"] == f"{root.params / final.params:.2f}× smaller"
-    assert summary.set_index("").loc["validation accuracy %", "change"] == f"drop {root.val_acc - final.val_acc:.2f} pts"
+    assert (
+        summary.set_index("").loc["validation accuracy %", "change"]
+        == f"drop {root.val_acc - final.val_acc:.2f} pts"
+    )
     latency = summary.set_index("").filter(like="CPU latency, batch 1", axis=0).iloc[0]
     assert latency.iloc[:2].tolist() == [f"{root.latency_ms_b1:.2f}", f"{final.latency_ms_b1:.2f}"]
     assert latency["change"] == f"{root.latency_ms_b1 / final.latency_ms_b1:.2f}× faster"
@@ -151,7 +204,10 @@ def test_search_writes_the_report_and_iterkd_report_rewrites_it(smoke_run, tmp_p
     assert main(["report", str(run)]) == 0
     out, err = capsys.readouterr()
     assert f"report: {run / 'report.html'}" in out and err == ""
-    assert all((run / name).stat().st_size > 1000 for name in ("report.html", "report.md", "lineage.svg", "pareto.png"))
+    assert all(
+        (run / name).stat().st_size > 1000
+        for name in ("report.html", "report.md", "lineage.svg", "pareto.png")
+    )
 
 
 def test_report_never_modifies_the_study(smoke_run, tmp_path):
@@ -166,10 +222,25 @@ def test_pareto_front_keeps_only_undominated_nodes():
     spec = load_space("tiny").root_spec(3, 10, 16, 1 / 16)
     sizes = [100, 50, 50, 20, 10, 5]
     accs = [90.0, 89.0, 85.0, 89.5, 80.0, None]  # the last one has no result: never on the front
-    nodes = [Node(node=i, state="COMPLETE", generation=1, parents=(0,), teachers=(0,), operator="x", spec=spec,
-                  val_acc=acc) for i, acc in enumerate(accs)]
+    nodes = [
+        Node(
+            node=i,
+            state="COMPLETE",
+            generation=1,
+            parents=(0,),
+            teachers=(0,),
+            operator="x",
+            spec=spec,
+            val_acc=acc,
+        )
+        for i, acc in enumerate(accs)
+    ]
     front = pareto_front(nodes, size=lambda n: sizes[n.node])
-    assert [sizes[n.node] for n in front] == [10, 20, 100] and [n.val_acc for n in front] == [80.0, 89.5, 90.0]
+    assert [sizes[n.node] for n in front] == [10, 20, 100] and [n.val_acc for n in front] == [
+        80.0,
+        89.5,
+        90.0,
+    ]
 
 
 def test_report_is_drawn_from_nodes_alone(tmp_path):
@@ -181,24 +252,58 @@ def test_report_is_drawn_from_nodes_alone(tmp_path):
     grandchild_spec = diverse_order(space.moves(child_spec))[0].spec
 
     def node(i, generation, parents, teachers, spec, acc=None, latency=None, state="COMPLETE", error=""):
-        deploy = {} if latency is None else {"latency_ms_b1": latency, "throughput_b64": 1000 / latency,
-                                             "cpu_threads": 1, "onnx_bytes": spec.state_bytes()}
-        return Node(node=i, state=state, generation=generation, parents=parents, teachers=teachers,
-                    operator="root" if not generation else f"move{i}(block=1)", spec=spec, val_acc=acc,
-                    test_acc=None if acc is None else acc - 0.5, seconds=2.0, epochs=3, error=error, deploy=deploy)
+        deploy = (
+            {}
+            if latency is None
+            else {
+                "latency_ms_b1": latency,
+                "throughput_b64": 1000 / latency,
+                "cpu_threads": 1,
+                "onnx_bytes": spec.state_bytes(),
+            }
+        )
+        return Node(
+            node=i,
+            state=state,
+            generation=generation,
+            parents=parents,
+            teachers=teachers,
+            operator="root" if not generation else f"move{i}(block=1)",
+            spec=spec,
+            val_acc=acc,
+            test_acc=None if acc is None else acc - 0.5,
+            seconds=2.0,
+            epochs=3,
+            error=error,
+            deploy=deploy,
+        )
 
-    nodes = [node(0, 0, (), (), root_spec, 90.0, latency=2.0), node(1, 1, (0,), (0,), child_spec, 88.75, latency=0.5),
-             node(2, 2, (1,), (0, 1), grandchild_spec, state="FAIL", error="diverged"),
-             node(3, 2, (1,), (0, 1), grandchild_spec, 88.0, latency=0.25)]
-    view = RunView(tmp_path, "nodes", {"max_drop": 3.0, "variant": "ancestors-children"}, {n.node: n for n in nodes},
-                   {n.node: node_status(n, {1, 3}) for n in nodes}, "test over", 3, 10.0, ())
+    nodes = [
+        node(0, 0, (), (), root_spec, 90.0, latency=2.0),
+        node(1, 1, (0,), (0,), child_spec, 88.75, latency=0.5),
+        node(2, 2, (1,), (0, 1), grandchild_spec, state="FAIL", error="diverged"),
+        node(3, 2, (1,), (0, 1), grandchild_spec, 88.0, latency=0.25),
+    ]
+    view = RunView(
+        tmp_path,
+        "nodes",
+        {"max_drop": 3.0, "variant": "ancestors-children"},
+        {n.node: n for n in nodes},
+        {n.node: node_status(n, {1, 3}) for n in nodes},
+        "test over",
+        3,
+        10.0,
+        (),
+    )
     assert view.accepted_path() == [0, 1, 3] and view.root is nodes[0] and view.final is nodes[3]
 
     summary, gen0, gen1, gen2, _ = md_tables(render_markdown(view))
     assert "### Generation 2: 2 candidates from parent 1; accepted: 3" in render_markdown(view)
     one = gen1.set_index("node").loc["1"]
     assert (one["parent"], one["teachers"], one["drop pts"], one["status"]) == ("0", "0", "1.25", "accepted")
-    assert one["× smaller"] == f"{root_spec.params() / child_spec.params():.2f}" and one["CPU ms (b1)"] == "0.50"
+    assert (
+        one["× smaller"] == f"{root_spec.params() / child_spec.params():.2f}" and one["CPU ms (b1)"] == "0.50"
+    )
     two, three = gen2.set_index("node").loc["2"], gen2.set_index("node").loc["3"]
     assert (two["val %"], two["drop pts"], two["CPU ms (b1)"], two["status"]) == ("—", "—", "—", "failed")
     assert (three["parent"], three["teachers"], three["drop pts"]) == ("1", "0, 1", "2.00")
@@ -215,6 +320,7 @@ def test_report_is_drawn_from_nodes_alone(tmp_path):
 
 
 # -- the tree picture ---------------------------------------------------------------------------------
+
 
 def test_tidy_layout_centres_parents_and_never_shares_a_slot():
     children = {0: [1, 2], 1: [3, 4, 5], 2: [6], 6: [7, 8]}
@@ -234,11 +340,15 @@ def test_tree_of_37_nodes_has_no_overlapping_boxes_or_labels(big_run):
     fig = tree_figure(view)
     renderer = fig.canvas.get_renderer()
     ax = fig.axes[0]
-    boxes = {p.get_gid(): p.get_window_extent(renderer) for p in ax.patches if (p.get_gid() or "").startswith("node-")}
+    boxes = {
+        p.get_gid(): p.get_window_extent(renderer)
+        for p in ax.patches
+        if (p.get_gid() or "").startswith("node-")
+    }
     assert len(boxes) == 37
     ids = sorted(boxes)
     for i, a in enumerate(ids):
-        for b in ids[i + 1:]:
+        for b in ids[i + 1 :]:
             assert not boxes[a].overlaps(boxes[b]), (a, b)
     # Every label lies inside one box, and inside the figure.
     fig_box = fig.bbox
@@ -259,13 +369,22 @@ def test_tree_of_37_nodes_has_no_overlapping_boxes_or_labels(big_run):
 
 # -- unfinished, missing and broken runs --------------------------------------------------------------
 
+
 def test_crashed_run_gives_a_partial_report_saying_what_is_missing(tmp_path):
-    run = fake_run(tmp_path / "crashed", generations=2, children=2, beam=1, finished=False, extra_states=False)
+    run = fake_run(
+        tmp_path / "crashed", generations=2, children=2, beam=1, finished=False, extra_states=False
+    )
     study = open_study(f"sqlite:///{run}/study.db", "fake")
     trial = study.ask()  # a child left RUNNING by a dead process
     first = study.trials[0]
-    for k, v in node_attrs(generation=3, parents=[0], teachers=[0], operator="drop_block(block=1)",
-                           spec=VGGSpec.from_json(first.user_attrs["spec"]), key="x").items():
+    for k, v in node_attrs(
+        generation=3,
+        parents=[0],
+        teachers=[0],
+        operator="drop_block(block=1)",
+        spec=VGGSpec.from_json(first.user_attrs["spec"]),
+        key="x",
+    ).items():
         trial.set_user_attr(k, v)
     report = write_report(run)
     md = report.markdown.read_text()
@@ -281,18 +400,28 @@ def test_run_whose_root_is_still_training_gives_a_partial_report(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"name": "early", "max_drop": 1.0}))
     study = open_study(f"sqlite:///{tmp_path}/study.db", "early")
     spec = load_space("tiny").root_spec(3, 10, 16, 1 / 16)
-    study.add_trial(optuna.trial.create_trial(
-        state=optuna.trial.TrialState.RUNNING, distributions={}, params={},
-        user_attrs=node_attrs(generation=0, parents=[], teachers=[], operator="root", spec=spec, key="root")))
+    study.add_trial(
+        optuna.trial.create_trial(
+            state=optuna.trial.TrialState.RUNNING,
+            distributions={},
+            params={},
+            user_attrs=node_attrs(
+                generation=0, parents=[], teachers=[], operator="root", spec=spec, key="root"
+            ),
+        )
+    )
     report = write_report(tmp_path)
     assert "a finished root (sizes and drops cannot be relative to it)" in report.gaps
     assert "the final model (not recorded)" in report.gaps and "running" in report.markdown.read_text()
 
 
-@pytest.mark.parametrize("make, needle", [
-    (lambda d: d / "nope", "does not exist"),
-    (lambda d: d, "no config.json and no study.db"),
-])
+@pytest.mark.parametrize(
+    "make, needle",
+    [
+        (lambda d: d / "nope", "does not exist"),
+        (lambda d: d, "no config.json and no study.db"),
+    ],
+)
 def test_missing_or_empty_run_directory_is_a_one_line_error(tmp_path, capsys, make, needle):
     code = main(["report", str(make(tmp_path))])
     err = capsys.readouterr().err.strip()
@@ -343,18 +472,33 @@ window.addEventListener('load', () => {
 </script></body>"""
 
 
-@pytest.mark.skipif(not CHROMIUM.exists(), reason="headless browser test needs Debian's chromium at /usr/bin/chromium "
-                                                   "(apt-get install chromium; .ci/run installs it)")
+@pytest.mark.skipif(
+    not CHROMIUM.exists(),
+    reason="headless browser test needs Debian's chromium at /usr/bin/chromium "
+    "(apt-get install chromium; .ci/run installs it)",
+)
 def test_report_renders_in_headless_chromium_with_images_and_summary(big_run, tmp_path):
     report = write_report(big_run)
     page = tmp_path / "probe.html"
     page.write_text(report.html.read_text().replace("</body>", PROBE))
-    cmd = [str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-           "--disable-background-networking", "--disable-component-update", "--disable-sync",
-           f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1400,1000", "--virtual-time-budget=5000",
-           "--dump-dom", page.as_uri()]
+    cmd = [
+        str(CHROMIUM),
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        "--window-size=1400,1000",
+        "--virtual-time-budget=5000",
+        "--dump-dom",
+        page.as_uri(),
+    ]
     dom = subprocess.run(cmd, capture_output=True, text=True, timeout=120).stdout
-    probe = json.loads(html.unescape(dom.split("data-probe=\"", 1)[1].split('"', 1)[0]))
+    probe = json.loads(html.unescape(dom.split('data-probe="', 1)[1].split('"', 1)[0]))
     images = {i[0]: i[1:] for i in probe["images"]}
     assert set(images) == {"tree", "plot"}
     for done, natural_width, height in images.values():

@@ -1,6 +1,7 @@
 """Kill a real search process at a named point in the code (iterkd.faults), resume it with
 `iterkd resume`, and check that nothing finished was lost or retrained, no trial is left RUNNING,
 and the lineage is what an uninterrupted run makes. No sleeps or polling: the process kills itself."""
+
 from __future__ import annotations
 
 import os
@@ -21,8 +22,14 @@ from tests.conftest import lineage_shape, smoke_config
 FLAGS = ["--preset", "smoke", "--max-drop", "60", "--max-generations", "2", "--no-progress", "--seed", "0"]
 # Where each point is reached in a smoke run (root: 3 epochs, then one child per generation): the
 # N-th time picks a moment inside a child, so a finished root is there to be kept.
-KILLS = {"trial-created": 2, "mid-epoch": 5, "checkpoint-written": 2, "trial-told": 2, "between-generations": 1,
-         "selection": 1}
+KILLS = {
+    "trial-created": 2,
+    "mid-epoch": 5,
+    "checkpoint-written": 2,
+    "trial-told": 2,
+    "between-generations": 1,
+    "selection": 1,
+}
 assert set(KILLS) == set(POINTS)  # every point is tested
 
 
@@ -42,19 +49,28 @@ def _trials(db: Path) -> dict[int, str]:
 def _search_until(run_dir: Path, fault: str, signal: str = "KILL") -> subprocess.CompletedProcess:
     """`iterkd search` on run_dir, stopped by `signal` at the fault point POINT:N."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ITERKD_FAULT": fault, "ITERKD_FAULT_SIGNAL": signal}
-    return subprocess.run([sys.executable, "-m", "iterkd", "search", "--run-dir", str(run_dir), *FLAGS],
-                          capture_output=True, text=True, env=env, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "iterkd", "search", "--run-dir", str(run_dir), *FLAGS],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
 
 
 @pytest.mark.parametrize("point", list(KILLS))
-def test_kill_9_at_each_point_then_resume_keeps_finished_nodes_and_the_lineage(tmp_path, reference, point, capsys):
+def test_kill_9_at_each_point_then_resume_keeps_finished_nodes_and_the_lineage(
+    tmp_path, reference, point, capsys
+):
     run_dir = tmp_path / "run"
     proc = _search_until(run_dir, f"{point}:{KILLS[point]}")
     assert proc.returncode == -9, proc.stdout[-500:] + proc.stderr[-500:]  # it died at the point, not before
     at_kill = _trials(run_dir / "study.db")
     finished = {n for n, state in at_kill.items() if state == "COMPLETE"}
     assert 0 in finished  # the root was done: the kill came inside a child
-    checkpoints = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in (run_dir / "checkpoints").glob("node-*")}
+    checkpoints = {
+        p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in (run_dir / "checkpoints").glob("node-*")
+    }
 
     assert main(["resume", str(run_dir), "--no-progress"]) == 0
     study = open_study(f"sqlite:///{run_dir}/study.db", "run")
@@ -104,6 +120,8 @@ def test_a_damaged_checkpoint_is_reported_and_its_node_trained_again(tmp_path, r
     by_id = {n.node: n for n in nodes(study)}
     assert by_id[1].state == "FAIL" and by_id[1].failure == "damaged"  # never used again
     chain = [by_id[0]] + [by_id[ids[0]] for _, ids in sorted(selections(study).items())]
-    assert [(n.generation, n.operator, n.spec.to_json()) for n in chain] == [(g, op, spec) for g, _, _, op, spec, _ in reference]
+    assert [(n.generation, n.operator, n.spec.to_json()) for n in chain] == [
+        (g, op, spec) for g, _, _, op, spec, _ in reference
+    ]
     assert chain[1].node != 1 and chain[1].key == by_id[1].key  # the same candidate, trained again
     assert root_ckpt.read_bytes() == root_bytes  # the root was fine and not retrained

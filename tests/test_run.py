@@ -1,6 +1,7 @@
 """Opening a run (iterkd.run.open_run): every command finds a run the same way, asks for --storage in
 one line when the saved URL had a password, refuses what is not an iterkd run, and never creates a
 study where there was none."""
+
 from __future__ import annotations
 
 import json
@@ -92,41 +93,73 @@ def test_a_second_search_on_a_driven_run_refuses_and_a_dead_holder_is_taken_over
     is refused; once the first is killed, a resume takes the run over and finishes it."""
     run_dir = tmp_path / "run"
     flags = ["--preset", "smoke", "--max-drop", "60", "--no-progress"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "ITERKD_FAULT": "trial-created:2", "ITERKD_FAULT_SIGNAL": "STOP"}
-    first = subprocess.Popen([sys.executable, "-m", "iterkd", "search", "--run-dir", str(run_dir), *flags],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "ITERKD_FAULT": "trial-created:2",
+        "ITERKD_FAULT_SIGNAL": "STOP",
+    }
+    first = subprocess.Popen(
+        [sys.executable, "-m", "iterkd", "search", "--run-dir", str(run_dir), *flags],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+    )
     try:
         _, status = os.waitpid(first.pid, os.WUNTRACED)  # returns once it has stopped itself at the point
         assert os.WIFSTOPPED(status)
-        second = subprocess.run([sys.executable, "-m", "iterkd", "search", "--run-dir", str(run_dir), *flags],
-                                capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        second = subprocess.run(
+            [sys.executable, "-m", "iterkd", "search", "--run-dir", str(run_dir), *flags],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
         assert second.returncode == 2 and second.stderr.count("\n") == 1
         assert f"is already being driven by pid {first.pid} on " in second.stderr
     finally:
         first.kill()
         first.wait()
-    resumed = subprocess.run([sys.executable, "-m", "iterkd", "resume", str(run_dir), "--no-progress"],
-                             capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    resumed = subprocess.run(
+        [sys.executable, "-m", "iterkd", "resume", str(run_dir), "--no-progress"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert resumed.returncode == 0, resumed.stderr[-500:]
     assert f"taking over run {run_dir} from pid {first.pid} on " in resumed.stdout
     assert "which is no longer running" in resumed.stdout
 
 
-@pytest.mark.parametrize("bad", [
-    ["--dataset", "mnist", "--data-dir", "EMPTY", "--no-download"],  # data missing, offline
-    ["--storage", "postgresql://nobody:secret@127.0.0.1:1/none"],  # storage unreachable
-    ["--teacher", "NOT_A_CHECKPOINT"],  # a teacher file that is not a checkpoint
-    ["--space", "BROKEN_SPACE"],  # a space file that does not parse
-    ["--val-size", "100000"],  # more validation images than the training set has
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        ["--dataset", "mnist", "--data-dir", "EMPTY", "--no-download"],  # data missing, offline
+        ["--storage", "postgresql://nobody:secret@127.0.0.1:1/none"],  # storage unreachable
+        ["--teacher", "NOT_A_CHECKPOINT"],  # a teacher file that is not a checkpoint
+        ["--space", "BROKEN_SPACE"],  # a space file that does not parse
+        ["--val-size", "100000"],  # more validation images than the training set has
+    ],
+)
 def test_a_refused_search_records_nothing_and_the_corrected_command_starts_cleanly(tmp_path, capsys, bad):
     (tmp_path / "empty").mkdir()
     (tmp_path / "teacher.safetensors").write_text("not a checkpoint")
     (tmp_path / "space.yaml").write_text("root: [oops\n")
-    names = {"EMPTY": tmp_path / "empty", "NOT_A_CHECKPOINT": tmp_path / "teacher.safetensors",
-             "BROKEN_SPACE": tmp_path / "space.yaml"}
+    names = {
+        "EMPTY": tmp_path / "empty",
+        "NOT_A_CHECKPOINT": tmp_path / "teacher.safetensors",
+        "BROKEN_SPACE": tmp_path / "space.yaml",
+    }
     run_dir = tmp_path / "run"
-    args = ["search", "--preset", "smoke", "--run-dir", str(run_dir), "--max-generations", "1", "--no-progress"]
+    args = [
+        "search",
+        "--preset",
+        "smoke",
+        "--run-dir",
+        str(run_dir),
+        "--max-generations",
+        "1",
+        "--no-progress",
+    ]
     assert main(args + [str(names.get(a, a)) for a in bad]) == 2
     _one_error_line(capsys)
     assert not (run_dir / "config.json").exists() and not (run_dir / "study.db").exists()

@@ -1,4 +1,5 @@
 """End-to-end smoke searches: the lineage they leave, resume, and failing children."""
+
 import json
 
 import pandas as pd
@@ -7,8 +8,8 @@ import torch
 
 from iterkd import run_search
 from iterkd.lineage import LINEAGE_COLUMNS, lineage_frame
-from iterkd.storage import open_study
 from iterkd.search import Search
+from iterkd.storage import open_study
 from tests.conftest import smoke_config
 
 
@@ -167,7 +168,9 @@ def test_several_teachers_make_an_ensemble_root_that_teaches_generation_1(tmp_pa
 
     cfg, first = smoke_run
     study = open_study(f"sqlite:///{cfg.run_dir}/study.db", cfg.name)
-    child = next(t for t in study.trials if t.user_attrs.get("generation") == 1 and t.state.name == "COMPLETE")
+    child = next(
+        t for t in study.trials if t.user_attrs.get("generation") == 1 and t.state.name == "COMPLETE"
+    )
     paths = [f"{cfg.run_dir}/{first.root.checkpoint}", f"{cfg.run_dir}/{child.user_attrs['checkpoint']}"]
     taught_by = []
     real_train = trainer_mod.train
@@ -202,6 +205,13 @@ def test_a_drop_exactly_at_the_budget_is_within_it():
 def test_a_diverging_root_is_one_line(tmp_path, capsys):
     from iterkd.cli import main
 
-    assert main(["search", "--preset", "smoke", "--run-dir", str(tmp_path / "r"), "--lr", "1e9", "--no-progress"]) == 2
+    assert (
+        main(
+            ["search", "--preset", "smoke", "--run-dir", str(tmp_path / "r"), "--lr", "1e9", "--no-progress"]
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("iterkd: error: the root diverged (") and "lower --lr" in err[0]
+    assert (
+        len(err) == 1 and err[0].startswith("iterkd: error: the root diverged (") and "lower --lr" in err[0]
+    )

@@ -5,6 +5,7 @@ must be the one a single process grows. ITERKD_SOAK_SECONDS=600 repeats the roun
 other kill times) until that many seconds have passed; unset, one round (the CI form).
 
 Below the soak: tests for the faults found while building it, each made to happen on purpose."""
+
 from __future__ import annotations
 
 import os
@@ -45,16 +46,29 @@ ROUND_LIMIT_S = 300.0  # a round that has not finished by then has hung: the tes
 # its seed, names its parent's trial number, and a killed parent's retry gets a new number). One
 # parent per generation also keeps lineage_shape's order (generation, then key) the same whatever
 # number a retried parent got. One epoch on a small subset keeps a node near a second.
-SEARCH = dict(variant="parent-children", children=4, beam=1, max_generations=6, width=1 / 8,
-              select="smallest-within-budget", max_drop=100.0, pruner="none", epochs=1, root_epochs=1,
-              train_subset=512, val_size=128)
+SEARCH = dict(
+    variant="parent-children",
+    children=4,
+    beam=1,
+    max_generations=6,
+    width=1 / 8,
+    select="smallest-within-budget",
+    max_drop=100.0,
+    pruner="none",
+    epochs=1,
+    root_epochs=1,
+    train_subset=512,
+    val_size=128,
+)
 
 
 def _postgres_or_skip() -> str:
     try:
         open_study(POSTGRES, f"probe-{uuid.uuid4().hex[:8]}")
     except IterkdError as e:
-        pytest.skip(f"no PostgreSQL server at {POSTGRES} ({e}); .ci/run starts one, or set ITERKD_TEST_POSTGRES")
+        pytest.skip(
+            f"no PostgreSQL server at {POSTGRES} ({e}); .ci/run starts one, or set ITERKD_TEST_POSTGRES"
+        )
     return POSTGRES
 
 
@@ -65,7 +79,9 @@ def reference(tmp_path_factory):
 
     run_dir = tmp_path_factory.mktemp("reference")
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # nodes this small train 5x slower on two threads of a shared machine than on one
+    torch.set_num_threads(
+        1
+    )  # nodes this small train 5x slower on two threads of a shared machine than on one
     try:
         run_search(smoke_config(run_dir, name="reference", **SEARCH), progress=False)
     finally:
@@ -80,8 +96,19 @@ class Workers:
     --workers N, whose processes the coordinator owns)."""
 
     def __init__(self, storage: str, name: str, run_dir: Path):
-        self.cmd = [sys.executable, "-m", "iterkd", "worker", "--run", name, "--run-dir", str(run_dir),
-                    "--no-progress", "--device", "cpu"]
+        self.cmd = [
+            sys.executable,
+            "-m",
+            "iterkd",
+            "worker",
+            "--run",
+            name,
+            "--run-dir",
+            str(run_dir),
+            "--no-progress",
+            "--device",
+            "cpu",
+        ]
         # One thread each: three workers share the machine's cores with the coordinator.
         self.env = {**os.environ, STORAGE_ENV: storage, "OMP_NUM_THREADS": "1"}
         self.logs = run_dir / "soak-workers"
@@ -121,7 +148,9 @@ class Workers:
 def _soak_round(tmp: Path, storage: str, rng: random.Random) -> tuple[optuna.Study, int]:
     """One search worked by WORKERS workers under the chaos loop; returns its study and the kills."""
     cfg = smoke_config(tmp / "run", name=f"soak{uuid.uuid4().hex[:10]}", storage=storage, workers=0, **SEARCH)
-    search = Search(cfg, progress=False, log=lambda _: None)  # creates the run: workers can open it from now on
+    search = Search(
+        cfg, progress=False, log=lambda _: None
+    )  # creates the run: workers can open it from now on
     study = open_study(storage, cfg.name, create=False)  # the chaos loop's own view
     result: dict = {}
 
@@ -149,7 +178,9 @@ def _soak_round(tmp: Path, storage: str, rng: random.Random) -> tuple[optuna.Stu
                 if p.poll() not in (None, 0):
                     raise AssertionError(f"a worker exited with status {p.returncode}:\n{workers.tail()}")
             time.sleep(0.05)
-        assert not coordinator.is_alive(), f"the round did not finish in {ROUND_LIMIT_S:.0f} s:\n{workers.tail()}"
+        assert not coordinator.is_alive(), (
+            f"the round did not finish in {ROUND_LIMIT_S:.0f} s:\n{workers.tail()}"
+        )
         assert "error" not in result, f"the coordinator stopped: {result.get('error')!r}\n{workers.tail()}"
         for p in workers.procs:  # idle workers exit by themselves once the coordinator is done
             assert p.wait(timeout=60) == 0, workers.tail()
@@ -171,7 +202,9 @@ def _victim(study: optuna.Study, workers: Workers, rng: random.Random) -> int | 
     return rng.choice(training) if training else None
 
 
-def test_three_workers_killed_at_random_complete_every_candidate_once(tmp_path, reference, monkeypatch, capsys):
+def test_three_workers_killed_at_random_complete_every_candidate_once(
+    tmp_path, reference, monkeypatch, capsys
+):
     storage = _postgres_or_skip()
     # A candidate fails once per kill that lands on it, and random kills may land on one candidate
     # more often than the search's limit (MAX_RETRIES, which then stops the search on purpose). The
@@ -186,24 +219,31 @@ def test_three_workers_killed_at_random_complete_every_candidate_once(tmp_path, 
         # Every trial (number, state, key, owner, error) in a failure's message: a soak fails rarely.
         seen = f"round {rounds}, {killed} kills: " + "; ".join(
             f"{t.number} {t.state.name} {t.user_attrs.get('key')} pid {t.user_attrs.get('pid')}"
-            + (f" error {t.user_attrs['error']!r}" if "error" in t.user_attrs else "") for t in trials)
+            + (f" error {t.user_attrs['error']!r}" if "error" in t.user_attrs else "")
+            for t in trials
+        )
         states = Counter(t.state.name for t in trials)
         assert set(states) <= {"COMPLETE", "FAIL"}, seen  # nothing RUNNING or WAITING is left
         complete = Counter(t.user_attrs["key"] for t in trials if t.state.name == "COMPLETE")
         assert len(complete) == len(reference) and set(complete.values()) == {1}, seen  # each candidate once
         failed = [t for t in trials if t.state.name == "FAIL"]
         assert all(t.user_attrs["key"] in complete for t in failed), seen  # killed candidates trained again
-        assert all("error" not in t.user_attrs for t in failed), f"a trial failed by an error, not a kill: {seen}"
+        assert all("error" not in t.user_attrs for t in failed), (
+            f"a trial failed by an error, not a kill: {seen}"
+        )
         assert len(failed) <= killed, seen  # a worker holds one trial: a kill fails at most that one
         assert failed, f"no kill ever hit a training worker: {seen}"
         assert lineage_shape(study) == reference, seen
         rounds, kills, retries = rounds + 1, kills + killed, retries + len(failed)
     with capsys.disabled():
-        print(f"\nsoak: {rounds} round(s), {WORKERS} workers, {len(reference)} candidates per round, "
-              f"{kills} kills, {retries} retries (failed trials), {time.monotonic() - start:.0f} s")
+        print(
+            f"\nsoak: {rounds} round(s), {WORKERS} workers, {len(reference)} candidates per round, "
+            f"{kills} kills, {retries} retries (failed trials), {time.monotonic() - start:.0f} s"
+        )
 
 
 # -- faults found while building the soak, each made to happen on purpose ----------------------------
+
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def queue_storage(request, tmp_path):
@@ -230,9 +270,16 @@ def test_a_worker_killed_while_claiming_leaves_the_trial_queued(queue_storage):
         models.TrialHeartbeatModel.where_trial_id = die
         claim(open_study(sys.argv[1], sys.argv[2], create=False))
     """)
-    proc = subprocess.run([sys.executable, "-c", dying, queue_storage, name], capture_output=True, text=True,
-                          check=False, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
-    assert proc.returncode == -signal.SIGKILL, f"the claim did not reach the injected kill: {proc.stderr[-500:]}"
+    proc = subprocess.run(
+        [sys.executable, "-c", dying, queue_storage, name],
+        capture_output=True,
+        text=True,
+        check=False,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
+    assert proc.returncode == -signal.SIGKILL, (
+        f"the claim did not reach the injected kill: {proc.stderr[-500:]}"
+    )
     (t,) = open_study(queue_storage, name, create=False).get_trials()
     assert t.state.name == "WAITING" and "pid" not in t.user_attrs
     taken = claim(study)  # a healthy worker takes it, and owns it from the same write
@@ -284,6 +331,8 @@ def test_a_worker_uses_the_runs_pruner(tmp_path, monkeypatch):
     cfg = smoke_config(tmp_path / "run", name="p", workers=0, pruner="none")
     Search(cfg, progress=False, log=lambda _: None)  # creates the run, as a coordinator does
     seen = {}
-    monkeypatch.setattr(worker, "_work", lambda run, trainer, log, poll_s: seen.setdefault("study", run.study) and 0)
+    monkeypatch.setattr(
+        worker, "_work", lambda run, trainer, log, poll_s: seen.setdefault("study", run.study) and 0
+    )
     worker.run_worker(f"sqlite:///{cfg.run_dir}/study.db", cfg.name, progress=False, log=lambda _: None)
     assert isinstance(seen["study"].pruner, optuna.pruners.NopPruner)

@@ -5,15 +5,16 @@ child's size (its share of the root's parameters), so which child overshoots is 
 The tiny space's children of the smoke root keep these shares of its parameters: drop_layer(block=2)
 and drop_block(block=3) 0.66, drop_block(block=1) 0.774, drop_layer(block=1) 0.913, drop_block(block=2)
 0.32, shrink_widths(all, 0.5) 0.272."""
+
 from __future__ import annotations
 
 import types
 
 import pytest
 
+import iterkd.search as search_mod
 import iterkd.trainer as trainer_mod
 from iterkd.lineage import lineage_frame, nodes, selections
-import iterkd.search as search_mod
 from iterkd.search import Search, StepController
 from iterkd.spaces import load_space
 from iterkd.storage import open_study
@@ -55,12 +56,16 @@ def test_an_overshoot_backs_off_to_a_smaller_step_from_the_same_parent(tmp_path,
     gen1 = [n for n in nodes(study) if n.generation == 1]
     assert [n.parents for n in gen1] == [(0,), (0,)]  # the second attempt starts from the same parent
     first, second = gen1
-    assert first.operator == "drop_layer(block=2)" and df.status[first.node] == "rejected"  # kept, as rejected
+    assert (
+        first.operator == "drop_layer(block=2)" and df.status[first.node] == "rejected"
+    )  # kept, as rejected
     assert second.operator == "drop_block(block=1)" and df.status[second.node] == "accepted"
     assert second.key == first.key + "|r1" and second.spec.params() > first.spec.params()
     steps = study.user_attrs["steps"]
     assert [(r["generation"], r["round"], r["step"], r["outcome"]) for r in steps] == [
-        (1, 0, 0.5, "backed-off"), (1, 1, 0.25, "accepted")]
+        (1, 0, 0.5, "backed-off"),
+        (1, 1, 0.25, "accepted"),
+    ]
     assert steps[0]["target"] == 0.5 and steps[1]["target"] == 0.75 and steps[0]["drop"] == pytest.approx(10)
     assert selections(study) == {1: [second.node]} and out.final.node == second.node
 
@@ -88,21 +93,34 @@ def test_the_search_ends_when_no_step_of_at_least_min_step_stays_within_the_budg
     out, study = search(tmp_path, max_drop=2.0, min_step=0.07, max_generations=3)
     assert [r["step"] for r in study.user_attrs["steps"]] == [0.5, 0.25, 0.125]  # the next, 0.0625, is < 0.07
     assert [n.operator for n in nodes(study) if n.generation] == [
-        "drop_layer(block=2)", "drop_block(block=1)", "drop_layer(block=1)"]  # ever smaller steps
+        "drop_layer(block=2)",
+        "drop_block(block=1)",
+        "drop_layer(block=1)",
+    ]  # ever smaller steps
     assert out.final.node == 0 and selections(study) == {}
-    assert out.stop_reason.startswith("no step of at least --min-step 0.07 of the parent stays within --max-drop 2")
+    assert out.stop_reason.startswith(
+        "no step of at least --min-step 0.07 of the parent stays within --max-drop 2"
+    )
     assert "12.5%" in out.stop_reason
     # A resumed run recomputes the controller from the study: it stops at once, training nothing.
-    again = Search(smoke_config(tmp_path, teacher_cache=False, max_drop=2.0, min_step=0.07, max_generations=3),
-                   progress=False).run()
-    assert again.stop_reason == out.stop_reason and len(open_study(f"sqlite:///{tmp_path}/study.db", "smoke").trials) == 4
+    again = Search(
+        smoke_config(tmp_path, teacher_cache=False, max_drop=2.0, min_step=0.07, max_generations=3),
+        progress=False,
+    ).run()
+    assert (
+        again.stop_reason == out.stop_reason
+        and len(open_study(f"sqlite:///{tmp_path}/study.db", "smoke").trials) == 4
+    )
 
 
 def test_a_move_that_removes_less_than_min_step_is_not_proposed(tmp_path, monkeypatch):
     fake_training(monkeypatch, lambda share: 10.0)
     out, study = search(tmp_path, max_drop=2.0, min_step=0.1, max_generations=3)
     # drop_layer(block=1) removes 8.7 % of the root: the third attempt has nothing left to propose.
-    assert [n.operator for n in nodes(study) if n.generation] == ["drop_layer(block=2)", "drop_block(block=1)"]
+    assert [n.operator for n in nodes(study) if n.generation] == [
+        "drop_layer(block=2)",
+        "drop_block(block=1)",
+    ]
     assert "no smaller step of at least --min-step 0.1 left to try" in out.stop_reason
 
 
@@ -115,8 +133,10 @@ def test_time_budget_stops_between_generations(tmp_path, monkeypatch):
     assert out.final.generation == 1 and max(n.generation for n in nodes(study)) == 1
 
 
-@pytest.mark.parametrize("variant, k", [("parent-child", 1), ("parent-children", 2), ("ancestors-child", 1),
-                                        ("ancestors-children", 2)])
+@pytest.mark.parametrize(
+    "variant, k",
+    [("parent-child", 1), ("parent-children", 2), ("ancestors-child", 1), ("ancestors-children", 2)],
+)
 def test_every_variant_backs_off_from_the_same_parents_and_teachers(tmp_path, monkeypatch, variant, k):
     fake_training(monkeypatch, overshoot_below(0.7))
     out, study = search(tmp_path, variant=variant, children=k, max_drop=2.0, max_generations=2)
@@ -129,15 +149,33 @@ def test_every_variant_backs_off_from_the_same_parents_and_teachers(tmp_path, mo
     assert all(status[n.node] == "rejected" for n in rejected)
     assert selections(study)[1][0] in {n.node for n in retried}
     assert [(r["generation"], r["round"], r["outcome"]) for r in study.user_attrs["steps"]][:2] == [
-        (1, 0, "backed-off"), (1, 1, "accepted")]
+        (1, 0, "backed-off"),
+        (1, 1, "accepted"),
+    ]
 
 
 def test_the_controller_replays_recorded_attempts():
     steps = StepController(start=0.5, smallest=0.05, largest=0.5, max_drop=1.0)
-    records = [{"generation": 1, "round": 0, "step": 0.5, "outcome": "backed-off", "drop": 3.0, "parents": [0],
-                "nodes": [1]},
-               {"generation": 1, "round": 1, "step": 0.25, "outcome": "accepted", "drop": 0.9, "parents": [0],
-                "nodes": [2]}]
+    records = [
+        {
+            "generation": 1,
+            "round": 0,
+            "step": 0.5,
+            "outcome": "backed-off",
+            "drop": 3.0,
+            "parents": [0],
+            "nodes": [1],
+        },
+        {
+            "generation": 1,
+            "round": 1,
+            "step": 0.25,
+            "outcome": "accepted",
+            "drop": 0.9,
+            "parents": [0],
+            "nodes": [2],
+        },
+    ]
     # Generation 1's acceptance has no selection yet (a kill came between the two): it is decided again.
     again = steps.next_round(records, 1, [0])
     assert (again.number, again.step, again.overshot, again.target) == (1, 0.25, (1,), 0.75)
@@ -146,11 +184,18 @@ def test_the_controller_replays_recorded_attempts():
     assert steps.next_round(records, 1, [5]).number == 0  # `iterkd select` chose other parents: a fresh start
 
 
-@pytest.mark.parametrize("flags, needle", [
-    (dict(min_step=0.3, max_step=0.2), "--min-step 0.3 is larger than --max-step 0.2; lower --min-step"),
-    (dict(min_step=1.0), "--min-step and --max-step are fractions of the parent's parameters a child removes"),
-    (dict(min_step=0.0), "--min-step must be a number in (0, 1]"),
-    (dict(time_budget=-1.0), "--time-budget must be a finite number >= 0")])
+@pytest.mark.parametrize(
+    "flags, needle",
+    [
+        (dict(min_step=0.3, max_step=0.2), "--min-step 0.3 is larger than --max-step 0.2; lower --min-step"),
+        (
+            dict(min_step=1.0),
+            "--min-step and --max-step are fractions of the parent's parameters a child removes",
+        ),
+        (dict(min_step=0.0), "--min-step must be a number in (0, 1]"),
+        (dict(time_budget=-1.0), "--time-budget must be a finite number >= 0"),
+    ],
+)
 def test_step_settings_out_of_range_are_one_line_errors(tmp_path, flags, needle):
     from iterkd.errors import IterkdError
 
@@ -167,8 +212,15 @@ def test_recording_an_attempt_replaces_it_and_forgets_the_attempts_after_it():
     study = optuna.create_study()
 
     def rec(generation, round_, outcome="accepted"):
-        return {"generation": generation, "round": round_, "step": 0.5, "outcome": outcome, "drop": 0.0,
-                "parents": [0], "nodes": []}
+        return {
+            "generation": generation,
+            "round": round_,
+            "step": 0.5,
+            "outcome": outcome,
+            "drop": 0.0,
+            "parents": [0],
+            "nodes": [],
+        }
 
     for r in (rec(1, 0, "backed-off"), rec(1, 1), rec(2, 0)):
         record_step(study, r)
@@ -177,7 +229,9 @@ def test_recording_an_attempt_replaces_it_and_forgets_the_attempts_after_it():
 
 
 @pytest.mark.parametrize("point", ["between-generations", "selection", "retry-training"])
-def test_a_run_interrupted_around_a_back_off_resumes_to_the_uninterrupted_lineage(tmp_path, monkeypatch, point):
+def test_a_run_interrupted_around_a_back_off_resumes_to_the_uninterrupted_lineage(
+    tmp_path, monkeypatch, point
+):
     from tests.conftest import lineage_shape
 
     fake_training(monkeypatch, overshoot_below(0.7))
@@ -216,8 +270,10 @@ def test_a_run_interrupted_around_a_back_off_resumes_to_the_uninterrupted_lineag
     assert lineage_shape(study) == lineage_shape(reference)
 
     def decisions(study):  # trial numbers differ: the interrupted trial took one
-        return [(r["generation"], r["round"], r["step"], r["target"], r["outcome"], r["drop"])
-                for r in study.user_attrs["steps"]]
+        return [
+            (r["generation"], r["round"], r["step"], r["target"], r["outcome"], r["drop"])
+            for r in study.user_attrs["steps"]
+        ]
 
     assert decisions(study) == decisions(reference) and len(decisions(reference)) >= 3
 

@@ -1,5 +1,6 @@
 """The package's own shape: imports point one way (no module imports another that imports it back,
 directly, through others, or lazily inside a function), and Optuna's private API stays in one module."""
+
 from __future__ import annotations
 
 import ast
@@ -34,7 +35,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
         path.append(m)
         for dep in sorted(graph[m]):
             if state.get(dep) == 1:
-                return path[path.index(dep):] + [dep]
+                return path[path.index(dep) :] + [dep]
             if dep not in state and (cycle := visit(dep)):
                 return cycle
         path.pop()
@@ -65,7 +66,14 @@ def test_the_search_knows_generations_the_node_knows_one_trial_and_train_knows_n
 
 
 def test_optunas_private_api_is_used_in_storage_alone():
-    users = sorted(p.name for p in PACKAGE.glob("*.py")
-                   if p.name != "storage.py" and ("._storage" in p.read_text() or "._trial_id" in p.read_text()
-                                                  or "optuna.storages._" in p.read_text()))
+    users = sorted(
+        p.name
+        for p in PACKAGE.glob("*.py")
+        if p.name != "storage.py"
+        and (
+            "._storage" in p.read_text()
+            or "._trial_id" in p.read_text()
+            or "optuna.storages._" in p.read_text()
+        )
+    )
     assert users == []

@@ -1,5 +1,6 @@
 """train(): the hint term a student gets (any registered kind), what the teachers say about a batch,
 and the ensemble accuracy a root made of several models has."""
+
 from __future__ import annotations
 
 import math
@@ -29,7 +30,9 @@ def _student_losses(data, hint: str, weight: float) -> list[float]:
     torch.manual_seed(0)
     teacher = VGG(TEACHER)
     student = VGG(STUDENT)
-    settings = TrainSettings(epochs=1, batch_size=100, loss=LossWeights(0.9, 4.0, weight, hint), augment=False)
+    settings = TrainSettings(
+        epochs=1, batch_size=100, loss=LossWeights(0.9, 4.0, weight, hint), augment=False
+    )
     return train(student, data, settings, teachers=[teacher], hint_teacher=teacher, progress=False).losses
 
 
@@ -57,14 +60,20 @@ def test_a_third_hint_kind_is_one_registered_function(data):
         return term
 
     try:
-        assert losses.HINTS == ("fitnet", "sp", "pooled", "none") and losses.DEFAULT_HINT_WEIGHT["pooled"] == 2.0
+        assert (
+            losses.HINTS == ("fitnet", "sp", "pooled", "none") and losses.DEFAULT_HINT_WEIGHT["pooled"] == 2.0
+        )
         base, hinted = _train_one_step(data, "none"), _train_one_step(data, "pooled")
     finally:
         unregister_hint("pooled")
     # Student block 0 (4 channels, 8x8 after its pool) against teacher block 1 (16 channels, 4x4).
     assert seen["shapes"] == (torch.Size([600, 4, 8, 8]), torch.Size([600, 16, 4, 4]))
-    assert hinted == pytest.approx(base + 5.0 * seen["term"], rel=1e-5)  # the trainer adds weight x the kind's term
-    assert not torch.equal(seen["regressor"].weight.detach(), seen["init"])  # the regressor trained with the student
+    assert hinted == pytest.approx(
+        base + 5.0 * seen["term"], rel=1e-5
+    )  # the trainer adds weight x the kind's term
+    assert not torch.equal(
+        seen["regressor"].weight.detach(), seen["init"]
+    )  # the regressor trained with the student
     assert "pooled" not in losses.HINTS and "pooled" not in losses.DEFAULT_HINT_WEIGHT
     with pytest.raises(IterkdError, match="unknown --hint 'pooled'; choose one of fitnet, sp, none$"):
         LossWeights(hint="pooled")
@@ -74,8 +83,9 @@ def _train_one_step(data, hint: str) -> float:
     """The loss of one step on the whole training set, before any update (same student, same teacher)."""
     torch.manual_seed(0)
     teacher, student = VGG(TEACHER), VGG(STUDENT)
-    settings = TrainSettings(epochs=1, batch_size=len(data.train_x), loss=LossWeights(0.9, 4.0, 5.0, hint),
-                             augment=False)
+    settings = TrainSettings(
+        epochs=1, batch_size=len(data.train_x), loss=LossWeights(0.9, 4.0, 5.0, hint), augment=False
+    )
     return train(student, data, settings, teachers=[teacher], hint_teacher=teacher, progress=False).losses[0]
 
 
@@ -91,7 +101,9 @@ def test_teacher_targets_are_the_teachers_logits_and_the_hint_teachers_block_out
         hint = active_hint(student, a, teachers, loss, torch.device("cpu"))
         assert (hint.student_block, hint.teacher_block, hint.regressor) == (0, 1, None)
         logits, feat = teacher_targets(x, idx, 0, teachers, (), hint)
-        assert all(torch.allclose(got, expected[[a, b].index(t)], atol=1e-6) for got, t in zip(logits, teachers))
+        assert all(
+            torch.allclose(got, expected[[a, b].index(t)], atol=1e-6) for got, t in zip(logits, teachers)
+        )
         assert torch.allclose(feat, block, atol=1e-6) and len(logits) == len(teachers)
     assert teacher_targets(x, idx, 0, [a], (), None)[1] is None  # no hint: no features
     for off in (LossWeights(hint="none"), LossWeights(hint="fitnet", hint_weight=0.0)):
@@ -118,17 +130,27 @@ def test_training_runs_in_the_precision_asked_for_with_finite_losses_and_learns(
     torch.manual_seed(0)
     teacher, student = VGG(TEACHER), VGG(STUDENT)
     seen = []  # (autocast on, dtype of the student's logits) at every training forward
-    student.head.register_forward_hook(lambda m, i, out: seen.append((torch.is_autocast_enabled("cpu"), out.dtype)))
+    student.head.register_forward_hook(
+        lambda m, i, out: seen.append((torch.is_autocast_enabled("cpu"), out.dtype))
+    )
     settings = TrainSettings(epochs=3, batch_size=50, precision=precision, augment=False)
     labels_only = train(student, data, settings, progress=False)
     autocasts = precision == "bf16"
     assert labels_only.precision == precision
     assert set(seen) == {(autocasts, torch.bfloat16 if autocasts else torch.float32)}
-    assert all(math.isfinite(v) for v in labels_only.losses) and labels_only.losses[-1] < labels_only.losses[0]
+    assert (
+        all(math.isfinite(v) for v in labels_only.losses) and labels_only.losses[-1] < labels_only.losses[0]
+    )
     assert labels_only.val_acc > 25  # ten classes: chance is 10 %
     assert student.blocks[0][0].weight.is_contiguous(memory_format=torch.channels_last)  # on CPU too
-    distilled = train(VGG(STUDENT), data, replace(settings, epochs=1, loss=LossWeights(hint="fitnet")),
-                      teachers=[teacher], hint_teacher=teacher, progress=False)
+    distilled = train(
+        VGG(STUDENT),
+        data,
+        replace(settings, epochs=1, loss=LossWeights(hint="fitnet")),
+        teachers=[teacher],
+        hint_teacher=teacher,
+        progress=False,
+    )
     assert math.isfinite(distilled.losses[0]) and 0 <= distilled.test_acc <= 100
 
 
@@ -136,6 +158,9 @@ def test_auto_precision_is_recorded_as_what_it_resolved_to(data, monkeypatch):
     for kind, resolved in (("amx", "bf16"), (None, "fp32")):
         monkeypatch.setattr(device, "cpu_bf16_kind", lambda flags=None, kind=kind: kind)
         torch.manual_seed(0)
-        assert train(VGG(STUDENT), data, TrainSettings(epochs=1, batch_size=100), progress=False).precision == resolved
+        assert (
+            train(VGG(STUDENT), data, TrainSettings(epochs=1, batch_size=100), progress=False).precision
+            == resolved
+        )
     with pytest.raises(IterkdError, match="--precision bf16"):  # the probe still finds no native bf16
         train(VGG(STUDENT), data, TrainSettings(epochs=1, precision="bf16"), progress=False)

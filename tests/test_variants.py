@@ -1,11 +1,12 @@
 """The four variants, Optuna-driven choices, pruning, multi-objective runs, select and the dashboard."""
+
 import json
-from dataclasses import replace
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
+from dataclasses import replace
 
 import optuna
 import pandas as pd
@@ -15,14 +16,15 @@ from iterkd import run_search
 from iterkd.cli import main
 from iterkd.errors import IterkdError
 from iterkd.lineage import lineage_frame
-from iterkd.storage import open_study
 from iterkd.spaces import load_space
+from iterkd.storage import open_study
 from tests.conftest import smoke_config
 
 
 def lineage(cfg):
     return pd.read_csv(f"{cfg.run_dir}/lineage.csv").assign(
-        parents=lambda d: d.parents.map(json.loads), teachers=lambda d: d.teachers.map(json.loads))
+        parents=lambda d: d.parents.map(json.loads), teachers=lambda d: d.teachers.map(json.loads)
+    )
 
 
 def test_parent_children_trains_k_different_siblings_and_a_beam_grows_a_tree(tmp_path):
@@ -73,8 +75,10 @@ def test_greedy_takes_the_space_s_preferred_move_and_records_it_as_trial_params(
 
 def test_kd_ranges_declared_by_the_space_are_suggested_per_child(tmp_path):
     space = tmp_path / "space.yaml"
-    space.write_text("root: {blocks: [[128, 128], [256, 256], [256]]}\noperators: [drop_layer, drop_block]\n"
-                     "kd: {temperature: [2, 8], alpha: 0.5}\n")
+    space.write_text(
+        "root: {blocks: [[128, 128], [256, 256], [256]]}\noperators: [drop_layer, drop_block]\n"
+        "kd: {temperature: [2, 8], alpha: 0.5}\n"
+    )
     cfg = smoke_config(tmp_path / "run", space=str(space), max_generations=1)
     run_search(cfg, progress=False)
     study = open_study(f"sqlite:///{tmp_path}/run/study.db", cfg.name)
@@ -99,10 +103,11 @@ def test_a_pruned_child_is_recorded_as_pruned_and_another_move_is_tried(tmp_path
 
 
 def test_multi_objective_runs_keep_a_pareto_front_and_refuse_pruners(tmp_path):
-    cfg = smoke_config(tmp_path, objectives="acc,params", variant="parent-children", children=2, max_generations=1)
+    cfg = smoke_config(
+        tmp_path, objectives="acc,params", variant="parent-children", children=2, max_generations=1
+    )
     run_search(cfg, progress=False)
-    study = open_study(f"sqlite:///{tmp_path}/study.db", cfg.name,
-                       directions=("maximize", "minimize"))
+    study = open_study(f"sqlite:///{tmp_path}/study.db", cfg.name, directions=("maximize", "minimize"))
     assert len(study.directions) == 2 and study.best_trials
     assert all(t.values[1] == t.user_attrs["params"] for t in study.best_trials)
     with pytest.raises(IterkdError, match="--pruner needs a single objective"):
@@ -121,7 +126,9 @@ def test_select_makes_a_node_the_parent_of_the_next_generation(tmp_path, capsys)
     study = open_study(f"sqlite:///{tmp_path}/study.db", cfg.name)
     assert {"generation": 1, "nodes": [other], "by": "user"} in study.user_attrs["selection_log"]
     assert df.set_index("node").status[other] == "accepted"
-    status = {t.number: t.user_attrs["status"] for t in study.trials}  # the dashboard's column follows the choice
+    status = {
+        t.number: t.user_attrs["status"] for t in study.trials
+    }  # the dashboard's column follows the choice
     assert status == dict(zip(df.node, df.status))
     gen2 = df[df.generation == 2]
     assert len(gen2) == 2 and all(p == [other] for p in gen2.parents)
@@ -137,8 +144,12 @@ def _free_port() -> int:
 def test_dashboard_serves_the_run_on_loopback(smoke_run):
     cfg, _ = smoke_run
     port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "iterkd", "dashboard", str(cfg.run_dir), "--port", str(port)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "iterkd", "dashboard", str(cfg.run_dir), "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         body = None
         for _ in range(120):
@@ -150,16 +161,28 @@ def test_dashboard_serves_the_run_on_loopback(smoke_run):
                 time.sleep(0.5)
         assert body is not None, "dashboard did not answer"
         study = next(s for s in body["study_summaries"] if s["study_name"] == cfg.name)
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies/{study['study_id']}", timeout=10) as r:
+        with urllib.request.urlopen(
+            f"http://127.0.0.1:{port}/api/studies/{study['study_id']}", timeout=10
+        ) as r:
             detail = json.loads(r.read())
         trials = detail["trials"]
         assert len(trials) == 3
         attrs = {a["key"]: a["value"] for a in trials[1]["user_attrs"]}
-        assert {"generation", "parents", "teachers", "spec_summary", "params", "val_acc", "drop", "budget",
-                "status"} <= set(attrs)
+        assert {
+            "generation",
+            "parents",
+            "teachers",
+            "spec_summary",
+            "params",
+            "val_acc",
+            "drop",
+            "budget",
+            "status",
+        } <= set(attrs)
         statuses = [{a["key"]: a["value"] for a in t["user_attrs"]}["status"] for t in trials]
-        assert [json.loads(v) if v.startswith('"') else v for v in statuses] == \
-            pd.read_csv(f"{cfg.run_dir}/lineage.csv").status.tolist()  # the dashboard's column = lineage.csv's
+        assert [json.loads(v) if v.startswith('"') else v for v in statuses] == pd.read_csv(
+            f"{cfg.run_dir}/lineage.csv"
+        ).status.tolist()  # the dashboard's column = lineage.csv's
         assert "Node 1" in trials[1]["note"]["body"] and "accepted" in trials[1]["note"]["body"]
         assert trials[1]["artifacts"], "checkpoint is attached as an artifact"
     finally:
