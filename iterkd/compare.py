@@ -25,7 +25,7 @@ from .lineage import Node, ancestry, nodes
 from .models import VGG
 from .run import Run, open_run
 from .train import train
-from .trainer import train_settings
+from .trainer import kd_settings
 
 METHODS = ("scratch-ce", "one-shot-kd")  # NOKD and BLKD in Mirzadeh et al.'s terms
 HEADERS = [
@@ -183,16 +183,7 @@ def compare_run(
             torch.manual_seed(seed)
             model = VGG(final.spec)
             kd = dict(teachers=teachers, hint_teacher=hint_teacher) if method == "one-shot-kd" else {}
-            settings = replace(
-                train_settings(cfg, n_epochs, seed, child=True),
-                lr=kd_values["lr"],
-                loss=replace(
-                    cfg.loss_weights(),
-                    alpha=kd_values["alpha"],
-                    temperature=kd_values["temperature"],
-                    hint_weight=kd_values["hint_weight"],
-                ),
-            )
+            settings = kd_settings(cfg, n_epochs, seed, kd_values)
             out = train(model, data, settings, progress=progress, desc=f"{method} seed {seed}", **kd)
             results.append(
                 SeedResult(

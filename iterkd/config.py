@@ -383,15 +383,8 @@ class SearchConfig:
         """The dataset this config names, split and subsampled as in its run; on `device` when given."""
         from .data import load_data
 
-        data = load_data(
-            self.dataset,
-            self.data_dir,
-            val_size=self.val_size,
-            train_subset=self.train_subset,
-            test_subset=self.test_subset,
-            seed=self.seed,
-            download=self.download,
-        )
+        split = {k: getattr(self, k) for k in ("val_size", "train_subset", "test_subset", "seed", "download")}
+        data = load_data(self.dataset, self.data_dir, **split)
         return data if device is None else data.to(device)
 
 

@@ -19,6 +19,8 @@ import torch.nn.functional as F
 
 from .errors import IterkdError
 
+DIGITS = tuple("0123456789")
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 DEBIAN_DATASETS = Path("/usr/share/datasets")
 IDX_CLASSES = ("MNIST", "FashionMNIST")  # torchvision classes that read IDX files
 
@@ -59,7 +61,7 @@ DATASETS: dict[str, DatasetInfo] = {
             "Ankle boot",
         ),
     ),
-    "mnist": DatasetInfo("mnist", "MNIST", 1, 10, 32, (0.1307,), (0.3081,), False, tuple("0123456789")),
+    "mnist": DatasetInfo("mnist", "MNIST", 1, 10, 32, (0.1307,), (0.3081,), False, DIGITS),
     "cifar10": DatasetInfo(
         "cifar10",
         "CIFAR10",
@@ -69,21 +71,13 @@ DATASETS: dict[str, DatasetInfo] = {
         (0.4914, 0.4822, 0.4465),
         (0.2470, 0.2435, 0.2616),
         True,
-        ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"),
+        CIFAR10_CLASSES,
     ),
     "cifar100": DatasetInfo(
         "cifar100", "CIFAR100", 3, 100, 32, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), True
     ),
     "svhn": DatasetInfo(
-        "svhn",
-        "SVHN",
-        3,
-        10,
-        32,
-        (0.4377, 0.4438, 0.4728),
-        (0.1980, 0.2010, 0.1970),
-        False,
-        tuple("0123456789"),
+        "svhn", "SVHN", 3, 10, 32, (0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970), False, DIGITS
     ),
     "synthetic": DatasetInfo("synthetic", None, 3, 10, 16, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), False),
 }

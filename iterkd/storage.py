@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -105,55 +106,54 @@ def claim_waiting(study: optuna.Study, owner: dict) -> optuna.Trial | None:
 
     from optuna.storages._rdb import models
 
-    backend = getattr(study._storage, "_backend", study._storage)  # noqa: SLF001 - under the trial cache
     values = {
         k: json.dumps(v) for k, v in owner.items()
     }  # before the transaction: a bad value claims nothing
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,)):
         trial_id = t._trial_id  # noqa: SLF001
-        session = backend.scoped_session()
-        try:
+        with _session(study) as session:
             # One conditional UPDATE: the database evaluates "still WAITING" under the row's write lock
             # (PostgreSQL re-checks it after a concurrent claimer commits; SQLite locks the file).
-            taken = (
-                session.query(models.TrialModel)
-                .filter(
-                    models.TrialModel.trial_id == trial_id,
-                    models.TrialModel.state == optuna.trial.TrialState.WAITING,
-                )
-                .update(
-                    {
-                        "state": optuna.trial.TrialState.RUNNING,
-                        "datetime_start": datetime.now(),
-                    },  # what Optuna's own claim records
-                    synchronize_session=False,
-                )
+            still_waiting = session.query(models.TrialModel).filter(
+                models.TrialModel.trial_id == trial_id,
+                models.TrialModel.state == optuna.trial.TrialState.WAITING,
             )
-            if taken != 1:  # another worker took it first, or the coordinator failed it
-                session.rollback()
-                continue
+            # datetime_start: what Optuna's own claim records.
+            running = {"state": optuna.trial.TrialState.RUNNING, "datetime_start": datetime.now()}
+            if still_waiting.update(running, synchronize_session=False) != 1:
+                continue  # another worker took it first, or the coordinator failed it (nothing written)
             for key, value in values.items():
-                attr = (
-                    session.query(models.TrialUserAttributeModel)
-                    .filter_by(trial_id=trial_id, key=key)
-                    .one_or_none()
-                )
-                if attr is None:
-                    session.add(models.TrialUserAttributeModel(trial_id=trial_id, key=key, value_json=value))
-                else:
-                    attr.value_json = value
+                _put_user_attr(session, trial_id, key, value)
             if models.TrialHeartbeatModel.where_trial_id(trial_id, session) is None:
-                session.add(
-                    models.TrialHeartbeatModel(trial_id=trial_id)
-                )  # the server's clock, as Optuna's beats
-            session.commit()
-        except Exception:
-            session.rollback()
-            raise
-        finally:
-            session.close()
+                session.add(models.TrialHeartbeatModel(trial_id=trial_id))  # the server's clock, as Optuna's
         return optuna.Trial(study, trial_id)
     return None
+
+
+@contextmanager
+def _session(study: optuna.Study):
+    """A session of the study's RDB storage, committed on success and rolled back on any error."""
+    backend = getattr(study._storage, "_backend", study._storage)  # noqa: SLF001 - under the trial cache
+    session = backend.scoped_session()
+    try:
+        yield session
+        session.commit()
+    except Exception:
+        session.rollback()
+        raise
+    finally:
+        session.close()
+
+
+def _put_user_attr(session, trial_id: int, key: str, value_json: str) -> None:
+    """Insert or update one user attribute row of a trial, whatever the trial's state."""
+    from optuna.storages._rdb import models
+
+    row = session.query(models.TrialUserAttributeModel).filter_by(trial_id=trial_id, key=key).one_or_none()
+    if row is None:
+        session.add(models.TrialUserAttributeModel(trial_id=trial_id, key=key, value_json=value_json))
+    else:
+        row.value_json = value_json
 
 
 def fail_waiting(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
@@ -180,31 +180,9 @@ def set_status(study: optuna.Study, number: int, status: str) -> bool:
     selections, so if this fails (another storage, a schema change) only the dashboard column is
     missing: returns False then."""
     try:
-        from optuna.storages._rdb import models
-
-        backend = getattr(study._storage, "_backend", study._storage)  # noqa: SLF001 - under the trial cache
         trial_id = study.get_trials(deepcopy=False)[number]._trial_id  # noqa: SLF001
-        session = backend.scoped_session()
-        try:
-            row = (
-                session.query(models.TrialUserAttributeModel)
-                .filter_by(trial_id=trial_id, key="status")
-                .one_or_none()
-            )
-            if row is None:
-                session.add(
-                    models.TrialUserAttributeModel(
-                        trial_id=trial_id, key="status", value_json=json.dumps(status)
-                    )
-                )
-            else:
-                row.value_json = json.dumps(status)
-            session.commit()
-        except Exception:
-            session.rollback()
-            raise
-        finally:
-            session.close()
+        with _session(study) as session:
+            _put_user_attr(session, trial_id, "status", json.dumps(status))
     except Exception:
         return False
     return True

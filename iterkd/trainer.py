@@ -46,6 +46,15 @@ def train_settings(cfg, epochs: int, seed: int, *, child: bool = False) -> Train
     )
 
 
+def kd_settings(cfg, epochs: int, seed: int, kd: dict) -> TrainSettings:
+    """A child's TrainSettings with its own KD values (`alpha`, `temperature`, `hint_weight`, `lr`),
+    sampled by its trial or recorded on a node (also `iterkd compare`'s one-shot KD)."""
+    loss = replace(
+        cfg.loss_weights(), alpha=kd["alpha"], temperature=kd["temperature"], hint_weight=kd["hint_weight"]
+    )
+    return replace(train_settings(cfg, epochs, seed, child=True), lr=kd["lr"], loss=loss)
+
+
 class NodeTrainer:
     def __init__(
         self,
@@ -94,18 +103,7 @@ class NodeTrainer:
             self.space.root_spec(self.info.channels, self.info.num_classes, self.info.size, self.cfg.width)
         )
         settings = train_settings(self.cfg, self.cfg.root_epochs, self.cfg.seed)
-        return self._record(
-            trial,
-            model,
-            lambda m, on_epoch: train(
-                m,
-                self.data,
-                settings,
-                on_epoch=on_epoch,
-                desc=f"root {m.spec.summary()}",
-                progress=self.progress,
-            ),
-        )
+        return self._train(trial, model, settings, f"root {model.spec.summary()}")
 
     def root_from_teachers(self, paths: list[Path]) -> Node:
         """The root from given checkpoints. One: that model. Several: an ensemble whose averaged
@@ -221,31 +219,17 @@ class NodeTrainer:
             if cfg.teacher_weights == "accuracy"
             else None
         )
-        settings = replace(
-            train_settings(cfg, cfg.epochs, seed, child=True),
-            lr=kd["lr"],
-            loss=replace(
-                cfg.loss_weights(),
-                alpha=kd["alpha"],
-                temperature=kd["temperature"],
-                hint_weight=kd["hint_weight"],
-            ),
-        )
-        return self._record(
+        settings = kd_settings(cfg, cfg.epochs, seed, kd)
+        desc = f"gen {generation} {move.label}"
+        return self._train(
             trial,
             model,
-            lambda m, on_epoch: train(
-                m,
-                self.data,
-                settings,
-                teachers=teachers,
-                teacher_weights=weights,
-                hint_teacher=hint_teacher,
-                teacher_cache=caches,
-                on_epoch=on_epoch,
-                progress=self.progress,
-                desc=f"gen {generation} {move.label}",
-            ),
+            settings,
+            desc,
+            teachers=teachers,
+            teacher_weights=weights,
+            hint_teacher=hint_teacher,
+            teacher_cache=caches,
             parent=parent,
         )
 
@@ -266,6 +250,18 @@ class NodeTrainer:
         return self.train_child(int(a["generation"]), slot, a["key"], moves, trial=trial)
 
     # -- shared by the nodes of a process -----------------------------------------------------------
+    def _train(
+        self, trial, model: VGG, settings: TrainSettings, desc: str, *, parent=None, **teaching
+    ) -> Node:
+        """Train `model` with `train()` as the node of `trial` (`teaching`: teachers, caches, hint teacher)."""
+
+        def fit(m, on_epoch):
+            return train(
+                m, self.data, settings, on_epoch=on_epoch, progress=self.progress, desc=desc, **teaching
+            )
+
+        return self._record(trial, model, fit, parent=parent)
+
     def _record(self, trial: optuna.Trial, model: VGG, fit, *, parent: Node | None = None) -> Node:
         node = run_node(self.run, trial, model, fit, parent=parent, log=self.log)
         if node.ok:

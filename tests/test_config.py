@@ -79,6 +79,7 @@ def test_a_resume_may_change_only_what_does_not_change_a_node():
         "data_dir",
         "download",
         "max_generations",
+        "time_budget",  # a limit on this session's wall time, like --max-generations
         "storage",
         "teacher_cache",
         "compile",
