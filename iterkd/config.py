@@ -28,39 +28,21 @@ SELECT_RULES = ("best-acc", "smallest-within-budget")
 TEACHER_WEIGHTS = ("mean", "accuracy")
 OBJECTIVES = ("acc", "acc,params")
 
-# Each preset is a set of defaults; explicit flags win over it.
+# Each preset is a set of defaults; explicit flags win over it. A table: one preset per row.
+# fmt: off
 PRESETS: dict[str, dict] = {
     # Seconds, for tests: the three-block toy space on synthetic patterns.
-    "smoke": dict(
-        dataset="synthetic",
-        space="tiny",
-        width=1 / 16,
-        epochs=4,
-        root_epochs=3,
-        batch_size=64,
-        val_size=400,
-        max_generations=2,
-        lr=0.05,
-        deploy_figures=False,
-    ),
+    "smoke": dict(dataset="synthetic", space="tiny", width=1 / 16, epochs=4, root_epochs=3, batch_size=64,
+                  val_size=400, max_generations=2, lr=0.05, deploy_figures=False),
     # A CPU demo (< 10 min on 2 cores): 1/8-width root, 20k training images, 5 epochs for the root and
     # 8 per child (chosen when children started from scratch: at 5 the second generation lost 1.12 pts),
     # two generations (docs/results.md has the timings).
-    "quick": dict(
-        width=1 / 8,
-        epochs=8,
-        root_epochs=5,
-        batch_size=128,
-        train_subset=20000,
-        val_size=5000,
-        max_generations=2,
-        lr=0.05,
-    ),
+    "quick": dict(width=1 / 8, epochs=8, root_epochs=5, batch_size=128, train_subset=20000, val_size=5000,
+                  max_generations=2, lr=0.05),
     # Paper scale, for a GPU: full-width root and the whole training set.
-    "full": dict(
-        width=1.0, epochs=30, root_epochs=30, batch_size=512, lr=0.2, val_size=5000, max_generations=20
-    ),
+    "full": dict(width=1.0, epochs=30, root_epochs=30, batch_size=512, lr=0.2, val_size=5000, max_generations=20),
 }
+# fmt: on
 
 
 @dataclass(frozen=True)

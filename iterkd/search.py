@@ -140,6 +140,7 @@ class Search:
     def __init__(self, cfg: SearchConfig, *, progress: bool = True, log: Callable[[str], None] = print):
         self.cfg, self.log = cfg, log
         self.space, self.variant = load_space(cfg.space), VARIANTS[cfg.variant]
+        self.steps = step_controller(cfg, self.space)
         # Every input is checked before the run directory, the study or a trial exists, so a refused
         # command leaves nothing behind and the corrected one starts cleanly.
         for path in cfg.teacher or ():
@@ -194,14 +195,14 @@ class Search:
         stop = ""
         while not stop:
             attempt = self.steps.next_round(step_records(self.study), generation, [n.node for n in frontier])
-            stop = self._limit(attempt, time.perf_counter() - start)
+            stop = limit_reason(self.cfg, self.study, attempt, time.perf_counter() - start)
             if stop:
                 break
             trained = self._train_generation(attempt, frontier)
             ok = [n for n in trained if n.ok]
             best = max(ok, key=lambda n: n.val_acc) if ok else None
             if not trained:
-                stop = self._nothing_to_propose(attempt, frontier)
+                stop = nothing_to_propose_reason(self.cfg, self.space, attempt, frontier)
             elif best is None:
                 stop = f"every candidate of generation {generation} failed"
             else:
@@ -232,7 +233,7 @@ class Search:
                         f"--max-drop {self.cfg.max_drop:g}; backing off to a step of "
                         f"{attempt.step * StepController.BACK_OFF:.1%} from the same parents"
                     )
-            self._refresh_notes(trained, root)
+            refresh_notes(self.study, trained, root)
             write_lineage_csv(
                 self.study, self.opened.run_dir / "lineage.csv"
             )  # current while the search runs
@@ -244,69 +245,6 @@ class Search:
         self.study.set_user_attr("wall_seconds", self.study.user_attrs.get("wall_seconds", 0.0) + seconds)
         write_lineage_csv(self.study, self.opened.run_dir / "lineage.csv")
         return SearchOutcome(root, final, stop, generation - 1, seconds)
-
-    @property
-    def steps(self) -> StepController:
-        """The run's step controller: it starts at the space's step (no larger than --max-step)."""
-        start = 1 - self.space.step
-        largest = start if self.cfg.max_step is None else self.cfg.max_step
-        return StepController(
-            start=min(start, largest), smallest=self.cfg.min_step, largest=largest, max_drop=self.cfg.max_drop
-        )
-
-    def _limit(self, attempt: Round, seconds: float) -> str:
-        """Why the search stops before `attempt`, in words; empty when it goes on."""
-        cfg = self.cfg
-        if attempt.generation > cfg.max_generations:
-            return f"reached --max-generations {cfg.max_generations}"
-        if cfg.time_budget and seconds >= cfg.time_budget:
-            return (
-                f"used the --time-budget of {cfg.time_budget:g} s ({seconds:.0f} s) before generation "
-                f"{attempt.generation}"
-            )
-        if attempt.step < cfg.min_step and not attempt.number:
-            return (
-                f"the first step ({attempt.step:.1%} of the parent's parameters: the space's step, or "
-                f"--max-step) is below --min-step {cfg.min_step:g}; lower --min-step"
-            )
-        if attempt.step < cfg.min_step:
-            last = max(
-                (
-                    r
-                    for r in step_records(self.study)
-                    if r["generation"] == attempt.generation and r["outcome"] == "backed-off"
-                ),
-                key=lambda r: r["round"],
-            )
-            return (
-                f"no step of at least --min-step {cfg.min_step:g} of the parent stays within --max-drop "
-                f"{cfg.max_drop:g}: generation {attempt.generation}'s smallest step ({last['step']:.1%} of "
-                f"node(s) {', '.join(map(str, last['parents']))}) still dropped {last['drop']:.2f} points"
-            )
-        return ""
-
-    def _nothing_to_propose(self, attempt: Round, frontier: list[Node]) -> str:
-        """Why a generation had no candidate, in words."""
-        parents = ", ".join(str(n.node) for n in frontier)
-        if attempt.number:
-            return (
-                f"generation {attempt.generation} overshot --max-drop {self.cfg.max_drop:g} and node(s) "
-                f"{parents} have no smaller step of at least --min-step {self.cfg.min_step:g} left to try"
-            )
-        if any(self.space.moves(n.spec) for n in frontier):
-            return (
-                f"every child the space allows from node(s) {parents} removes less than --min-step "
-                f"{self.cfg.min_step:g} of its parent's parameters"
-            )
-        return "the space has no smaller child to propose (min_model reached)"
-
-    def _refresh_notes(self, generation_nodes: list[Node], root: Node) -> None:
-        """Rewrite a generation's dashboard notes once selection has decided each node's status."""
-        chosen = accepted(self.study)
-        for n in [root] * (root.node not in {g.node for g in generation_nodes}) + generation_nodes:
-            status = node_status(n, chosen)
-            write_note(self.study, n.node, lineage_card(n, root, status))
-            set_status(self.study, n.node, status)  # the dashboard's status column
 
     def _frontier(self, root: Node) -> tuple[list[Node], int]:
         """The accepted nodes to grow from, and the next generation number (resume-aware)."""
@@ -424,6 +362,74 @@ class Search:
                 "--weight-decay) and start again with another --name"
             )
         return root
+
+
+# -- the stop rule's words and the dashboard notes, outside the loop ------------------------------
+
+
+def step_controller(cfg: SearchConfig, space) -> StepController:
+    """The run's step controller: it starts at the space's step (no larger than --max-step)."""
+    start = 1 - space.step
+    largest = start if cfg.max_step is None else cfg.max_step
+    return StepController(
+        start=min(start, largest), smallest=cfg.min_step, largest=largest, max_drop=cfg.max_drop
+    )
+
+
+def limit_reason(cfg: SearchConfig, study: optuna.Study, attempt: Round, seconds: float) -> str:
+    """Why the search stops before `attempt`, in words; empty when it goes on."""
+    if attempt.generation > cfg.max_generations:
+        return f"reached --max-generations {cfg.max_generations}"
+    if cfg.time_budget and seconds >= cfg.time_budget:
+        return (
+            f"used the --time-budget of {cfg.time_budget:g} s ({seconds:.0f} s) before generation "
+            f"{attempt.generation}"
+        )
+    if attempt.step < cfg.min_step and not attempt.number:
+        return (
+            f"the first step ({attempt.step:.1%} of the parent's parameters: the space's step, or "
+            f"--max-step) is below --min-step {cfg.min_step:g}; lower --min-step"
+        )
+    if attempt.step < cfg.min_step:
+        last = max(
+            (
+                r
+                for r in step_records(study)
+                if r["generation"] == attempt.generation and r["outcome"] == "backed-off"
+            ),
+            key=lambda r: r["round"],
+        )
+        return (
+            f"no step of at least --min-step {cfg.min_step:g} of the parent stays within --max-drop "
+            f"{cfg.max_drop:g}: generation {attempt.generation}'s smallest step ({last['step']:.1%} of "
+            f"node(s) {', '.join(map(str, last['parents']))}) still dropped {last['drop']:.2f} points"
+        )
+    return ""
+
+
+def nothing_to_propose_reason(cfg: SearchConfig, space, attempt: Round, frontier: list[Node]) -> str:
+    """Why a generation had no candidate, in words."""
+    parents = ", ".join(str(n.node) for n in frontier)
+    if attempt.number:
+        return (
+            f"generation {attempt.generation} overshot --max-drop {cfg.max_drop:g} and node(s) "
+            f"{parents} have no smaller step of at least --min-step {cfg.min_step:g} left to try"
+        )
+    if any(space.moves(n.spec) for n in frontier):
+        return (
+            f"every child the space allows from node(s) {parents} removes less than --min-step "
+            f"{cfg.min_step:g} of its parent's parameters"
+        )
+    return "the space has no smaller child to propose (min_model reached)"
+
+
+def refresh_notes(study: optuna.Study, generation_nodes: list[Node], root: Node) -> None:
+    """Rewrite a generation's dashboard notes once selection has decided each node's status."""
+    chosen = accepted(study)
+    for n in [root] * (root.node not in {g.node for g in generation_nodes}) + generation_nodes:
+        status = node_status(n, chosen)
+        write_note(study, n.node, lineage_card(n, root, status))
+        set_status(study, n.node, status)  # the dashboard's status column
 
 
 def summary_table(study: optuna.Study):
