@@ -151,8 +151,9 @@ class Search:
                 self.space.root_spec(info.channels, info.num_classes, info.size, cfg.width)
             except IterkdError as e:
                 raise IterkdError(f"--width {cfg.width:g} with space {cfg.space}: {e}") from None
-        resolve_precision(cfg.precision, resolve_device(cfg.device))  # bf16 where it cannot run: refused now
-        data = None if self.remote else cfg.load_data(resolve_device(cfg.device))
+        device = resolve_device(cfg.device)
+        resolve_precision(cfg.precision, device)  # bf16 where it cannot run: refused now
+        data = None if self.remote else cfg.load_data(device)
         self.sampler = make_sampler(cfg.sampler, cfg.seed)
         multi = cfg.objectives == "acc,params"
         self.opened = start_run(

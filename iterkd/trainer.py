@@ -82,26 +82,26 @@ class NodeTrainer:
         return self._data
 
     # -- the root -----------------------------------------------------------------------------------
+    def root_spec(self):
+        """The root this run's space, dataset and --width make."""
+        return self.space.root_spec(self.info.channels, self.info.num_classes, self.info.size, self.cfg.width)
+
     def root_attrs(self) -> dict:
-        spec = self.space.root_spec(self.info.channels, self.info.num_classes, self.info.size, self.cfg.width)
         return node_attrs(
             generation=0,
             parents=(),
             teachers=(),
             operator="root",
-            spec=spec,
+            spec=self.root_spec(),
             key="root",
             epochs=self.cfg.root_epochs,
         )
 
     def train_root(self, trial: optuna.Trial | None = None) -> Node:
         """The root trained on labels; `trial` when a worker claimed it, else a new one."""
-        attrs = self.root_attrs()
-        trial = trial or create_trial(self.run.study, attrs)
+        trial = trial or create_trial(self.run.study, self.root_attrs())
         torch.manual_seed(self.cfg.seed)
-        model = VGG(
-            self.space.root_spec(self.info.channels, self.info.num_classes, self.info.size, self.cfg.width)
-        )
+        model = VGG(self.root_spec())
         settings = train_settings(self.cfg, self.cfg.root_epochs, self.cfg.seed)
         return self._train(trial, model, settings, f"root {model.spec.summary()}")
 

@@ -25,13 +25,12 @@ import optuna
 import pytest
 
 from iterkd import run_search, worker
-from iterkd.errors import IterkdError
 from iterkd.search import Search
 from iterkd.storage import open_study
 from iterkd.worker import STORAGE_ENV, WorkQueue, claim
 from tests.conftest import lineage_shape, smoke_config
+from tests.test_distributed import _postgres_or_skip
 
-POSTGRES = os.environ.get("ITERKD_TEST_POSTGRES", "postgresql://iterkd:iterkd@127.0.0.1:5432/iterkd")
 SOAK_SECONDS = float(os.environ.get("ITERKD_SOAK_SECONDS", "0"))  # 0: one round
 SEED = int(os.environ.get("ITERKD_SOAK_SEED", "15"))  # the chaos loop's; round r uses SEED + r
 WORKERS = 3
@@ -60,16 +59,6 @@ SEARCH = dict(
     train_subset=512,
     val_size=128,
 )
-
-
-def _postgres_or_skip() -> str:
-    try:
-        open_study(POSTGRES, f"probe-{uuid.uuid4().hex[:8]}")
-    except IterkdError as e:
-        pytest.skip(
-            f"no PostgreSQL server at {POSTGRES} ({e}); .ci/run starts one, or set ITERKD_TEST_POSTGRES"
-        )
-    return POSTGRES
 
 
 @pytest.fixture(scope="module")
