@@ -299,3 +299,24 @@ def test_the_cache_is_built_in_the_precision_it_is_given(tmp_path, monkeypatch, 
     assert TeacherCache(
         t, data, seed=7, views=1, directory=tmp_path, node=3, precision=precision
     ).loaded_views == [0]
+
+
+def test_a_search_caches_its_teachers_in_the_runs_precision_with_the_hint_features(
+    tmp_path, monkeypatch, capsys
+):
+    """The trainer's caches: in RUN/cache, built in --precision (auto would be bf16 here, as the
+    probe says AMX), the hint features included, their size said once."""
+    from conftest import smoke_config
+    from safetensors import safe_open
+
+    from iterkd import run_search
+
+    monkeypatch.setattr(device, "cpu_bf16_kind", lambda flags=None: "amx")
+    cfg = smoke_config(tmp_path, max_generations=1, precision="fp32", views=2, epochs=2, root_epochs=1)
+    run_search(cfg, progress=False)
+    logits = list((tmp_path / "cache").glob("node-0-*.safetensors"))
+    assert len(logits) == 1
+    with safe_open(str(logits[0]), framework="pt") as f:
+        assert f.metadata()["precision"] == "fp32"
+    assert len(list((tmp_path / "cache").glob("node-0-*-block-*-view-*.npy"))) >= 2  # each view
+    assert "hint features of node 0, block" in capsys.readouterr().out
