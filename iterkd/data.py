@@ -364,16 +364,17 @@ def augment_draws(n: int, seed: int, view: int, pad: int = 4) -> tuple[torch.Ten
 
 
 def augment(x: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor | None, pad: int = 4) -> torch.Tensor:
-    """Random crop with zero padding and optional horizontal flip, for a whole batch at once."""
+    """Random crop with zero padding and optional horizontal flip, for a whole batch at once.
+
+    The crop takes each image's whole window from a view of every window (`unfold`: no copy), one
+    gather of contiguous rows instead of one index computation per pixel: the same images, 2-3x
+    faster on CPU (docs/performance.md)."""
     n, c, h, w = x.shape
-    padded = F.pad(x, (pad, pad, pad, pad))
-    rows = (offsets[:, 0:1] + torch.arange(h, device=x.device)).view(n, 1, h, 1)
-    cols = (offsets[:, 1:2] + torch.arange(w, device=x.device)).view(n, 1, 1, w)
+    windows = F.pad(x, (pad, pad, pad, pad)).unfold(2, h, 1).unfold(3, w, 1)  # (n, c, dy, dx, h, w)
+    out = windows[torch.arange(n, device=x.device), :, offsets[:, 0], offsets[:, 1]]  # (n, c, h, w)
     if flips is not None:
-        cols = torch.where(flips.view(n, 1, 1, 1), cols.flip(-1), cols)
-    idx_n = torch.arange(n, device=x.device).view(n, 1, 1, 1)
-    idx_c = torch.arange(c, device=x.device).view(1, c, 1, 1)
-    return padded[idx_n, idx_c, rows, cols]
+        out = torch.where(flips.view(n, 1, 1, 1), out.flip(-1), out)
+    return out
 
 
 def epoch_view(epoch: int, views: int | None) -> int:
