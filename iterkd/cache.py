@@ -18,7 +18,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from .checkpoints import write_safetensors
-from .data import DataSplits, view_batches
+from .data import EVAL_BATCH, DataSplits, view_batches
 from .device import autocast, memory_format, resolve_precision
 from .errors import IterkdError
 from .models import VGG
@@ -78,7 +78,7 @@ class TeacherCache:
         views: int,
         directory: str | Path | None = None,
         node: int | str | None = None,
-        batch_size: int = 256,
+        batch_size: int = EVAL_BATCH,
         precision: str = "auto",
         feature_mb: float = DEFAULT_FEATURE_MB,
         log: Callable[[str], None] | None = None,

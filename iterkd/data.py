@@ -23,6 +23,9 @@ DIGITS = tuple("0123456789")
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 DEBIAN_DATASETS = Path("/usr/share/datasets")
 IDX_CLASSES = ("MNIST", "FashionMNIST")  # torchvision classes that read IDX files
+# Batches of inference (validation, test, filling a teacher cache): on one CPU thread 256 images a
+# batch ran 1.26-1.41x faster than 1000 (whose activations outgrow the caches), 128 no faster.
+EVAL_BATCH = 256
 
 
 @dataclass(frozen=True)
@@ -405,7 +408,7 @@ def train_batches(
 
 
 def view_batches(
-    data: DataSplits, seed: int, view: int, batch_size: int = 1000
+    data: DataSplits, seed: int, view: int, batch_size: int = EVAL_BATCH
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Every training sample in index order as (index, normalised images), augmented as in `view`:
     the very images train_batches yields in an epoch using that view with augment_seed `seed`."""
@@ -430,6 +433,6 @@ def _images(
     return normalize(x, data.info)
 
 
-def eval_batches(x: torch.Tensor, y: torch.Tensor, info: DatasetInfo, batch_size: int = 1000):
+def eval_batches(x: torch.Tensor, y: torch.Tensor, info: DatasetInfo, batch_size: int = EVAL_BATCH):
     for start in range(0, len(x), batch_size):
         yield normalize(x[start : start + batch_size], info), y[start : start + batch_size]

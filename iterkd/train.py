@@ -103,7 +103,8 @@ def recalibrate_bn(model: VGG, data: DataSplits, images: int = 2048, precision: 
         m.momentum = None  # cumulative average over the batches below
     model.train()
     with autocast(device, precision):
-        for xb, _ in eval_batches(data.train_x[:images], data.train_y[:images], data.info):
+        # 1000 a batch: with momentum None every batch weighs the same, so the size is part of the result.
+        for xb, _ in eval_batches(data.train_x[:images], data.train_y[:images], data.info, 1000):
             model(xb.contiguous(memory_format=memory_format(device)))
     for m, momentum in zip(bns, momenta):
         m.momentum = momentum
