@@ -172,18 +172,23 @@ class TeacherCache:
         self.teacher.to(self.device, memory_format=fmt).eval().requires_grad_(False)
         logits = torch.empty(self.n, self.teacher.spec.num_classes, dtype=torch.float16, device=self.device)
         feats, array = self._new_features(block, view) if want_feats else (None, None)
-        with torch.no_grad(), autocast(self.device, self.precision):
-            for idx, x in view_batches(self.data, self.seed, view, self.batch_size):
-                x = x.contiguous(memory_format=fmt)
-                if want_logits:
-                    out, blocks = self.teacher.forward_features(x)
-                    # Clamped into fp16's range: beyond +-65504 softmax at any temperature >= 1 is one-hot anyway.
-                    logits[idx] = _fp16(out)
-                    feat = blocks[block] if want_feats else None
-                else:
-                    feat = self.teacher.block_output(x, block)
-                if feats is not None:
-                    feats[idx.to(feats.device)] = _fp16(feat).permute(0, 2, 3, 1).to(feats.device)
+        try:
+            with torch.no_grad(), autocast(self.device, self.precision):
+                for idx, x in view_batches(self.data, self.seed, view, self.batch_size):
+                    x = x.contiguous(memory_format=fmt)
+                    if want_logits:
+                        out, blocks = self.teacher.forward_features(x)
+                        # Clamped into fp16's range: beyond +-65504 softmax at any temperature >= 1 is one-hot anyway.
+                        logits[idx] = _fp16(out)
+                        feat = blocks[block] if want_feats else None
+                    else:
+                        feat = self.teacher.block_output(x, block)
+                    if feats is not None:
+                        feats[idx.to(feats.device)] = _fp16(feat).permute(0, 2, 3, 1).to(feats.device)
+        except BaseException:  # interrupted (Ctrl-C, a fault): no half-written file is left behind
+            if array is not None:
+                self._tmp(block, view).unlink(missing_ok=True)
+            raise
         if want_logits:
             self._logits[view] = logits
             self._seen[view] = torch.zeros(self.n, dtype=torch.bool, device=self.device)
@@ -253,7 +258,7 @@ class TeacherCache:
         if path is None:
             return torch.empty(shape, dtype=FEATURE_DTYPE, device=self.device), None
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp = self._tmp(block, view)
         try:
             array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=shape)
         except OSError as e:
@@ -264,8 +269,7 @@ class TeacherCache:
     def _save_features(self, block: int, view: int, array: np.memmap) -> None:
         """Flush a view's features to their file with an atomic rename (readers never see half of
         one); remove this node's files of the same block and view under another key (stale)."""
-        path = self.feature_path(block, view)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        path, tmp = self.feature_path(block, view), self._tmp(block, view)
         try:
             array.flush()
             with open(tmp, "rb+") as f:
@@ -277,6 +281,10 @@ class TeacherCache:
         for old in path.parent.glob(f"{self.stem.name}-block-{block}-view-{view}-*.npy"):
             if old != path:
                 old.unlink(missing_ok=True)
+
+    def _tmp(self, block: int, view: int) -> Path:
+        path = self.feature_path(block, view)
+        return path.with_name(f".{path.name}.{os.getpid()}.tmp")
 
     def _keep_features(self, block: int, view: int, feats: torch.Tensor, *, fresh: bool) -> None:
         if feats.device != self.device:  # an accelerator keeps them in its own memory (within feature_mb)

@@ -320,3 +320,23 @@ def test_a_search_caches_its_teachers_in_the_runs_precision_with_the_hint_featur
         assert f.metadata()["precision"] == "fp32"
     assert len(list((tmp_path / "cache").glob("node-0-*-block-*-view-*.npy"))) >= 2  # each view
     assert "hint features of node 0, block" in capsys.readouterr().out
+
+
+def test_an_interrupted_fill_leaves_no_feature_file_and_the_next_one_computes_it(tmp_path):
+    data, t = random_splits(), teacher()
+    batches = []
+
+    def interrupt_second_batch(*_):
+        batches.append(1)
+        if len(batches) == 2:
+            raise KeyboardInterrupt
+
+    handle = t.blocks[0].register_forward_pre_hook(interrupt_second_batch)
+    cache = TeacherCache(t, data, seed=7, views=1, directory=tmp_path, node=3, batch_size=32)
+    with pytest.raises(KeyboardInterrupt):
+        cache.cache_features(BLOCK) and cache.ensure_view(0, BLOCK)
+    handle.remove()
+    assert list(tmp_path.iterdir()) == []  # neither a feature file nor its temporary file
+    again = TeacherCache(t, data, seed=7, views=1, directory=tmp_path, node=3)
+    assert again.cache_features(BLOCK) and again.ensure_view(0, BLOCK)
+    assert [p.suffix for p in sorted(tmp_path.iterdir())] == [".npy", ".safetensors"]
