@@ -1,6 +1,6 @@
 """`iterkd bench`: the training speed of the models a search trains — the root, a small child on
 labels alone, and that child distilled from the root with a live teacher or with the teacher cache
-— measured through train() itself, each beside a plain PyTorch loop on the same model (the
+(KD alone, with the FitNets or the SP hint) — measured through train() itself, each beside a plain PyTorch loop on the same model (the
 reference for iterkd's own overhead), printed as one JSON line per case and a summary line."""
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from .arch import VGGSpec, vgg_spec
 from .cache import TeacherCache
 from .data import DATASETS, DataSplits, normalize
 from .device import autocast, compile_mode, memory_format, resolve_precision
-from .losses import LossWeights
-from .models import VGG
+from .losses import DEFAULT_HINT_WEIGHT, LossWeights
+from .models import VGG, hint_blocks
 from .train import TrainSettings, sgd, train
 
 # Fashion-MNIST's shape (one channel, padded to 32x32, 10 classes); random pixels train at the same speed.
@@ -38,7 +38,10 @@ CASES = (
     "child_kd_live",
     "child_kd_cached",
     "child_kd_cached_hint",
+    "child_kd_cached_sp",
 )
+# The hint each distilled case trains with (None: KD alone); the cached ones take it from the cache.
+HINTS = {"child_kd_live": "fitnet", "child_kd_cached_hint": "fitnet", "child_kd_cached_sp": "sp"}
 
 
 @dataclass(frozen=True)
@@ -136,12 +139,15 @@ def run_bench(
             s, kw = settings, {}
             if case.startswith("child_kd"):  # the root teaches; the plain cached case leaves the hint out
                 kw = dict(teachers=[teacher], hint_teacher=teacher)
-                s = replace(s, loss=LossWeights(hint_weight=0.0 if case == "child_kd_cached" else 1.0))
+                hint = HINTS.get(case, "none")
+                s = replace(s, loss=LossWeights(hint=hint, hint_weight=DEFAULT_HINT_WEIGHT[hint]))
             if case.startswith(
                 "child_kd_cached"
             ):  # reopened from its file, as a sibling or a resumed run finds it
                 kw["teacher_cache"] = [
-                    TeacherCache(teacher, d, seed=0, views=plan.views, directory=cache_dir, node=0)
+                    TeacherCache(
+                        teacher, d, seed=0, views=plan.views, directory=cache_dir, node=0, precision=precision
+                    )
                 ]
             with _PeakMemory(device) as peak:
                 result = train(_model(spec, device), d, s, progress=False, **kw)
@@ -149,10 +155,14 @@ def run_bench(
             step_s = min(result.epoch_seconds[1:]) / (len(d.train_x) // plan.batch_size)
             return _Measured(step_s, peak.mb, hit_rate, s.epochs - 1)
 
-        build_s = _fill_cache(teacher, data["child"], plan, cache_dir)
+        block = hint_blocks(child, root)[1]
+        build_s = _fill_cache(teacher, data["child"], plan, cache_dir, block, precision)
         measured: dict[str, _Measured] = {}
         for cases, repeats in (
-            (("plain_child", "child_ce", "child_kd_cached"), plan.repeats),
+            (
+                ("plain_child", "child_ce", "child_kd_cached", "child_kd_cached_hint", "child_kd_cached_sp"),
+                plan.repeats,
+            ),
             (("plain_root", "root"), plan.root_repeats),
         ):
             for _ in range(repeats):
@@ -160,7 +170,7 @@ def run_bench(
                     measured[case] = measure(case).best(measured.get(case))
         vs_plain = {}
         for case in CASES:
-            m = measured.get(case) or measure(case)
+            m = measured[case] = measured.get(case) or measure(case)
             spec = root if case.endswith("root") else child
             teaches = case.startswith("child_kd")
             # plain step / case step: 1.0 is a plain loop's speed, 0.9 is 10 % slower
@@ -174,7 +184,7 @@ def run_bench(
                 "params": spec.params(),
                 "mflops_per_img": round(spec.flops() / 1e6, 2),
                 "teacher": root.summary() if teaches else None,
-                "hint": teaches and case != "child_kd_cached",
+                "hint": HINTS.get(case),
                 "batch_size": plan.batch_size,
                 "timed_epochs": m.timed_epochs,
                 "img_per_s": round(plan.batch_size / m.step_s, 1),
@@ -182,7 +192,7 @@ def run_bench(
                 "step_ratio_vs_ce": round(m.step_s / measured["child_ce"].step_s, 3),
                 "vs_plain": vs_plain[case],
                 "cache_hit_rate": m.hit_rate,
-                "cache_build_s": round(build_s, 2) if case == "child_kd_cached" else None,
+                "cache_build_s": round(build_s, 2) if case.startswith("child_kd_cached") else None,
                 "peak_mem_mb": round(m.peak_mb, 1),
                 "mem": _PeakMemory.kind_on(device),
                 "compile": compile_mode(compile, device, spec) or "off",
@@ -191,9 +201,12 @@ def run_bench(
                 "load_avg_1m": round(os.getloadavg()[0], 2),
                 "torch": torch.__version__,
             }
+    ce_s = measured["child_ce"].step_s
     yield {
         "summary": "vs_plain",
         "vs_plain": {c: r for c, r in vs_plain.items() if not c.startswith("plain_")},
+        # what distilling costs: each child case's step over the CE step (issue 14: cached <= 1.3)
+        "vs_ce": {c: round(measured[c].step_s / ce_s, 3) for c in CASES if c.startswith("child_kd")},
         "precision": resolved,
         "threads": torch.get_num_threads(),
         "load_avg_1m": round(os.getloadavg()[0], 2),
@@ -235,12 +248,17 @@ def _model(spec: VGGSpec, device: torch.device) -> VGG:
     return VGG(spec).to(device)
 
 
-def _fill_cache(teacher: VGG, data: DataSplits, plan: BenchPlan, directory: str) -> float:
-    """Seconds to compute and save every view: the once-per-teacher cost a search amortises."""
+def _fill_cache(
+    teacher: VGG, data: DataSplits, plan: BenchPlan, directory: str, block: int, precision: str
+) -> float:
+    """Seconds to compute and save every view's logits and hint features (`block`): the
+    once-per-teacher cost a search amortises."""
     start = time.perf_counter()
-    cache = TeacherCache(teacher, data, seed=0, views=plan.views, directory=directory, node=0)
+    cache = TeacherCache(
+        teacher, data, seed=0, views=plan.views, directory=directory, node=0, precision=precision
+    )
     for view in range(plan.views):
-        cache.ensure_view(view)
+        cache.ensure_view(view, block if cache.cache_features(block) else None)
     if data.train_x.device.type == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter() - start

@@ -304,6 +304,17 @@ class SearchConfig:
     views: int = setting(
         4, "augmentation views per sample that children cycle through", "speed", range=AT_LEAST_1
     )
+    # The hint teacher's block outputs are cached too (fp16, every view, memory-mapped files in
+    # RUN/cache/): 160 MB for the quick preset's first children, 3.4 GB for the full-width VGG-16
+    # on all of Fashion-MNIST. Over the bound the hint teacher runs live up to its hint block.
+    cache_mb: int = setting(
+        2048,
+        "largest hint-feature cache of one teacher block, in MB over all views "
+        "(with --teacher-cache); a larger one runs the hint teacher live",
+        "speed",
+        range=NOT_NEGATIVE,
+        resumable=True,
+    )
     compile: str = setting(
         "auto",
         "torch.compile mode (auto: CUDA graphs for small models on CUDA)",

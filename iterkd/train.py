@@ -103,7 +103,8 @@ def recalibrate_bn(model: VGG, data: DataSplits, images: int = 2048, precision: 
         m.momentum = None  # cumulative average over the batches below
     model.train()
     with autocast(device, precision):
-        for xb, _ in eval_batches(data.train_x[:images], data.train_y[:images], data.info):
+        # 1000 a batch: with momentum None every batch weighs the same, so the size is part of the result.
+        for xb, _ in eval_batches(data.train_x[:images], data.train_y[:images], data.info, 1000):
             model(xb.contiguous(memory_format=memory_format(device)))
     for m, momentum in zip(bns, momenta):
         m.momentum = momentum
@@ -123,6 +124,7 @@ class ActiveHint:
     teacher_pos: (
         int | None
     )  # the hint teacher's place among the live teachers: its forward gives the features
+    cache: TeacherCache | None = None  # the hint teacher's cache, when it serves this block's features
 
     def __call__(self, student_feats: list[torch.Tensor], teacher_feat: torch.Tensor) -> torch.Tensor:
         return self.kind.loss(student_feats[self.student_block], teacher_feat, self.regressor)
@@ -133,10 +135,17 @@ class ActiveHint:
 
 
 def active_hint(
-    model: VGG, hint_teacher: VGG | None, teachers: Sequence[VGG], loss: LossWeights, device: torch.device
+    model: VGG,
+    hint_teacher: VGG | None,
+    teachers: Sequence[VGG],
+    loss: LossWeights,
+    device: torch.device,
+    caches: Sequence[TeacherCache] = (),
 ) -> ActiveHint | None:
     """The hint `loss.hint` names between `model` and `hint_teacher` (on `device`), or None when
-    there is none to give: no hint teacher, no teachers at all, hint 'none' or weight 0."""
+    there is none to give: no hint teacher, no teachers at all, hint 'none' or weight 0. When the
+    hint teacher teaches through a cache (`caches`, one per teacher) that holds its hint block's
+    outputs, they come from there (no teacher forward at all); else the teacher runs to that block."""
     if hint_teacher is None or not teachers or loss.hint == "none" or loss.hint_weight <= 0:
         return None
     kind = hint_kind(loss.hint)
@@ -148,7 +157,10 @@ def active_hint(
         regressor = kind.regressor(s_ch, t_ch).to(device)
     hint_teacher.to(device, memory_format=memory_format(device)).eval().requires_grad_(False)
     pos = next((i for i, t in enumerate(teachers) if t is hint_teacher), None)
-    return ActiveHint(kind, hint_teacher, s_block, t_block, regressor, pos)
+    cache = caches[pos] if caches and pos is not None else None
+    if cache is not None and not cache.cache_features(t_block):  # over its size bound: live hint
+        cache = None
+    return ActiveHint(kind, hint_teacher, s_block, t_block, regressor, pos, cache)
 
 
 @torch.no_grad()
@@ -170,6 +182,8 @@ def teacher_targets(
         logits = [o[0] for o in outs]
     if hint is None:
         return logits, None
+    if hint.cache is not None:  # stored block outputs: a gather, no teacher forward at all
+        return logits, hint.cache.features(idx, view, hint.teacher_block)
     if outs and hint.teacher_pos is not None:  # the hint teacher already ran in full
         return logits, outs[hint.teacher_pos][1][hint.teacher_block]
     return logits, hint.teacher.block_output(x, hint.teacher_block)  # runs no block after the hint's
@@ -215,7 +229,8 @@ def train(
     With `teachers` the loss is alpha*KD + (1-alpha)*CE (+ the `settings.loss.hint` term between
     `hint_teacher` and the student, of a kind from the hint registry in `losses`); without, plain
     CE. `teacher_cache`, one per teacher in the same order, replaces the teachers' forward
-    passes by lookups; the hint teacher then runs only up to its hint block. `on_epoch(epoch,
+    passes by lookups, the hint's too when the hint teacher is one of them and its block's outputs
+    fit the cache's bound (else the hint teacher runs only up to its hint block). `on_epoch(epoch,
     val_acc)` may raise to stop training (e.g. Optuna pruning). Raises TrainingDiverged when the
     loss becomes NaN/inf."""
     device = data.train_x.device
@@ -242,7 +257,7 @@ def train(
             "augment_seed and views"
         )
     # After manual_seed: a regressor's random init is the same for the same seed.
-    hint = active_hint(model, hint_teacher, teachers, settings.loss, device)
+    hint = active_hint(model, hint_teacher, teachers, settings.loss, device, teacher_cache)
     # Copied to the device once, not in every step.
     weights = None if teacher_weights is None else torch.tensor(teacher_weights, device=device)
 
@@ -275,8 +290,8 @@ def train(
     try:
         for epoch in range(settings.epochs):
             view = epoch_view(epoch, settings.views)
-            for c in teacher_cache:
-                c.ensure_view(view)  # the first epoch on a view runs the teacher over every sample once
+            for c in teacher_cache:  # the first epoch on a view runs the teacher over every sample once
+                c.ensure_view(view, hint.teacher_block if hint and hint.cache is c else None)
             epoch_start = time.perf_counter()
             loss_sum = torch.zeros((), device=device)
             for step, (idx, x, y) in enumerate(

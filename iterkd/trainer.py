@@ -287,5 +287,8 @@ class NodeTrainer:
                 views=self.cfg.views,
                 directory=self.run.run_dir / "cache",
                 node=key,
+                precision=self.cfg.precision,
+                feature_mb=self.cfg.cache_mb,
+                log=self.log,
             )
         return self._caches[key]

@@ -60,12 +60,16 @@ def tiny_bench(monkeypatch):
     )
 
 
-def test_quick_bench_prints_one_json_line_per_case_and_a_summary(tiny_bench, capsys):
+def test_quick_bench_prints_one_json_line_per_case_and_a_summary(tiny_bench, capsys, monkeypatch):
+    def refuse(*_):  # a hint teacher run to its block: what the cached hint cases must not do
+        raise AssertionError("the hint teacher ran although its block outputs were cached")
+
+    monkeypatch.setattr(VGG, "block_output", refuse)
     assert main(["bench", "--quick", "--device", "cpu"]) == 0
     *lines, summary = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [r["case"] for r in lines] == list(bench.CASES)
     by_case = {r["case"]: r for r in lines}
-    alternated = ("plain_child", "child_ce", "child_kd_cached", "plain_root", "root")
+    alternated = set(bench.CASES) - {"child_kd_live"}
     for r in lines:
         assert set(r) == FIELDS
         assert r["img_per_s"] > 0 and r["step_ms"] > 0 and r["peak_mem_mb"] > 0
@@ -90,9 +94,18 @@ def test_quick_bench_prints_one_json_line_per_case_and_a_summary(tiny_bench, cap
         c: by_case[c]["vs_plain"] for c in bench.CASES if not c.startswith("plain_")
     }
     assert by_case["child_kd_live"]["cache_hit_rate"] == 0.0 and by_case["child_kd_live"]["hint"]
-    cached, hinted = by_case["child_kd_cached"], by_case["child_kd_cached_hint"]
-    assert cached["cache_hit_rate"] == 1.0 and not cached["hint"] and cached["cache_build_s"] > 0
-    assert hinted["cache_hit_rate"] == 1.0 and hinted["hint"]
+    assert by_case["child_kd_live"]["hint"] == "fitnet"
+    cached = by_case["child_kd_cached"]
+    assert cached["cache_hit_rate"] == 1.0 and cached["hint"] is None and cached["cache_build_s"] > 0
+    # the hint cases read the hint teacher's block outputs from the cache too: every lookup a hit
+    for case, hint in (("child_kd_cached_hint", "fitnet"), ("child_kd_cached_sp", "sp")):
+        assert by_case[case]["cache_hit_rate"] == 1.0 and by_case[case]["hint"] == hint
+    # what distilling costs, against the CE step: the ratios printed beside each case
+    assert summary["vs_ce"] == {
+        c: pytest.approx(by_case[c]["step_ratio_vs_ce"], abs=0.002)
+        for c in bench.CASES
+        if c.startswith("child_kd")
+    }
 
 
 def test_bench_refuses_an_unknown_compile_mode(capsys):

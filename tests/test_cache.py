@@ -4,11 +4,12 @@ with it gives the live-teacher losses, files are reused, and hits are counted ho
 import pytest
 import torch
 
+from iterkd import device
 from iterkd.arch import VGGSpec
 from iterkd.cache import TeacherCache, weights_fingerprint
 from iterkd.data import DATASETS, DataSplits, train_batches, view_batches
-from iterkd.losses import LossWeights
-from iterkd.models import VGG
+from iterkd.losses import LossWeights, hint_kind
+from iterkd.models import VGG, HintRegressor, hint_blocks
 from iterkd.train import TrainSettings, train
 
 TEACHER = VGGSpec(((8,), (16,), (16,)), in_channels=1, num_classes=10, input_size=16)
@@ -89,7 +90,8 @@ def test_a_view_is_a_miss_the_first_time_and_a_hit_afterwards_including_for_sibl
     )  # epochs 0 and 1 fill views 0 and 1; epoch 2 reuses view 0
     sibling = train_student(data, settings(epochs=3), t, [cache])
     assert sibling.cache_hit_rate == 1.0
-    assert cache.counts() == (6 * 64, 2 * 64)
+    # Each step looks up the logits and the hint teacher's block output: both are counted.
+    assert cache.counts() == (2 * 6 * 64, 2 * 2 * 64)
 
 
 def test_a_cache_file_is_reused_by_a_new_process_and_ignored_when_stale(tmp_path):
@@ -163,3 +165,178 @@ def test_a_cache_for_other_views_or_seed_is_refused_by_train():
     for cache in (TeacherCache(t, data, seed=8, views=2), TeacherCache(t, data, seed=7, views=3)):
         with pytest.raises(ValueError, match="augment_seed and views"):
             train_student(data, settings(), t, [cache])
+
+
+# -- the hint teacher's block outputs ---------------------------------------------------------------
+BLOCK = hint_blocks(STUDENT, TEACHER)[1]  # the teacher block a STUDENT's hint is regressed onto
+
+
+class Refuses(VGG):
+    """A teacher with the given weights that fails the test if any of its blocks runs."""
+
+    def __init__(self, weights: VGG):
+        super().__init__(weights.spec)
+        self.load_state_dict(weights.state_dict())
+        for block in self.blocks:
+            block.register_forward_pre_hook(self._refuse)
+
+    @staticmethod
+    def _refuse(*_):
+        raise AssertionError("the teacher ran although its outputs were cached")
+
+
+def test_cached_hint_features_are_the_teachers_block_outputs_on_the_students_inputs(tmp_path):
+    data, t = random_splits(), teacher()
+    cache = TeacherCache(t, data, seed=7, views=2, directory=tmp_path, node=3)
+    assert cache.cache_features(BLOCK)
+    for epoch in range(2):
+        cache.ensure_view(epoch, BLOCK)
+        for idx, x, _ in train_batches(data, 32, epoch, seed=3, views=2, augment_seed=7):
+            cached = cache.features(idx, epoch, BLOCK)
+            with torch.no_grad():
+                live = t.block_output(x, BLOCK)
+            assert cached.dtype == torch.float16 and cached.shape == live.shape
+            assert cached.is_contiguous(memory_format=torch.channels_last)  # as the student's maps are
+            assert torch.allclose(cached.float(), live, rtol=4.9e-4, atol=1e-3)
+    assert sorted(p.suffix for p in tmp_path.iterdir()) == [".npy", ".npy", ".safetensors"]
+
+
+@pytest.mark.parametrize("hint", ["fitnet", "sp"])
+def test_a_cached_epoch_runs_no_teacher_forward_hint_included(tmp_path, hint):
+    data, t = random_splits(n=64), teacher()
+    s = settings(epochs=2, loss=LossWeights(hint=hint, hint_weight=1.0))
+    live = train_student(data, s, t)
+    first = train_student(data, s, t, [TeacherCache(t, data, seed=7, views=2, directory=tmp_path, node=3)])
+    assert first.losses == pytest.approx(live.losses, rel=1e-3)  # fp16 logits and features
+    assert first.cache_hit_rate == 0.0  # both views computed by this student
+
+    silent = Refuses(t)  # another process: the files hold every view's logits and hint features
+    reopened = TeacherCache(silent, data, seed=7, views=2, directory=tmp_path, node=3)
+    again = train_student(data, s, silent, [reopened])
+    assert again.cache_hit_rate == 1.0 and again.losses == first.losses
+
+
+def test_stale_hint_features_are_rebuilt_never_served(tmp_path):
+    """Same node id, spec, data and views, other weights (a reused run directory): recomputed."""
+    data, a, b = random_splits(), teacher(seed=1), teacher(seed=2)
+    idx, x = torch.arange(96), data_view(data)
+    with torch.no_grad():
+        a_feat, b_feat = a.block_output(x, BLOCK), b.block_output(x, BLOCK)
+    assert (a_feat - b_feat).abs().max() > 1e-2  # a stale hit would be far off
+
+    old = TeacherCache(a, data, seed=7, views=1, directory=tmp_path, node=3)
+    old.cache_features(BLOCK) and old.ensure_view(0, BLOCK)
+    stale = TeacherCache(b, data, seed=7, views=1, directory=tmp_path, node=3)
+    assert stale.cache_features(BLOCK) and stale.ensure_view(0, BLOCK)  # computed, not loaded
+    assert torch.allclose(stale.features(idx, 0, BLOCK).float(), b_feat, rtol=4.9e-4, atol=1e-3)
+    assert stale.counts() == (96, 96)
+    assert [p.name for p in tmp_path.glob("*.npy")] == [stale.feature_path(BLOCK, 0).name]  # a's is gone
+    assert old.feature_path(BLOCK, 0) != stale.feature_path(BLOCK, 0)
+
+    (stale.feature_path(BLOCK, 0)).write_bytes(b"truncated")  # a damaged file is computed again
+    damaged = TeacherCache(b, data, seed=7, views=1, directory=tmp_path, node=3)
+    assert damaged.cache_features(BLOCK) and damaged.ensure_view(0, BLOCK)
+    assert torch.allclose(damaged.features(idx, 0, BLOCK).float(), b_feat, rtol=4.9e-4, atol=1e-3)
+
+
+def test_an_oversized_feature_cache_falls_back_to_the_live_hint_with_one_line(tmp_path):
+    data, t = random_splits(n=64), teacher()
+    c, side = TEACHER.block_output_shapes()[BLOCK]
+    mb = 2 * 64 * c * side * side * 2 / 2**20  # two views of 64 samples, fp16
+    said = []
+    big = TeacherCache(t, data, seed=7, views=2, directory=tmp_path, node=3, feature_mb=mb, log=said.append)
+    assert big.cache_features(BLOCK) and said == [
+        f"hint features of node 3, block {BLOCK}: {mb:.1f} MB (2 views x 64 x {c}x{side}x{side} fp16) in {tmp_path}"
+    ]
+    said.clear()
+    small = TeacherCache(t, data, seed=7, views=2, feature_mb=mb * 0.99, node=3, log=said.append)
+    s = settings(epochs=2)
+    calls = []
+    handle = t.blocks[BLOCK].register_forward_hook(lambda *_: calls.append(1))
+    try:
+        fallback = train_student(data, s, t, [small])
+    finally:
+        handle.remove()
+    assert len(said) == 1 and "over --cache-mb" in said[0] and "the hint teacher runs live" in said[0]
+    # Filling the logits runs it once per view (one batch each); then to its block in every step.
+    assert len(calls) == 2 + 2 * 2
+    assert not list(tmp_path.glob("*.npy"))  # nothing written for the features
+    live = train_student(data, s, t)
+    assert fallback.losses == pytest.approx(live.losses, rel=1e-3)  # the logits still come from the cache
+
+
+def test_hint_losses_on_cached_half_features_are_computed_in_fp32():
+    torch.manual_seed(0)
+    student, cached = torch.randn(32, 8, 4, 4), (torch.randn(32, 16, 2, 2) * 3).half()
+    for kind, regressor in (("fitnet", HintRegressor(8, 16)), ("sp", None)):
+        for ctx in (torch.autocast("cpu", enabled=False), torch.autocast("cpu", dtype=torch.bfloat16)):
+            with ctx:  # the regressor is the student's side: under autocast it runs in bf16 for both
+                reference = hint_kind(kind).loss(student, cached.float(), regressor)
+                got = hint_kind(kind).loss(student, cached, regressor)
+            assert got.dtype == torch.float32, kind
+            torch.testing.assert_close(got, reference, rtol=1e-5, atol=1e-7, msg=kind)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_the_cache_is_built_in_the_precision_it_is_given(tmp_path, monkeypatch, precision):
+    """auto would take bf16 (the probe says AMX): an fp32 run's cache must still never autocast; a
+    file built in one precision is never served to a cache of the other."""
+    monkeypatch.setattr(device, "cpu_bf16_kind", lambda flags=None: "amx")
+    data, t = random_splits(), teacher()
+    seen = set()
+    handle = t.head.register_forward_hook(
+        lambda m, i, out: seen.add((torch.is_autocast_enabled("cpu"), out.dtype))
+    )
+    cache = TeacherCache(t, data, seed=7, views=1, directory=tmp_path, node=3, precision=precision)
+    cache.ensure_view(0)
+    handle.remove()
+    bf16 = precision == "bf16"
+    assert seen == {(bf16, torch.bfloat16 if bf16 else torch.float32)} and cache.precision == precision
+    other = "fp32" if bf16 else "bf16"
+    assert (
+        TeacherCache(t, data, seed=7, views=1, directory=tmp_path, node=3, precision=other).loaded_views == []
+    )
+    assert TeacherCache(
+        t, data, seed=7, views=1, directory=tmp_path, node=3, precision=precision
+    ).loaded_views == [0]
+
+
+def test_a_search_caches_its_teachers_in_the_runs_precision_with_the_hint_features(
+    tmp_path, monkeypatch, capsys
+):
+    """The trainer's caches: in RUN/cache, built in --precision (auto would be bf16 here, as the
+    probe says AMX), the hint features included, their size said once."""
+    from conftest import smoke_config
+    from safetensors import safe_open
+
+    from iterkd import run_search
+
+    monkeypatch.setattr(device, "cpu_bf16_kind", lambda flags=None: "amx")
+    cfg = smoke_config(tmp_path, max_generations=1, precision="fp32", views=2, epochs=2, root_epochs=1)
+    run_search(cfg, progress=False)
+    logits = list((tmp_path / "cache").glob("node-0-*.safetensors"))
+    assert len(logits) == 1
+    with safe_open(str(logits[0]), framework="pt") as f:
+        assert f.metadata()["precision"] == "fp32"
+    assert len(list((tmp_path / "cache").glob("node-0-*-block-*-view-*.npy"))) >= 2  # each view
+    assert "hint features of node 0, block" in capsys.readouterr().out
+
+
+def test_an_interrupted_fill_leaves_no_feature_file_and_the_next_one_computes_it(tmp_path):
+    data, t = random_splits(), teacher()
+    batches = []
+
+    def interrupt_second_batch(*_):
+        batches.append(1)
+        if len(batches) == 2:
+            raise KeyboardInterrupt
+
+    handle = t.blocks[0].register_forward_pre_hook(interrupt_second_batch)
+    cache = TeacherCache(t, data, seed=7, views=1, directory=tmp_path, node=3, batch_size=32)
+    with pytest.raises(KeyboardInterrupt):
+        cache.cache_features(BLOCK) and cache.ensure_view(0, BLOCK)
+    handle.remove()
+    assert list(tmp_path.iterdir()) == []  # neither a feature file nor its temporary file
+    again = TeacherCache(t, data, seed=7, views=1, directory=tmp_path, node=3)
+    assert again.cache_features(BLOCK) and again.ensure_view(0, BLOCK)
+    assert [p.suffix for p in sorted(tmp_path.iterdir())] == [".npy", ".safetensors"]

@@ -82,6 +82,7 @@ def test_a_resume_may_change_only_what_does_not_change_a_node():
         "time_budget",  # a limit on this session's wall time, like --max-generations
         "storage",
         "teacher_cache",
+        "cache_mb",  # like --teacher-cache: cached or live hint features differ by fp16 rounding only
         "compile",
         "deploy_figures",
         "workers",

@@ -408,6 +408,24 @@ def test_augment_crops_with_zero_padding_and_flips_horizontally():
     assert torch.equal(mixed[0], x[0]) and torch.equal(mixed[1], down_right[1])
 
 
+def test_augment_is_every_pixel_taken_from_its_crop_window_as_defined():
+    """The window gather gives exactly the images of the definition, pixel by pixel: the padded
+    image at (row + dy, col + dx), the column mirrored when flipped."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (16, 3, 8, 8), dtype=torch.uint8, generator=g)
+    offsets, flips = torch.randint(0, 9, (16, 2), generator=g), torch.rand(16, generator=g) < 0.5
+    padded = torch.nn.functional.pad(x, (4, 4, 4, 4))
+    expected = torch.empty_like(x)
+    for i in range(16):
+        dy, dx = offsets[i].tolist()
+        for col in range(8):
+            src = 7 - col if flips[i] else col
+            expected[i, :, :, col] = padded[i, :, dy : dy + 8, dx + src]
+    assert torch.equal(augment(x, offsets, flips), expected)
+    unflipped = augment(x, offsets, None)
+    assert torch.equal(torch.where(flips.view(16, 1, 1, 1), unflipped.flip(-1), unflipped), expected)
+
+
 def dot_splits(name: str, n: int = 60) -> DataSplits:
     """Black 32x32 images with one bright pixel at (8, 8) and labels = index."""
     info = DATASETS[name]

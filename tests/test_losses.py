@@ -74,6 +74,15 @@ def test_similarity_matrix_is_the_row_normalised_batch_gram_matrix():
     torch.testing.assert_close(g, torch.tensor([[9 / n0, 9 / n0], [9 / n1, 25 / n1]]))
 
 
+def test_similarity_of_a_channels_last_map_is_that_of_the_same_values_in_nchw():
+    torch.manual_seed(0)
+    feat = torch.randn(6, 5, 3, 4)
+    q = feat.reshape(6, -1)
+    expected = torch.nn.functional.normalize(q @ q.t(), p=2, dim=1)
+    for layout in (torch.contiguous_format, torch.channels_last):
+        torch.testing.assert_close(similarity_matrix(feat.contiguous(memory_format=layout)), expected)
+
+
 def test_sp_loss_is_squared_frobenius_distance_over_b_squared():
     student = torch.tensor([[1.0, 0.0], [0.0, 1.0]]).view(2, 2, 1, 1)  # G_S = I
     teacher = torch.tensor([[1.0, 0.0, 0.0], [1.0, 0.0, 0.0]]).view(2, 3, 1, 1)  # G_T rows = [1, 1] / sqrt 2
