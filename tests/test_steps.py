@@ -278,6 +278,24 @@ def test_a_run_interrupted_around_a_back_off_resumes_to_the_uninterrupted_lineag
     assert decisions(study) == decisions(reference) and len(decisions(reference)) >= 3
 
 
+@pytest.mark.parametrize(
+    "space, first, retry",
+    [
+        ("vgg16_blocks", "drop_block(block=4)", "drop_layer(block=4)"),  # a layer instead of a block
+        ("vgg16_widths", "shrink_widths(block=all, factor=0.75)", "shrink_widths(block=all, factor=0.875)"),
+    ],
+)
+def test_the_shipped_vgg16_spaces_back_off_to_a_half_step(tmp_path, monkeypatch, space, first, retry):
+    fake_training(monkeypatch, overshoot_below(0.7))
+    search(tmp_path, space=space, max_drop=2.0, max_generations=1)
+    study = open_study(f"sqlite:///{tmp_path}/study.db", "smoke")
+    root, overshot, backed_off = (n.spec.params() for n in nodes(study))
+    assert [n.operator for n in nodes(study)][1:] == [first, retry]
+    removed_first, removed_retry = 1 - overshot / root, 1 - backed_off / root
+    # The first step aims at removing half; the retry at a quarter, and gets within 10 points of it.
+    assert removed_retry < removed_first and abs(removed_retry - 0.25) < 0.1
+
+
 def test_max_step_below_the_space_s_step_caps_the_first_step_too(tmp_path, monkeypatch):
     fake_training(monkeypatch, lambda share: 0.0)
     out, study = search(tmp_path, max_drop=4.0, max_step=0.2, max_generations=1)
