@@ -190,7 +190,7 @@ def test_the_controller_replays_recorded_attempts():
         (dict(min_step=0.3, max_step=0.2), "--min-step 0.3 is larger than --max-step 0.2; lower --min-step"),
         (
             dict(min_step=1.0),
-            "--min-step and --max-step are fractions of the parent's parameters a child removes",
+            "--min-step and --max-step are fractions of the parent's size a child removes",
         ),
         (dict(min_step=0.0), "--min-step must be a number in (0, 1]"),
         (dict(time_budget=-1.0), "--time-budget must be a finite number >= 0"),
