@@ -144,6 +144,7 @@ def _auto_preset(device: str) -> str:
 
 
 def cmd_search(args) -> int:
+    from .lineage import epochs_summary, nodes
     from .search import Search, summary_table
     from .sizes import size_changes
     from .storage import redact_url
@@ -177,6 +178,9 @@ def cmd_search(args) -> int:
         f"final model: node {f.node} {f.spec.summary()}: {size_changes(search.size, r.spec, f.spec)}; "
         f"val {f.val_acc:.2f}% (drop {r.val_acc - f.val_acc:.2f} pts), test {f.test_acc:.2f}%"
     )
+    epochs = epochs_summary(nodes(search.study))
+    if epochs:
+        print(f"epochs: {epochs}")
     print(f"lineage: {Path(cfg.run_dir) / 'lineage.csv'}  ({out.seconds:.0f}s this session)")
     from .report import write_report
 

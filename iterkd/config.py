@@ -15,7 +15,7 @@ import typing
 from dataclasses import Field, asdict, dataclass, field, fields, replace
 from pathlib import Path
 
-from .choices import PRUNERS, SAMPLERS
+from .choices import NEEDS_ONE_OBJECTIVE, PRUNERS, SAMPLERS
 from .data import DATASETS
 from .device import COMPILE_MODES, PRECISIONS
 from .errors import IterkdError
@@ -216,7 +216,14 @@ class SearchConfig:
         "search",
         choices=SAMPLERS,
     )
-    pruner: str = setting("none", "stop weak children early (status 'pruned')", "search", choices=PRUNERS)
+    pruner: str = setting(
+        "none",
+        "stop children early: median and hyperband prune weak ones against their siblings (status "
+        "'pruned'); budget prunes those clearly over --max-drop and stops converged ones, keeping "
+        "them (docs/variants.md#pruning)",
+        "search",
+        choices=PRUNERS,
+    )
     objectives: str = setting(
         "acc",
         "what the study optimises; acc,params makes it multi-objective (Pareto front; no pruner)",
@@ -472,9 +479,9 @@ def validate(cfg: SearchConfig) -> SearchConfig:
     for name in SETTINGS:
         _check_setting(name, getattr(cfg, name))
     need(
-        cfg.objectives == "acc" or cfg.pruner == "none",
-        "--pruner needs a single objective: Optuna cannot prune multi-objective trials; "
-        "use --objectives acc or --pruner none",
+        cfg.objectives == "acc" or cfg.pruner not in NEEDS_ONE_OBJECTIVE,
+        f"--pruner {cfg.pruner} needs a single objective: Optuna cannot prune multi-objective trials; "
+        "use --objectives acc, or --pruner budget or none",
     )
     need(
         cfg.workers is None or cfg.sampler == "greedy",

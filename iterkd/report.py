@@ -28,7 +28,7 @@ from matplotlib.ticker import FuncFormatter, LogLocator
 
 from .errors import IterkdError
 from .files import write_atomic
-from .lineage import Node, ancestry, lineage_frame, node_status, root_node
+from .lineage import Node, ancestry, epochs_summary, epochs_text, lineage_frame, node_status, root_node
 from .run import Run, open_run
 from .sizes import SIZES, spec_key
 from .storage import redact_url
@@ -628,7 +628,7 @@ def node_table(view: RunView, nodes: list[Node]) -> pd.DataFrame:
             "× smaller": [_num(_smaller(root_params, _params(n)), ".2f") for n in nodes],
             "bytes": [_si(n.spec.state_bytes(), "B") for n in nodes],
             "FLOPs": [_si(_flops(n)) for n in nodes],
-            "epochs": [str(n.epochs) for n in nodes],
+            "epochs": [epochs_text(n) for n in nodes],
             "seconds": [_num(n.seconds, ".1f") for n in nodes],
             "status": [view.status[n.node] for n in nodes],
         }
@@ -779,6 +779,9 @@ def facts(view: RunView) -> list[tuple[str, str]]:
     smaller = _headline(view)
     if smaller:
         out.append(("smaller", smaller))
+    epochs = epochs_summary(list(view.nodes.values()))
+    if epochs:
+        out.append(("epochs", epochs))
     return out
 
 

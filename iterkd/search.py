@@ -163,7 +163,7 @@ class Search:
             cfg,
             directions=("maximize", "minimize") if multi else ("maximize",),
             sampler=self.sampler,
-            pruner=make_pruner(cfg.pruner, cfg.epochs),
+            pruner=make_pruner(cfg.pruner, cfg.epochs, cfg.max_drop),
             heartbeat=self.remote,
         )
         self.study = self.opened.study
