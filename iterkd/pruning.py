@@ -44,12 +44,12 @@ class BudgetPruner(optuna.pruners.BasePruner):
     def __init__(self, epochs: int, max_drop: float):
         self.epochs, self.max_drop = epochs, max_drop
 
-    def recoverable_pts(self, study: optuna.Study, epoch: int) -> float | None:
+    def recoverable_pts(self, all_nodes: list[Node], epoch: int) -> float | None:
         """How many points a child may still gain after `epoch` (0-based), learned from the run's
         finished children; None before any has finished."""
         gains = [
             n.history[-1] - n.history[epoch]
-            for n in nodes(study)
+            for n in all_nodes
             if n.ok and n.generation and n.epochs == self.epochs and len(n.history) > epoch + 1
         ]
         if not gains:
@@ -59,11 +59,12 @@ class BudgetPruner(optuna.pruners.BasePruner):
     def over_budget(self, study: optuna.Study, history: list[float]) -> str:
         """Why a child with validation accuracies `history` is clearly over budget, or ''."""
         epoch = len(history) - 1
-        root = root_node(nodes(study))
+        all_nodes = nodes(study)
+        root = root_node(all_nodes)
         if root is None or epoch + 1 >= self.epochs:
             return ""
         excess = root.val_acc - history[-1] - self.max_drop
-        recoverable = self.recoverable_pts(study, epoch)
+        recoverable = self.recoverable_pts(all_nodes, epoch)
         if recoverable is None or excess <= recoverable:
             return ""
         return (

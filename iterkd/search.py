@@ -143,7 +143,6 @@ class Search:
         self.cfg, self.log = cfg, log
         self.space, self.variant = load_space(cfg.space), VARIANTS[cfg.variant]
         self.steps = step_controller(cfg, self.space)
-        self.size: Sizes | None = None  # the run's --shrink measure, once the study is open
         # Every input is checked before the run directory, the study or a trial exists, so a refused
         # command leaves nothing behind and the corrected one starts cleanly.
         for path in cfg.teacher or ():
@@ -167,7 +166,7 @@ class Search:
             heartbeat=self.remote,
         )
         self.study = self.opened.study
-        self.size = run_sizes(self.study, cfg.shrink)
+        self.size = run_sizes(self.study, cfg.shrink)  # the run's --shrink measure
         self.trainer = NodeTrainer(self.opened, data=data, progress=progress, log=log)
         self.queue: WorkQueue | None = None
 
