@@ -18,7 +18,7 @@ from .errors import TrainingDiverged
 from .faults import fault_point
 from .lineage import Node, lineage_card, nodes, root_node, within_budget, write_note
 from .models import VGG
-from .pruning import BudgetPruner
+from .pruning import BudgetPruner, OverBudget
 from .run import Run
 from .train import TrainResult
 
@@ -70,7 +70,7 @@ def run_node(
         if isinstance(pruner, BudgetPruner):  # reads the accuracies itself: any objectives
             reason = pruner.over_budget(run.study, history)
             if reason:
-                raise optuna.TrialPruned(reason)
+                raise OverBudget(reason)
             return pruner.converged(history)
         if not multi_objective and trial.should_prune():
             raise optuna.TrialPruned(f"epoch {epoch + 1}: {val_acc:.2f}% is weak against its siblings")
@@ -87,7 +87,9 @@ def run_node(
         return _finish(run, trial, optuna.trial.TrialState.FAIL, log, error=str(e), failure="diverged")
     except optuna.TrialPruned as e:
         trial.set_user_attr("epochs_trained", len(history))
-        return _finish(run, trial, optuna.trial.TrialState.PRUNED, log, error=str(e))
+        trial.set_user_attr("history", history)  # how far it got: an over-budget child's drop
+        failure = "over-budget" if isinstance(e, OverBudget) else ""
+        return _finish(run, trial, optuna.trial.TrialState.PRUNED, log, error=str(e), failure=failure)
     except BaseException as e:
         if not isinstance(e, KeyboardInterrupt):
             trial.set_user_attr("error", (str(e).splitlines() or [type(e).__name__])[0][:300])

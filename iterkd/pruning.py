@@ -27,6 +27,11 @@ import optuna
 from .lineage import Node, nodes, root_node
 
 
+class OverBudget(optuna.TrialPruned):
+    """A child pruned for being clearly over --max-drop: the node is recorded with failure
+    'over-budget', and the search treats it as an overshoot (it backs off to a smaller step)."""
+
+
 class BudgetPruner(optuna.pruners.BasePruner):
     """Built with the run's child epochs and --max-drop; the root's and finished children's
     accuracies are read from the study. `over_budget` and `converged` take a child's validation

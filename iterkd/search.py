@@ -205,13 +205,20 @@ class Search:
             trained = self._train_generation(attempt, frontier)
             ok = [n for n in trained if n.ok]
             best = max(ok, key=lambda n: n.val_acc) if ok else None
+            # Children --pruner budget cut for being clearly over budget overshot too: when no child
+            # finished, the generation backs off with the drop they had when they were cut.
+            over = [n for n in trained if n.failure == "over-budget" and n.history]
             if not trained:
                 stop = nothing_to_propose_reason(self.cfg, self.space, attempt, frontier)
-            elif best is None:
+            elif best is None and not over:
                 stop = f"every candidate of generation {generation} failed"
             else:
-                drop = root.val_acc - best.val_acc
-                within = within_budget(drop, self.cfg.max_drop)
+                drop = (
+                    root.val_acc - best.val_acc
+                    if best is not None
+                    else min(root.val_acc - n.history[-1] for n in over)
+                )
+                within = best is not None and within_budget(drop, self.cfg.max_drop)
                 # Recorded before the selection: a run killed between the two decides this attempt again.
                 record_step(
                     self.study,
@@ -232,8 +239,9 @@ class Search:
                     set_selection(self.study, generation, [n.node for n in frontier])
                     generation += 1
                 else:
+                    who = f"best child (node {best.node})" if best is not None else "every child (pruned)"
                     self.log(
-                        f"gen {generation}: best child (node {best.node}) dropped {drop:.2f} points > "
+                        f"gen {generation}: {who} dropped {drop:.2f} points > "
                         f"--max-drop {self.cfg.max_drop:g}; backing off to a step of "
                         f"{attempt.step * StepController.BACK_OFF:.1%} from the same parents"
                     )
@@ -307,7 +315,9 @@ class Search:
         attempts = itertools.count()
         while True:
             settled = [n for n in results if n.ok or n.state == "PRUNED"]
-            if len(settled) >= slot.count and any(n.ok for n in results):
+            # A child pruned as over budget is an overshoot, like a finished one over --max-drop:
+            # the generation backs off instead of trying another move of the same size.
+            if len(settled) >= slot.count and any(n.ok or n.failure == "over-budget" for n in results):
                 return results
             wave = max(1, slot.count - len(settled)) if self.remote else 1
             queued: list[int] = []

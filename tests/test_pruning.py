@@ -11,7 +11,7 @@ import pytest
 import iterkd.trainer as trainer_mod
 from iterkd import run_search
 from iterkd.cli import main
-from iterkd.lineage import lineage_frame, node_attrs
+from iterkd.lineage import lineage_frame, node_attrs, nodes
 from iterkd.pruning import BudgetPruner
 from iterkd.spaces import load_space
 from iterkd.storage import open_study
@@ -74,6 +74,22 @@ def test_the_budget_pruner_prunes_hopeless_children_and_keeps_converged_ones(
     assert out.final.generation == 2 and out.final.epochs_trained == 3 and out.final.val_acc == ROOT_ACC
     assert df.status[out.final.node] == "accepted"
     assert df.epochs_trained[0] == 3  # the root (smoke: 3 root epochs) is never stopped early
+
+
+def test_a_generation_whose_children_were_pruned_over_budget_backs_off(tmp_path, monkeypatch):
+    scripted_training(monkeypatch, converging_or_hopeless)
+    out = run_search(
+        smoke_config(tmp_path, pruner="budget", max_drop=2.0, teacher_cache=False), progress=False
+    )
+    study = open_study(f"sqlite:///{tmp_path}/study.db", "smoke")
+    steps = [(r["generation"], r["round"], r["outcome"]) for r in study.user_attrs["steps"]]
+    # Generation 2's first child (half its parent) was cut as over budget: a smaller step follows,
+    # as after a finished child over --max-drop, not another move of the same size.
+    assert steps == [(1, 0, "accepted"), (2, 0, "backed-off"), (2, 1, "accepted")]
+    over = next(n for n in nodes(study) if n.state == "PRUNED")
+    assert over.failure == "over-budget" and over.history == (ROOT_ACC - 20.0,)
+    assert study.user_attrs["steps"][1]["drop"] == pytest.approx(20.0)
+    assert out.final.key.endswith("|r1") and out.final.spec.params() > over.spec.params()
 
 
 def test_without_the_budget_pruner_every_child_trains_its_epochs(tmp_path, monkeypatch):
