@@ -212,3 +212,22 @@ def test_budget_is_a_registered_pruner_and_allowed_with_two_objectives(tmp_path)
 
     assert "budget" in PRUNERS and isinstance(make_pruner("budget", 8, 1.0), BudgetPruner)
     assert smoke_config(tmp_path, objectives="acc,params", pruner="budget").pruner == "budget"
+
+
+def test_train_ends_after_the_epoch_whose_callback_returns_true(tmp_path):
+    """The hook a converged child stops through: the weights of that epoch, its accuracies, its count."""
+    from iterkd.models import VGG
+    from iterkd.train import TrainSettings, evaluate, train
+
+    data = smoke_config(tmp_path, train_subset=256).load_data()
+    model = VGG(SPEC)
+    seen = []
+    result = train(
+        model,
+        data,
+        TrainSettings(epochs=4, batch_size=64),
+        on_epoch=lambda epoch, val: seen.append(epoch) or epoch == 1,
+        progress=False,
+    )
+    assert seen == [0, 1] and result.epochs == 2 and len(result.history) == 2
+    assert result.val_acc == result.history[-1] == evaluate(model, data.val_x, data.val_y, data)
