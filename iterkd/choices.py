@@ -14,6 +14,7 @@ import optuna
 
 from .arch import VGGSpec
 from .errors import IterkdError
+from .pruning import BudgetPruner
 from .spaces import Move, SearchSpace
 
 
@@ -96,14 +97,19 @@ SAMPLERS: dict[str, Callable[[int], optuna.samplers.BaseSampler]] = {
     "nsga2": lambda seed: optuna.samplers.NSGAIISampler(seed=seed, population_size=8),
 }
 
-# Pruners by name, each built from the epochs a child trains (Hyperband's largest resource).
-PRUNERS: dict[str, Callable[[int], optuna.pruners.BasePruner]] = {
-    "none": lambda epochs: optuna.pruners.NopPruner(),
-    "median": lambda epochs: optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1),
-    "hyperband": lambda epochs: optuna.pruners.HyperbandPruner(
+# Pruners by name, each built from the epochs a child trains (Hyperband's largest resource) and
+# --max-drop. 'budget' (iterkd.pruning) stops a child that is clearly over budget or converged.
+PRUNERS: dict[str, Callable[[int, float], optuna.pruners.BasePruner]] = {
+    "none": lambda epochs, max_drop: optuna.pruners.NopPruner(),
+    "median": lambda epochs, max_drop: optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1),
+    "hyperband": lambda epochs, max_drop: optuna.pruners.HyperbandPruner(
         min_resource=1, max_resource=max(epochs, 2), reduction_factor=3
     ),
+    "budget": lambda epochs, max_drop: BudgetPruner(epochs, max_drop),
 }
+# Pruners that need Optuna's intermediate values, which multi-objective studies do not take; the
+# budget pruner reads a child's accuracies directly (iterkd.node), so it works with any objectives.
+NEEDS_ONE_OBJECTIVE = ("median", "hyperband")
 
 
 def _registered(registry: dict, name: str, flag: str):
@@ -117,6 +123,6 @@ def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
     return _registered(SAMPLERS, name, "--sampler")(seed)
 
 
-def make_pruner(name: str, epochs: int) -> optuna.pruners.BasePruner:
-    """The pruner registered as `name`, for children trained `epochs` epochs."""
-    return _registered(PRUNERS, name, "--pruner")(epochs)
+def make_pruner(name: str, epochs: int, max_drop: float) -> optuna.pruners.BasePruner:
+    """The pruner registered as `name`, for children trained `epochs` epochs within `max_drop`."""
+    return _registered(PRUNERS, name, "--pruner")(epochs, max_drop)

@@ -144,7 +144,9 @@ def _auto_preset(device: str) -> str:
 
 
 def cmd_search(args) -> int:
+    from .lineage import epochs_summary, nodes
     from .search import Search, summary_table
+    from .sizes import size_changes
     from .storage import redact_url
 
     cfg, resumed = config_from_args(args)
@@ -173,10 +175,12 @@ def cmd_search(args) -> int:
     r, f = out.root, out.final
     print(f"stopped: {out.stop_reason}")
     print(
-        f"final model: node {f.node} {f.spec.summary()}: {f.spec.params():,} params "
-        f"({r.spec.params() / f.spec.params():.1f}x smaller than the root's {r.spec.params():,}), "
+        f"final model: node {f.node} {f.spec.summary()}: {size_changes(search.size, r.spec, f.spec)}; "
         f"val {f.val_acc:.2f}% (drop {r.val_acc - f.val_acc:.2f} pts), test {f.test_acc:.2f}%"
     )
+    epochs = epochs_summary(nodes(search.study))
+    if epochs:
+        print(f"epochs: {epochs}")
     print(f"lineage: {Path(cfg.run_dir) / 'lineage.csv'}  ({out.seconds:.0f}s this session)")
     from .report import write_report
 

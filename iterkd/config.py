@@ -15,12 +15,13 @@ import typing
 from dataclasses import Field, asdict, dataclass, field, fields, replace
 from pathlib import Path
 
-from .choices import PRUNERS, SAMPLERS
+from .choices import NEEDS_ONE_OBJECTIVE, PRUNERS, SAMPLERS
 from .data import DATASETS
 from .device import COMPILE_MODES, PRECISIONS
 from .errors import IterkdError
 from .inherit import INIT_MODES
 from .losses import DEFAULT_HINT_WEIGHT, HINTS, LossWeights
+from .sizes import SIZES
 from .variants import VARIANTS
 
 # Names with no registry of their own, each defined here once and used in help and errors.
@@ -157,13 +158,21 @@ class SearchConfig:
     max_generations: int = setting(
         10, "stop after this many generations", "search", range=AT_LEAST_1, resumable=True
     )
-    # The step controller (docs/variants.md): a step is the fraction of its parent's parameters a
-    # child removes; it starts at the space's step, halves after an over-budget generation and grows
-    # by half after one far inside the budget.
+    # The step controller (docs/variants.md): a step is the fraction of its parent's size (--shrink)
+    # a child removes; it starts at the space's step, halves after an over-budget generation and
+    # grows by half after one far inside the budget.
+    # Not resumable: it changes which children a step proposes. Runs saved before it existed: params.
+    shrink: str = setting(
+        "params",
+        "what a step's size and the headline 'x smaller' measure: parameters, FLOPs per image, or "
+        "batch-1 CPU latency (measured once per architecture and kept in the study; docs/usage.md)",
+        "search",
+        choices=SIZES,
+    )
     min_step: float = setting(
         0.05,
         "smallest step: a child must remove at least this fraction of its parent's "
-        "parameters; the search ends when no step this large stays within --max-drop",
+        "size (--shrink); the search ends when no step this large stays within --max-drop",
         "search",
         metavar="FRACTION",
         range=Range(0, 1, above=True),
@@ -171,7 +180,7 @@ class SearchConfig:
     max_step: float | None = setting(
         None,
         "largest step the controller grows to while children stay far inside "
-        "the budget (a fraction of the parent's parameters)",
+        "the budget (a fraction of the parent's size, --shrink)",
         "search",
         metavar="FRACTION",
         range=Range(0, 1, above=True),
@@ -207,7 +216,14 @@ class SearchConfig:
         "search",
         choices=SAMPLERS,
     )
-    pruner: str = setting("none", "stop weak children early (status 'pruned')", "search", choices=PRUNERS)
+    pruner: str = setting(
+        "none",
+        "stop children early: median and hyperband prune weak ones against their siblings (status "
+        "'pruned'); budget prunes those clearly over --max-drop and stops converged ones, keeping "
+        "them (docs/variants.md#pruning)",
+        "search",
+        choices=PRUNERS,
+    )
     objectives: str = setting(
         "acc",
         "what the study optimises; acc,params makes it multi-objective (Pareto front; no pruner)",
@@ -474,9 +490,9 @@ def validate(cfg: SearchConfig) -> SearchConfig:
     for name in SETTINGS:
         _check_setting(name, getattr(cfg, name))
     need(
-        cfg.objectives == "acc" or cfg.pruner == "none",
-        "--pruner needs a single objective: Optuna cannot prune multi-objective trials; "
-        "use --objectives acc or --pruner none",
+        cfg.objectives == "acc" or cfg.pruner not in NEEDS_ONE_OBJECTIVE,
+        f"--pruner {cfg.pruner} needs a single objective: Optuna cannot prune multi-objective trials; "
+        "use --objectives acc, or --pruner budget or none",
     )
     need(
         cfg.workers is None or cfg.sampler == "greedy",
@@ -485,7 +501,7 @@ def validate(cfg: SearchConfig) -> SearchConfig:
     )
     need(
         cfg.min_step < 1 and (cfg.max_step is None or cfg.max_step < 1),
-        "--min-step and --max-step are fractions of the parent's parameters a child removes: below 1",
+        "--min-step and --max-step are fractions of the parent's size a child removes: below 1",
     )
     if cfg.max_step is not None and cfg.min_step > cfg.max_step:
         raise IterkdError(

@@ -30,6 +30,7 @@ LINEAGE_COLUMNS = [
     "status",
     "seconds",
     "epochs",
+    "epochs_trained",
     "alpha",
     "temperature",
     "hint_weight",
@@ -56,7 +57,8 @@ class Node:
     val_acc: float | None = None
     test_acc: float | None = None
     seconds: float | None = None
-    epochs: int = 0
+    epochs: int = 0  # planned
+    epochs_trained: int | None = None  # fewer when a pruner stopped it; None: not recorded (older runs)
     checkpoint: str | None = None
     error: str = ""
     failure: str = ""  # "diverged" (NaN/inf loss: not retried); empty for an interrupted trial
@@ -89,6 +91,7 @@ class Node:
             test_acc=a.get("test_acc"),
             seconds=a.get("seconds"),
             epochs=int(a.get("epochs", 0)),
+            epochs_trained=a.get("epochs_trained"),
             checkpoint=a.get("checkpoint"),
             error=a.get("error", "interrupted" if t.state.name == "FAIL" else ""),
             failure=a.get("failure", ""),
@@ -249,6 +252,7 @@ def lineage_frame(study: optuna.Study) -> pd.DataFrame:
                 "status": node_status(n, chosen),
                 "seconds": n.seconds,
                 "epochs": n.epochs,
+                "epochs_trained": n.epochs_trained,
                 "alpha": n.loss.get("alpha"),
                 "temperature": n.loss.get("temperature"),
                 "hint_weight": n.loss.get("hint_weight"),
@@ -299,11 +303,33 @@ def lineage_card(n: Node, root: Node | None, status: str | None = None) -> str:
         ("accuracy", acc),
         ("drop vs root", drop or "—"),
         ("KD settings", ", ".join(f"{k}={v:g}" for k, v in n.loss.items()) or "labels only"),
-        ("epochs", n.epochs),
+        ("epochs", epochs_text(n)),
         ("error", n.error or "—"),
     ]
     lines = [f"## Node {n.node}", "", "| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows]
     return "\n".join(lines) + "\n"
+
+
+def epochs_text(n: Node) -> str:
+    """'4', or '3 of 4' for a node a pruner stopped early."""
+    if n.epochs_trained is None or n.epochs_trained == n.epochs:
+        return str(n.epochs)
+    return f"{n.epochs_trained} of {n.epochs}"
+
+
+def epochs_summary(all_nodes: list[Node]) -> str:
+    """What early stopping (--pruner) saved: the epochs the children trained against their planned
+    epochs, and how many were pruned or stopped converged. Empty when no child recorded its epochs."""
+    done = [n for n in all_nodes if n.generation and n.epochs_trained is not None and n.state != "FAIL"]
+    if not done:
+        return ""
+    trained, planned = sum(n.epochs_trained for n in done), sum(n.epochs for n in done)
+    pruned = sum(n.state == "PRUNED" for n in done)
+    converged = sum(n.state == "COMPLETE" and n.epochs_trained < n.epochs for n in done)
+    return (
+        f"children trained {trained} of {planned} planned epochs ({planned - trained} saved: "
+        f"{pruned} pruned, {converged} stopped converged)"
+    )
 
 
 def write_note(study: optuna.Study, number: int, body: str) -> None:

@@ -18,10 +18,11 @@ from .errors import TrainingDiverged
 from .faults import fault_point
 from .lineage import Node, lineage_card, nodes, root_node, within_budget, write_note
 from .models import VGG
+from .pruning import BudgetPruner, OverBudget
 from .run import Run
 from .train import TrainResult
 
-Fit = Callable[[VGG, Callable[[int, float], None]], TrainResult]  # (model, on_epoch) -> result
+Fit = Callable[[VGG, Callable[[int, float], bool]], TrainResult]  # (model, on_epoch) -> result
 
 
 def owner_attrs() -> dict:
@@ -50,18 +51,30 @@ def run_node(
 ) -> Node:
     """Train `model` with `fit` as the RUNNING `trial`, then record it. Diverged and pruned nodes
     finish as FAIL/PRUNED; anything else (Ctrl-C, a full disk, a bug) fails the trial and propagates,
-    and the candidate is trained again on resume."""
+    and the candidate is trained again on resume. A child the budget pruner finds converged stops
+    training there and is recorded like any other; `epochs_trained` says how far each node got."""
     cfg = run.cfg
     multi_objective = len(run.study.directions) > 1
+    pruner = run.study.pruner
+    history: list[float] = []
 
-    def on_epoch(epoch: int, val_acc: float) -> None:
+    def on_epoch(epoch: int, val_acc: float) -> bool:
+        """True: stop training here, keeping the weights (converged)."""
+        history.append(val_acc)
+        if parent is None:
+            return False
         # Children are compared by how far below their parent they are at each epoch, so the
         # pruner does not cut every child of a later (smaller) generation against earlier ones.
-        if parent is None or multi_objective:
-            return
-        trial.report(val_acc - parent.val_acc, epoch)
-        if trial.should_prune():
+        if not multi_objective:
+            trial.report(val_acc - parent.val_acc, epoch)
+        if isinstance(pruner, BudgetPruner):  # reads the accuracies itself: any objectives
+            reason = pruner.over_budget(run.study, history)
+            if reason:
+                raise OverBudget(reason)
+            return pruner.converged(history)
+        if not multi_objective and trial.should_prune():
             raise optuna.TrialPruned(f"epoch {epoch + 1}: {val_acc:.2f}% is weak against its siblings")
+        return False
 
     try:
         result = fit(model, on_epoch)
@@ -70,9 +83,13 @@ def run_node(
         fault_point("checkpoint-written")
         artifact_id = attach(run, trial, run.run_dir / ckpt)
     except TrainingDiverged as e:
+        trial.set_user_attr("epochs_trained", len(history))
         return _finish(run, trial, optuna.trial.TrialState.FAIL, log, error=str(e), failure="diverged")
     except optuna.TrialPruned as e:
-        return _finish(run, trial, optuna.trial.TrialState.PRUNED, log, error=str(e))
+        trial.set_user_attr("epochs_trained", len(history))
+        trial.set_user_attr("history", history)  # how far it got: an over-budget child's drop
+        failure = "over-budget" if isinstance(e, OverBudget) else ""
+        return _finish(run, trial, optuna.trial.TrialState.PRUNED, log, error=str(e), failure=failure)
     except BaseException as e:
         if not isinstance(e, KeyboardInterrupt):
             trial.set_user_attr("error", (str(e).splitlines() or [type(e).__name__])[0][:300])
@@ -88,6 +105,7 @@ def run_node(
         "drop": round(drop, 4),
         "seconds": round(result.seconds, 2),
         "history": result.history,
+        "epochs_trained": result.epochs,
         "images_per_s": round(result.images_per_s, 1),
         "budget": "within" if within_budget(drop, cfg.max_drop) else "over",
         "teacher_cache_hit_rate": result.cache_hit_rate,

@@ -28,8 +28,9 @@ from matplotlib.ticker import FuncFormatter, LogLocator
 
 from .errors import IterkdError
 from .files import write_atomic
-from .lineage import Node, ancestry, lineage_frame, node_status, root_node
+from .lineage import Node, ancestry, epochs_summary, epochs_text, lineage_frame, node_status, root_node
 from .run import Run, open_run
+from .sizes import SIZES, spec_key
 from .storage import redact_url
 
 FORMATS = ("csv", "parquet")
@@ -54,6 +55,7 @@ SETTINGS = (
     "dataset",
     "preset",
     "max_drop",
+    "shrink",
     "max_generations",
     "children",
     "beam",
@@ -96,6 +98,7 @@ class RunView:
     wall_seconds: float | None
     gaps: tuple[str, ...]
     span_seconds: float | None = None  # first node's start to last node's end, when wall time is missing
+    latency_ms: dict | None = None  # the run's measured batch-1 CPU latencies by spec (sizes.spec_key)
 
     @property
     def root(self) -> Node | None:
@@ -191,7 +194,19 @@ def run_view(run: Run) -> RunView:
             f"results of node(s) {', '.join(map(str, unfinished))} (still marked running: a crash "
             f"leaves them so; `iterkd resume {run_dir}` resumes them)"
         )
-    return RunView(run_dir, name, config, nodes, status, stop_reason, final_node, wall, tuple(gaps), span)
+    return RunView(
+        run_dir,
+        name,
+        config,
+        nodes,
+        status,
+        stop_reason,
+        final_node,
+        wall,
+        tuple(gaps),
+        span,
+        dict(attrs.get("latency_ms", {})),
+    )
 
 
 def _span_seconds(study: optuna.Study) -> float | None:
@@ -613,7 +628,7 @@ def node_table(view: RunView, nodes: list[Node]) -> pd.DataFrame:
             "× smaller": [_num(_smaller(root_params, _params(n)), ".2f") for n in nodes],
             "bytes": [_si(n.spec.state_bytes(), "B") for n in nodes],
             "FLOPs": [_si(_flops(n)) for n in nodes],
-            "epochs": [str(n.epochs) for n in nodes],
+            "epochs": [epochs_text(n) for n in nodes],
             "seconds": [_num(n.seconds, ".1f") for n in nodes],
             "status": [view.status[n.node] for n in nodes],
         }
@@ -651,9 +666,20 @@ def _generation_heading(view: RunView, generation: int, nodes: list[Node]) -> st
     )
 
 
+def _search_latency(view: RunView) -> Callable[[Node], float | None] | None:
+    """A node's latency as the search measured it (--shrink's measurement, which every search takes
+    of its root and final model), when the run has it for both; else None."""
+    table = view.latency_ms or {}
+    root, final = view.root, view.final
+    if root is None or final is None or not {spec_key(root.spec), spec_key(final.spec)} <= set(table):
+        return None
+    return lambda n: table[spec_key(n.spec)]
+
+
 def root_vs_final_table(view: RunView) -> pd.DataFrame:
-    """Root vs final model: architecture, size, cost and accuracy, with the change between them, and
-    the CPU deployment figures when the run measured them for both."""
+    """Root vs final model: architecture, size, cost and accuracy, with the change between them; the
+    batch-1 CPU latency (the deployment figure, else the search's own measurement), and the other
+    CPU deployment figures when the run measured them for both."""
     root, final = view.root, view.final
     # row label: (the node's figure, how it is shown, the word for the change; None: no change shown)
     rows = {
@@ -664,19 +690,24 @@ def root_vs_final_table(view: RunView) -> pd.DataFrame:
         "validation accuracy %": (lambda n: n.val_acc, lambda v: _num(v, ".2f"), "drop"),
         "test accuracy %": (lambda n: n.test_acc, lambda v: _num(v, ".2f"), "drop"),
     }
-    if (
+    deployed = (
         root is not None
         and final is not None
         and _measured(root, "latency_ms_b1")
         and _measured(final, "latency_ms_b1")
-    ):
-        threads = _num(final.deploy.get("cpu_threads"), ".0f")
-        threads = f"{threads} thread{'s' * (threads != '1')}"
+    )
+    threads = _num(final.deploy.get("cpu_threads"), ".0f") if deployed else "1"
+    threads = f"{threads} thread{'s' * (threads != '1')}"
+    searched = _search_latency(view)
+    if deployed:
         rows[f"CPU latency, batch 1, {threads} (ms)"] = (
             _deploy_figure("latency_ms_b1"),
             lambda v: _num(v, ".2f"),
             "faster",
         )
+    elif searched is not None:  # the search times its root and final model whatever its --shrink
+        rows["CPU latency, batch 1, 1 thread (ms)"] = (searched, lambda v: _num(v, ".3f"), "faster")
+    if deployed:
         rows[f"CPU throughput, batch 64, {threads} (img/s)"] = (
             _deploy_figure("throughput_b64"),
             lambda v: _num(v, ",.0f"),
@@ -745,7 +776,28 @@ def facts(view: RunView) -> list[tuple[str, str]]:
             )
         )
         out.append(("budget", f"--max-drop {c.get('max_drop')} validation accuracy points vs the root"))
+    smaller = _headline(view)
+    if smaller:
+        out.append(("smaller", smaller))
+    epochs = epochs_summary(list(view.nodes.values()))
+    if epochs:
+        out.append(("epochs", epochs))
     return out
+
+
+def _headline(view: RunView) -> str:
+    """How much smaller the final model is in the run's --shrink measure (runs saved before --shrink
+    existed measured parameters); empty without a root and a final model."""
+    root, final = view.root, view.final
+    name = view.config.get("shrink", "params")
+    if root is None or final is None or name not in SIZES:
+        return ""
+    measure = SIZES[name]
+    size = _search_latency(view) if measure.of_spec is None else (lambda n: measure.of_spec(n.spec))
+    if size is None:
+        return ""
+    how = "batch-1 CPU latency as the search measured it" if measure.of_spec is None else measure.noun
+    return f"{_smaller(size(root), size(final)):.2f}× {measure.fewer} (--shrink {name}: {how})"
 
 
 def settings_table(view: RunView) -> pd.DataFrame:

@@ -36,6 +36,7 @@ from .lineage import (
     write_note,
 )
 from .run import WriterLock, fail_interrupted_trials, start_run, verify_checkpoints
+from .sizes import SIZES, Sizes
 from .spaces import Move, load_space
 from .storage import set_status
 from .trainer import NodeTrainer
@@ -55,8 +56,9 @@ class SearchOutcome:
 @dataclass(frozen=True)
 class Round:
     """One attempt at a generation: its number (0, then 1, 2, ... after each back-off), the step it
-    tries (the fraction of its parent's parameters a child removes) and the nodes the earlier
-    attempts of this generation trained (they overshot; no child of theirs is proposed again)."""
+    tries (the fraction of its parent's size a child removes, in the run's --shrink measure) and the
+    nodes the earlier attempts of this generation trained (they overshot; no child of theirs is
+    proposed again)."""
 
     generation: int
     number: int
@@ -65,7 +67,7 @@ class Round:
 
     @property
     def target(self) -> float:
-        """The child/parent parameter ratio this step aims at."""
+        """The child/parent size ratio this step aims at (in the run's --shrink measure)."""
         return 1 - self.step
 
     def key(self, slot: Slot, attempt: int) -> str:
@@ -75,7 +77,8 @@ class Round:
 
 @dataclass(frozen=True)
 class StepController:
-    """Sizes each generation's step against the budget. A generation whose best child is over
+    """Sizes each generation's step against the budget; a step is the fraction of its parent's size
+    (parameters, FLOPs or latency: --shrink) a child removes. A generation whose best child is over
     --max-drop backs off: the same parents try again with half the step (0.5 -> 0.25 -> 0.125 of
     the parent removed, i.e. ratio 0.5 -> 0.75 -> 0.875). One whose best child lost at most half of
     --max-drop lets the next step grow by half, up to `largest`. Every decided attempt is a record
@@ -113,11 +116,10 @@ class StepController:
                 number, overshot = number + 1, overshot + tuple(r["nodes"])
         return Round(generation, number, step, overshot)
 
-    def allows(self, child: Move, parent: Node, floor: int) -> bool:
-        """A proposed child removes at least --min-step of its parent and, after a back-off, keeps
-        more parameters than every child of this parent that overshot (`floor`)."""
-        params = child.spec.params()
-        return 1 - params / parent.spec.params() >= self.smallest and params > floor
+    def allows(self, child_size: float, parent_size: float, floor: float) -> bool:
+        """A proposed child removes at least --min-step of its parent's size and, after a back-off,
+        is larger than every child of this parent that overshot (`floor`); sizes in one measure."""
+        return 1 - child_size / parent_size >= self.smallest and child_size > floor
 
 
 def step_records(study: optuna.Study) -> list[dict]:
@@ -160,10 +162,11 @@ class Search:
             cfg,
             directions=("maximize", "minimize") if multi else ("maximize",),
             sampler=self.sampler,
-            pruner=make_pruner(cfg.pruner, cfg.epochs),
+            pruner=make_pruner(cfg.pruner, cfg.epochs, cfg.max_drop),
             heartbeat=self.remote,
         )
         self.study = self.opened.study
+        self.size = run_sizes(self.study, cfg.shrink)  # the run's --shrink measure
         self.trainer = NodeTrainer(self.opened, data=data, progress=progress, log=log)
         self.queue: WorkQueue | None = None
 
@@ -202,13 +205,20 @@ class Search:
             trained = self._train_generation(attempt, frontier)
             ok = [n for n in trained if n.ok]
             best = max(ok, key=lambda n: n.val_acc) if ok else None
+            # Children --pruner budget cut for being clearly over budget overshot too: when no child
+            # finished, the generation backs off with the drop they had when they were cut.
+            over = [n for n in trained if n.failure == "over-budget" and n.history]
             if not trained:
                 stop = nothing_to_propose_reason(self.cfg, self.space, attempt, frontier)
-            elif best is None:
+            elif best is None and not over:
                 stop = f"every candidate of generation {generation} failed"
             else:
-                drop = root.val_acc - best.val_acc
-                within = within_budget(drop, self.cfg.max_drop)
+                drop = (
+                    root.val_acc - best.val_acc
+                    if best is not None
+                    else min(root.val_acc - n.history[-1] for n in over)
+                )
+                within = best is not None and within_budget(drop, self.cfg.max_drop)
                 # Recorded before the selection: a run killed between the two decides this attempt again.
                 record_step(
                     self.study,
@@ -229,8 +239,9 @@ class Search:
                     set_selection(self.study, generation, [n.node for n in frontier])
                     generation += 1
                 else:
+                    who = f"best child (node {best.node})" if best is not None else "every child (pruned)"
                     self.log(
-                        f"gen {generation}: best child (node {best.node}) dropped {drop:.2f} points > "
+                        f"gen {generation}: {who} dropped {drop:.2f} points > "
                         f"--max-drop {self.cfg.max_drop:g}; backing off to a step of "
                         f"{attempt.step * StepController.BACK_OFF:.1%} from the same parents"
                     )
@@ -240,6 +251,7 @@ class Search:
             )  # current while the search runs
             fault_point("between-generations")
         final = frontier[0]
+        self.size.measure_specs(root.spec, final.spec)  # the report shows every measure, --shrink or not
         seconds = time.perf_counter() - start
         self.study.set_user_attr("stop_reason", stop)
         self.study.set_user_attr("final_node", final.node)
@@ -276,16 +288,19 @@ class Search:
         return trained
 
     def _moves(self, attempt: Round, parent: Node) -> list[Move]:
-        """The children this attempt may propose from `parent`, closest to its step first."""
+        """The children this attempt may propose from `parent`, closest to its step first (sizes in
+        the run's --shrink measure; latencies are timed, and recorded, before they are compared)."""
         earlier = [
             n for n in nodes(self.study) if n.node in attempt.overshot and n.parents[:1] == (parent.node,)
         ]
-        floor = max((n.spec.params() for n in earlier if n.ok), default=0)
+        size = self.size
+        size.prepare([parent.spec] + [m.spec for m in self.space.moves(parent.spec)])
+        floor = max((size(n.spec) for n in earlier if n.ok), default=0)
         tried = {n.spec for n in earlier}
         return [
             m
-            for m in self.space.moves(parent.spec, target=attempt.target)
-            if m.spec not in tried and self.steps.allows(m, parent, floor)
+            for m in self.space.moves(parent.spec, target=attempt.target, size=size)
+            if m.spec not in tried and self.steps.allows(size(m.spec), size(parent.spec), floor)
         ]
 
     def _fill_slot(self, attempt: Round, slot: Slot) -> list[Node]:
@@ -300,7 +315,9 @@ class Search:
         attempts = itertools.count()
         while True:
             settled = [n for n in results if n.ok or n.state == "PRUNED"]
-            if len(settled) >= slot.count and any(n.ok for n in results):
+            # A child pruned as over budget is an overshoot, like a finished one over --max-drop:
+            # the generation backs off instead of trying another move of the same size.
+            if len(settled) >= slot.count and any(n.ok or n.failure == "over-budget" for n in results):
                 return results
             wave = max(1, slot.count - len(settled)) if self.remote else 1
             queued: list[int] = []
@@ -368,6 +385,14 @@ class Search:
 # -- the stop rule's words and the dashboard notes, outside the loop ------------------------------
 
 
+def run_sizes(study: optuna.Study, shrink: str) -> Sizes:
+    """The run's size measure; measured latencies live in the study attribute `latency_ms`, so a
+    resumed run reads the values its decisions were made with instead of timing again."""
+    return Sizes(
+        shrink, study.user_attrs.get("latency_ms", {}), lambda table: study.set_user_attr("latency_ms", table)
+    )
+
+
 def step_controller(cfg: SearchConfig, space) -> StepController:
     """The run's step controller: it starts at the space's step (no larger than --max-step)."""
     start = 1 - space.step
@@ -388,8 +413,8 @@ def limit_reason(cfg: SearchConfig, study: optuna.Study, attempt: Round, seconds
         )
     if attempt.step < cfg.min_step and not attempt.number:
         return (
-            f"the first step ({attempt.step:.1%} of the parent's parameters: the space's step, or "
-            f"--max-step) is below --min-step {cfg.min_step:g}; lower --min-step"
+            f"the first step ({attempt.step:.1%} of the parent's {SIZES[cfg.shrink].noun}: the "
+            f"space's step, or --max-step) is below --min-step {cfg.min_step:g}; lower --min-step"
         )
     if attempt.step < cfg.min_step:
         last = max(
@@ -419,7 +444,7 @@ def nothing_to_propose_reason(cfg: SearchConfig, space, attempt: Round, frontier
     if any(space.moves(n.spec) for n in frontier):
         return (
             f"every child the space allows from node(s) {parents} removes less than --min-step "
-            f"{cfg.min_step:g} of its parent's parameters"
+            f"{cfg.min_step:g} of its parent's {SIZES[cfg.shrink].noun}"
         )
     return "the space has no smaller child to propose (min_model reached)"
 

@@ -199,12 +199,18 @@ class SearchSpace:
             self.root_arch, self.root_width if width is None else width, in_channels, num_classes, input_size
         )
 
-    def moves(self, spec: VGGSpec, target: float | None = None) -> list[Move]:
+    def moves(
+        self,
+        spec: VGGSpec,
+        target: float | None = None,
+        size: Callable[[VGGSpec], float] = VGGSpec.params,
+    ) -> list[Move]:
         """Every child the space allows from `spec`, those whose size ratio to the parent is closest
         to `target` first (on a log scale; ties: the smaller child, then YAML order). The target is
         the space's `step` unless the search's step controller asks for another ratio (a smaller
-        step after an overshoot). A step of 0.5 halves the model per generation: big enough to
-        compress, small enough that a few epochs of distillation recover the accuracy."""
+        step after an overshoot); `size` is the run's --shrink measure (parameters by default). A
+        step of 0.5 halves the model per generation: big enough to compress, small enough that a few
+        epochs of distillation recover the accuracy."""
         seen, moves = set(), []
         for name, params in self.operators:
             for m in OPERATORS[name](spec, params):
@@ -214,12 +220,11 @@ class SearchSpace:
         order = {m: i for i, m in enumerate(moves)}
         log_target = math.log(self.step if target is None else target)
 
+        parent = size(spec)
+
         def preference(m: Move):
-            return (
-                round(abs(math.log(m.spec.params() / spec.params()) - log_target), 9),
-                m.spec.params(),
-                order[m],
-            )
+            child = size(m.spec)
+            return (round(abs(math.log(child / parent) - log_target), 9), child, order[m])
 
         return sorted(moves, key=preference)
 

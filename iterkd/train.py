@@ -231,8 +231,9 @@ def train(
     CE. `teacher_cache`, one per teacher in the same order, replaces the teachers' forward
     passes by lookups, the hint's too when the hint teacher is one of them and its block's outputs
     fit the cache's bound (else the hint teacher runs only up to its hint block). `on_epoch(epoch,
-    val_acc)` may raise to stop training (e.g. Optuna pruning). Raises TrainingDiverged when the
-    loss becomes NaN/inf."""
+    val_acc)` may raise to stop training (e.g. Optuna pruning), or return True to end it after
+    this epoch with the weights it has (a converged child); the result's `epochs` is the number
+    trained. Raises TrainingDiverged when the loss becomes NaN/inf."""
     device = data.train_x.device
     fmt = memory_format(device)
     precision = resolve_precision(settings.precision, device)
@@ -334,8 +335,8 @@ def train(
             val = evaluate(model, data.val_x, data.val_y, data, precision)
             history.append(val)
             bar.set_postfix(loss=f"{mean_loss:.3f}", val=f"{val:.2f}%", epoch=epoch + 1)
-            if on_epoch is not None:
-                on_epoch(epoch, val)
+            if on_epoch is not None and on_epoch(epoch, val):
+                break
     finally:
         bar.close()
     seconds = time.perf_counter() - start
@@ -344,7 +345,7 @@ def train(
         history[-1],
         test,
         seconds,
-        settings.epochs,
+        len(history),
         history,
         images / max(seconds, 1e-9),
         epoch_seconds,

@@ -90,7 +90,7 @@ def run_worker(
     # Optuna does not store samplers and pruners: without these a worker's trials got Optuna's
     # defaults (an unseeded TPE, a MedianPruner) whatever --sampler/--pruner the run was started with.
     run.study.sampler = make_sampler(run.cfg.sampler, run.cfg.seed)
-    run.study.pruner = make_pruner(run.cfg.pruner, run.cfg.epochs)
+    run.study.pruner = make_pruner(run.cfg.pruner, run.cfg.epochs, run.cfg.max_drop)
     if not config_path(run.run_dir).exists():
         raise IterkdError(
             f"run directory {run.run_dir} has no config.json: a worker needs the run directory the "

@@ -205,5 +205,5 @@ def test_every_shipped_space_passes_the_schema_with_its_operator_parameters():
         space = load_space(name)
         for _, params in space.operators:
             assert set(params) <= {"factors", "scope"}
-    shrink = ("shrink_widths", {"factors": [0.75, 0.5], "scope": ["block", "all"]})
+    shrink = ("shrink_widths", {"factors": [0.875, 0.75, 0.5], "scope": ["block", "all"]})
     assert load_space("vgg16_widths").operators == (shrink,)

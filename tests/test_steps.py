@@ -190,7 +190,7 @@ def test_the_controller_replays_recorded_attempts():
         (dict(min_step=0.3, max_step=0.2), "--min-step 0.3 is larger than --max-step 0.2; lower --min-step"),
         (
             dict(min_step=1.0),
-            "--min-step and --max-step are fractions of the parent's parameters a child removes",
+            "--min-step and --max-step are fractions of the parent's size a child removes",
         ),
         (dict(min_step=0.0), "--min-step must be a number in (0, 1]"),
         (dict(time_budget=-1.0), "--time-budget must be a finite number >= 0"),
@@ -276,6 +276,24 @@ def test_a_run_interrupted_around_a_back_off_resumes_to_the_uninterrupted_lineag
         ]
 
     assert decisions(study) == decisions(reference) and len(decisions(reference)) >= 3
+
+
+@pytest.mark.parametrize(
+    "space, first, retry",
+    [
+        ("vgg16_blocks", "drop_block(block=4)", "drop_layer(block=4)"),  # a layer instead of a block
+        ("vgg16_widths", "shrink_widths(block=all, factor=0.75)", "shrink_widths(block=all, factor=0.875)"),
+    ],
+)
+def test_the_shipped_vgg16_spaces_back_off_to_a_half_step(tmp_path, monkeypatch, space, first, retry):
+    fake_training(monkeypatch, overshoot_below(0.7))
+    search(tmp_path, space=space, max_drop=2.0, max_generations=1)
+    study = open_study(f"sqlite:///{tmp_path}/study.db", "smoke")
+    root, overshot, backed_off = (n.spec.params() for n in nodes(study))
+    assert [n.operator for n in nodes(study)][1:] == [first, retry]
+    removed_first, removed_retry = 1 - overshot / root, 1 - backed_off / root
+    # The first step aims at removing half; the retry at a quarter, and gets within 10 points of it.
+    assert removed_retry < removed_first and abs(removed_retry - 0.25) < 0.1
 
 
 def test_max_step_below_the_space_s_step_caps_the_first_step_too(tmp_path, monkeypatch):

@@ -110,7 +110,7 @@ def test_multi_objective_runs_keep_a_pareto_front_and_refuse_pruners(tmp_path):
     study = open_study(f"sqlite:///{tmp_path}/study.db", cfg.name, directions=("maximize", "minimize"))
     assert len(study.directions) == 2 and study.best_trials
     assert all(t.values[1] == t.user_attrs["params"] for t in study.best_trials)
-    with pytest.raises(IterkdError, match="--pruner needs a single objective"):
+    with pytest.raises(IterkdError, match="--pruner median needs a single objective"):
         smoke_config(tmp_path / "x", objectives="acc,params", pruner="median")
 
 
