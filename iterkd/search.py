@@ -13,6 +13,7 @@ from pathlib import Path
 
 import optuna
 
+from . import objective
 from .checkpoints import read_checkpoint
 from .choices import make_pruner, make_sampler, move_params
 from .config import SearchConfig
@@ -164,6 +165,7 @@ class Search:
             heartbeat=self.remote,
         )
         self.study = self.opened.study
+        objective.adopt(self.study)  # a new run's objective; one made before it keeps its own
         self.trainer = NodeTrainer(self.opened, data=data, progress=progress, log=log)
         self.queue: WorkQueue | None = None
 
@@ -227,6 +229,7 @@ class Search:
                     frontier = self._select(ok, root)
                     fault_point("selection")
                     set_selection(self.study, generation, [n.node for n in frontier])
+                    objective.agree(self.study, frontier[0])  # Optuna's best trial follows the search
                     generation += 1
                 else:
                     self.log(
@@ -243,6 +246,7 @@ class Search:
         seconds = time.perf_counter() - start
         self.study.set_user_attr("stop_reason", stop)
         self.study.set_user_attr("final_node", final.node)
+        objective.agree(self.study, final)
         self.study.set_user_attr("wall_seconds", self.study.user_attrs.get("wall_seconds", 0.0) + seconds)
         write_lineage_csv(self.study, self.opened.run_dir / "lineage.csv")
         return SearchOutcome(root, final, stop, generation - 1, seconds)
