@@ -37,11 +37,14 @@ PRESETS: dict[str, dict] = {
                   val_size=400, max_generations=2, lr=0.05, deploy_figures=False),
     # A CPU demo (< 10 min on 2 cores): 1/8-width root, 20k training images, 5 epochs for the root and
     # 8 per child (chosen when children started from scratch: at 5 the second generation lost 1.12 pts),
-    # two generations (docs/results.md has the timings).
+    # two generations (docs/results.md has the timings); the final model is polished for 8 epochs, as
+    # long as a child trains: it doubles the final model's KD at the cost of one small child, since the
+    # final model is the chain's smallest and the root's logits are already cached.
     "quick": dict(width=1 / 8, epochs=8, root_epochs=5, batch_size=128, train_subset=20000, val_size=5000,
-                  max_generations=2, lr=0.05),
-    # Paper scale, for a GPU: full-width root and the whole training set.
-    "full": dict(width=1.0, epochs=30, root_epochs=30, batch_size=512, lr=0.2, val_size=5000, max_generations=20),
+                  max_generations=2, lr=0.05, final_epochs=8),
+    # Paper scale, for a GPU: full-width root and the whole training set; a polish as long as a child.
+    "full": dict(width=1.0, epochs=30, root_epochs=30, batch_size=512, lr=0.2, val_size=5000, max_generations=20,
+                 final_epochs=30),
 }
 # fmt: on
 
@@ -272,6 +275,18 @@ class SearchConfig:
     )
     epochs: int = setting(5, "epochs per child", "training", range=AT_LEAST_1)
     root_epochs: int = setting(5, "epochs for the root", "training", range=AT_LEAST_1)
+    # The polish (docs/usage.md#the-final-polish): the final model trained on, from its own weights,
+    # with KD from the root (ancestors variants: all its ancestors). Resumable: a finished run resumed
+    # with another value polishes again; the nodes of the search are unchanged. 0 by default so that a
+    # run saved before the polish existed resumes as it was.
+    final_epochs: int = setting(
+        0,
+        "epochs of KD that polish the last accepted node after the search stops (0: no polish); "
+        "the better of the two on validation is the final model",
+        "training",
+        range=NOT_NEGATIVE,
+        resumable=True,
+    )
     batch_size: int = setting(128, "images per training step", "training", range=AT_LEAST_1)
     lr: float = setting(0.05, "peak learning rate (one-cycle schedule)", "training", range=POSITIVE)
     weight_decay: float = setting(5e-4, "SGD weight decay", "training", range=NOT_NEGATIVE)

@@ -181,8 +181,26 @@ def selections(study: optuna.Study) -> dict[int, list[int]]:
 
 
 def accepted(study: optuna.Study) -> set[int]:
-    """Every node some generation accepted (selected as a parent of the next)."""
-    return {i for ids in selections(study).values() for i in ids}
+    """Every node some generation accepted (selected as a parent of the next), and the polish when
+    it was kept as the final model."""
+    kept = study.user_attrs.get("polish") or {}
+    return {i for ids in selections(study).values() for i in ids} | (
+        {kept["node"]} if kept.get("kept") else set()
+    )
+
+
+POLISH = "polish"  # the operator (and key prefix) of a polish node: the final model trained on
+
+
+def polish_record(study: optuna.Study) -> dict:
+    """The last polish's decision: node, from (the node it polished), epochs, kept, gain (validation
+    points over `from`; None when it failed); empty when the run has no polish."""
+    return dict(study.user_attrs.get("polish") or {})
+
+
+def record_polish(study: optuna.Study, record: dict) -> None:
+    """Record whether the polish is the final model (decided after it finished, like a selection)."""
+    study.set_user_attr("polish", record)
 
 
 def set_selection(study: optuna.Study, generation: int, node_ids: list[int], by: str = "search") -> None:

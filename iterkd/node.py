@@ -13,6 +13,7 @@ from pathlib import Path
 import optuna
 from optuna.artifacts import FileSystemArtifactStore, upload_artifact
 
+from . import objective
 from .checkpoints import load_model, save_checkpoint
 from .errors import TrainingDiverged
 from .faults import fault_point
@@ -117,11 +118,11 @@ def run_node(
         figures.update(node_figures(load_model(run.run_dir / ckpt)))
     for k, v in figures.items():
         trial.set_user_attr(k, v)
-    # Feasible when <= 0; a drop at the budget up to float error is exactly 0.
-    trial.set_constraint(
-        "drop_over_budget", 0.0 if within_budget(drop, cfg.max_drop) else drop - cfg.max_drop
-    )
-    values = [result.val_acc, model.spec.params()] if multi_objective else result.val_acc
+    # What Optuna optimises (iterkd.objective): constraints are feasible when <= 0, and a drop at
+    # the budget up to float error is exactly 0.
+    values, constraints = objective.told(run.study, model.spec.params(), result.val_acc, drop, cfg.max_drop)
+    for name, value in constraints.items():
+        trial.set_constraint(name, value)
     node = _finish(run, trial, optuna.trial.TrialState.COMPLETE, log, values=values)
     fault_point("trial-told")
     log_node(run, node, log)

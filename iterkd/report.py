@@ -28,7 +28,17 @@ from matplotlib.ticker import FuncFormatter, LogLocator
 
 from .errors import IterkdError
 from .files import write_atomic
-from .lineage import Node, ancestry, epochs_summary, epochs_text, lineage_frame, node_status, root_node
+from .lineage import (
+    POLISH,
+    Node,
+    ancestry,
+    epochs_summary,
+    epochs_text,
+    lineage_frame,
+    node_status,
+    polish_record,
+    root_node,
+)
 from .run import Run, open_run
 from .sizes import SIZES, spec_key
 from .storage import redact_url
@@ -99,6 +109,8 @@ class RunView:
     gaps: tuple[str, ...]
     span_seconds: float | None = None  # first node's start to last node's end, when wall time is missing
     latency_ms: dict | None = None  # the run's measured batch-1 CPU latencies by spec (sizes.spec_key)
+    steps: tuple[dict, ...] = ()  # the study's `steps`: each decided attempt of a generation (search.py)
+    polish: dict | None = None  # lineage.polish_record: the polish and whether it is the final model
 
     @property
     def root(self) -> Node | None:
@@ -111,7 +123,8 @@ class RunView:
 
     @property
     def generations(self) -> int:
-        return max(n.generation for n in self.nodes.values()) + 1
+        """Generations of the search, root included (a polish is not one)."""
+        return max(n.generation for n in self.nodes.values() if n.operator != POLISH) + 1
 
     def accepted_path(self) -> list[int]:
         """Node ids from the root to the final node along first parents."""
@@ -194,6 +207,7 @@ def run_view(run: Run) -> RunView:
             f"results of node(s) {', '.join(map(str, unfinished))} (still marked running: a crash "
             f"leaves them so; `iterkd resume {run_dir}` resumes them)"
         )
+    steps = tuple(sorted(attrs.get("steps", []), key=lambda r: (r["generation"], r["round"])))
     return RunView(
         run_dir,
         name,
@@ -206,6 +220,8 @@ def run_view(run: Run) -> RunView:
         tuple(gaps),
         span,
         dict(attrs.get("latency_ms", {})),
+        steps,
+        polish_record(study) or None,
     )
 
 
@@ -652,9 +668,62 @@ def generation_tables(view: RunView) -> list[tuple[str, pd.DataFrame]]:
     ]
 
 
+def steps_table(view: RunView) -> pd.DataFrame:
+    """Each attempt of each generation, in order: the step tried (the share of its parents'
+    parameters a child removes), the child/parent size it aimed at, the best child's drop and
+    whether the generation accepted it or backed off to a smaller step from the same parents."""
+    rows = [
+        {
+            "generation": str(r["generation"]),
+            "attempt": str(r["round"] + 1),
+            "step": f"{r['step']:.1%}",
+            "target ratio": f"{r['target']:.3f}",
+            "parents": ", ".join(map(str, r["parents"])),
+            "nodes": ", ".join(map(str, r["nodes"])),
+            "best drop pts": _num(r.get("drop"), ".2f"),
+            "outcome": r["outcome"],
+        }
+        for r in view.steps
+    ]
+    columns = [
+        "generation",
+        "attempt",
+        "step",
+        "target ratio",
+        "parents",
+        "nodes",
+        "best drop pts",
+        "outcome",
+    ]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def polish_line(view: RunView) -> str | None:
+    """The polish in one sentence for the summary; None when the run had none."""
+    p = view.polish
+    if not p or p.get("node") not in view.nodes:
+        return None
+    n = view.nodes[p["node"]]
+    taught = ", ".join(map(str, n.teachers)) or "—"
+    if p.get("gain") is None:
+        result = f"failed ({n.error}); node {p['from']} stays the final model"
+    elif p.get("kept"):
+        result = f"{p['gain']:+.2f} pts on validation over node {p['from']}: it is the final model"
+    else:
+        result = f"{p['gain']:+.2f} pts on validation against node {p['from']}, which stays the final model"
+    return f"node {n.node}: node {p['from']} trained {p['epochs']} more epochs with KD from node(s) {taught}; {result}"
+
+
 def _generation_heading(view: RunView, generation: int, nodes: list[Node]) -> str:
     if generation == 0:
         return "Generation 0: the root"
+    polishes = [n for n in nodes if n.operator == POLISH]
+    if polishes and len(polishes) == len(nodes):
+        kept = [n.node for n in polishes if view.status[n.node] == "accepted"]
+        return (
+            f"Polish of node {', '.join(str(_parent(n)) for n in polishes)} (not a generation of the "
+            f"search); final model: {', '.join(map(str, kept)) or 'not the polish'}"
+        )
     parents = sorted({p for p in map(_parent, nodes) if p is not None})
     accepted = ", ".join(str(n.node) for n in nodes if view.status[n.node] == "accepted")
     if not accepted:
@@ -767,6 +836,11 @@ def facts(view: RunView) -> list[tuple[str, str]]:
         ("total wall time", wall),
         ("nodes", f"{len(view.nodes)} over {view.generations} generations ({kinds or 'root only'})"),
     ]
+    backed_off = sum(r["outcome"] == "backed-off" for r in view.steps)
+    if view.steps:
+        out.append(("attempts", f"{len(view.steps)} ({backed_off} backed off to a smaller step)"))
+    if polish_line(view):
+        out.append(("polish", polish_line(view)))
     if c:
         out.append(
             (
@@ -918,6 +992,13 @@ def render_html(view: RunView, tree_svg: bytes, plot_png: bytes) -> str:
     generations = "".join(
         f"<h3>{esc(h)}</h3><div class='wide'>{_html_table(t)}</div>" for h, t in generation_tables(view)
     )
+    steps = steps_table(view)
+    steps_html = (
+        f"<div class='wide'>{_html_table(steps)}</div>"
+        if len(steps)
+        else "<p class='sub'>No attempt recorded (a run made before steps were recorded, or one that "
+        "stopped before its first generation).</p>"
+    )
     c = view.config
     subtitle = " · ".join(
         esc(str(x)) for x in (view.run_dir, c.get("dataset"), c.get("space"), c.get("variant")) if x
@@ -941,6 +1022,7 @@ def render_html(view: RunView, tree_svg: bytes, plot_png: bytes) -> str:
 <img id="plot" class="plot" alt="validation accuracy vs parameters and FLOPs"
  src="data:image/png;base64,{base64.b64encode(plot_png).decode()}">
 </section>
+<section id="steps"><h2>Steps and back-offs</h2>{steps_html}</section>
 <section id="generations"><h2>Generations</h2>{generations}</section>
 <section id="settings"><h2>Settings</h2>{_html_table(settings_table(view), "summary")}</section>
 <p class="sub">Written by <code>iterkd report</code> from the run's Optuna study; the machine-readable table
@@ -982,6 +1064,10 @@ def render_markdown(view: RunView) -> str:
         "## Accuracy vs size",
         "",
         "![validation accuracy vs parameters and FLOPs](pareto.png)",
+        "",
+        "## Steps and back-offs",
+        "",
+        _markdown_table(steps_table(view)) if view.steps else "No attempt recorded.",
         "",
         "## Generations",
         "",

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import optuna
 
+from . import objective
 from .checkpoints import read_checkpoint
 from .choices import make_pruner, make_sampler, move_params
 from .config import SearchConfig
@@ -21,6 +22,7 @@ from .device import resolve_device, resolve_precision
 from .errors import IterkdError
 from .faults import fault_point
 from .lineage import (
+    POLISH,
     Node,
     accepted,
     ancestry,
@@ -28,6 +30,7 @@ from .lineage import (
     lineage_frame,
     node_status,
     nodes,
+    record_polish,
     root_node,
     selections,
     set_selection,
@@ -167,6 +170,7 @@ class Search:
         )
         self.study = self.opened.study
         self.size = run_sizes(self.study, cfg.shrink)  # the run's --shrink measure
+        objective.adopt(self.study)  # a new run's objective; one made before it keeps its own
         self.trainer = NodeTrainer(self.opened, data=data, progress=progress, log=log)
         self.queue: WorkQueue | None = None
 
@@ -237,6 +241,7 @@ class Search:
                     frontier = self._select(ok, root)
                     fault_point("selection")
                     set_selection(self.study, generation, [n.node for n in frontier])
+                    objective.agree(self.study, frontier[0])  # Optuna's best trial follows the search
                     generation += 1
                 else:
                     who = f"best child (node {best.node})" if best is not None else "every child (pruned)"
@@ -250,14 +255,50 @@ class Search:
                 self.study, self.opened.run_dir / "lineage.csv"
             )  # current while the search runs
             fault_point("between-generations")
-        final = frontier[0]
+        final = self._polish(frontier[0])
         self.size.measure_specs(root.spec, final.spec)  # the report shows every measure, --shrink or not
         seconds = time.perf_counter() - start
         self.study.set_user_attr("stop_reason", stop)
         self.study.set_user_attr("final_node", final.node)
+        objective.agree(self.study, final)
         self.study.set_user_attr("wall_seconds", self.study.user_attrs.get("wall_seconds", 0.0) + seconds)
         write_lineage_csv(self.study, self.opened.run_dir / "lineage.csv")
         return SearchOutcome(root, final, stop, generation - 1, seconds)
+
+    def _polish(self, node: Node) -> Node:
+        """Polish the last accepted node for --final-epochs (KD from the root, or its ancestors) and
+        return the final model: the polish, unless it validates worse than `node` (a demanding user
+        wants the better model, so `node` stays final and the log says so). A polish a previous run
+        finished is reused; with workers it is queued like a child. The root is never polished."""
+        epochs = self.cfg.final_epochs
+        if not epochs or node.generation == 0:
+            return node
+        teachers = self.variant.polish_teachers(ancestry(nodes(self.study), node))
+        attrs = self.trainer.polish_attrs(node, teachers, epochs)
+        polish = self._existing(attrs["key"])
+        if polish is not None:
+            self.log(f"polish: reusing node {polish.node} (already trained)")
+        elif self.remote:
+            waiting = self.queue.in_flight(attrs["key"])
+            polish = self.queue.wait([waiting.number if waiting else self.queue.enqueue(attrs)])[0]
+        else:
+            polish = self.trainer.train_polish(node, teachers, epochs)
+        kept = polish.ok and polish.val_acc >= node.val_acc
+        gain = polish.val_acc - node.val_acc if polish.ok else None
+        record_polish(
+            self.study, {"node": polish.node, "from": node.node, "epochs": epochs, "kept": kept, "gain": gain}
+        )
+        # Every polish's status: one made for another length or node earlier is set aside now.
+        polishes = [n for n in nodes(self.study) if n.operator == POLISH]
+        refresh_notes(self.study, polishes, root_node(nodes(self.study)))
+        if kept:
+            self.log(
+                f"polish: node {polish.node} ({gain:+.2f} pts on validation over node {node.node}) is the final model"
+            )
+            return polish
+        why = f"validates {gain:+.2f} pts against it" if polish.ok else f"failed ({polish.error})"
+        self.log(f"polish: node {polish.node} {why}; node {node.node} stays the final model")
+        return node
 
     def _frontier(self, root: Node) -> tuple[list[Node], int]:
         """The accepted nodes to grow from, and the next generation number (resume-aware)."""

@@ -203,3 +203,54 @@ def hold_advisory_lock(storage: str, name: str):
         return conn
     conn.close()
     return None
+
+
+def rewrite_result(
+    study: optuna.Study,
+    number: int,
+    *,
+    values: list[float] | None = None,
+    constraints: dict[str, float] | None = None,
+) -> None:
+    """Rewrite a finished trial's objective values and/or constraint values (iterkd.objective: what
+    Optuna counts as the best trial follows selections made after the trial ended). Optuna's API
+    refuses to change a finished trial, so the rows are written through its RDB models in one
+    transaction, and this process's cached copy of the trial is updated to match."""
+    from optuna.storages._rdb import models
+    from optuna.study._constrained_optimization import _CONSTRAINTS_KEY
+
+    frozen = study.get_trials(deepcopy=False)[number]
+    trial_id = frozen._trial_id  # noqa: SLF001
+    attrs = {f"{_CONSTRAINTS_KEY}:{k}": float(v) for k, v in (constraints or {}).items()}
+    with _session(study) as session:
+        for objective, value in enumerate(values or ()):
+            row = (
+                session.query(models.TrialValueModel)
+                .filter_by(trial_id=trial_id, objective=objective)
+                .one_or_none()
+            )
+            stored, kind = models.TrialValueModel.value_to_stored_repr(float(value))
+            if row is None:
+                session.add(
+                    models.TrialValueModel(
+                        trial_id=trial_id, objective=objective, value=stored, value_type=kind
+                    )
+                )
+            else:
+                row.value, row.value_type = stored, kind
+        for key, value in attrs.items():
+            row = (
+                session.query(models.TrialSystemAttributeModel)
+                .filter_by(trial_id=trial_id, key=key)
+                .one_or_none()
+            )
+            if row is None:
+                session.add(
+                    models.TrialSystemAttributeModel(trial_id=trial_id, key=key, value_json=json.dumps(value))
+                )
+            else:
+                row.value_json = json.dumps(value)
+    # Optuna's cached storage never re-reads a finished trial: keep this process's copy current.
+    if values:
+        frozen._values = [float(v) for v in values]  # noqa: SLF001
+    frozen.system_attrs.update(attrs)

@@ -20,7 +20,7 @@ from .data import DataSplits, dataset_info
 from .device import resolve_device, resolve_precision
 from .errors import IterkdError
 from .inherit import inherit_weights
-from .lineage import Node, node_attrs, nodes
+from .lineage import POLISH, Node, node_attrs, nodes
 from .models import VGG
 from .node import create_trial, run_node
 from .run import Run
@@ -189,16 +189,7 @@ class NodeTrainer:
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             move = suggest_move(trial, self.space, parent.spec, moves)
             cfg = self.cfg
-            kd = suggest_kd(
-                trial,
-                self.space,
-                {
-                    "alpha": cfg.alpha,
-                    "temperature": cfg.temperature,
-                    "hint_weight": cfg.hint_weight,
-                    "lr": cfg.lr,
-                },
-            )
+            kd = suggest_kd(trial, self.space, self.kd_defaults())
         seed = candidate_seed(cfg.seed, key)
         torch.manual_seed(seed)
         model = VGG(move.spec)
@@ -210,8 +201,64 @@ class NodeTrainer:
         for k, v in {**self.child_attrs(generation, slot, key, move, kd), **init}.items():
             if trial.user_attrs.get(k) != v:
                 trial.set_user_attr(k, v)
-        # An ensemble root teaches through its members; each counts as one teacher.
-        members = [(t, i) for t in slot.teachers for i in range(max(1, len(t.members)))]
+        settings = kd_settings(cfg, cfg.epochs, seed, kd)
+        desc = f"gen {generation} {move.label}"
+        return self._distil(trial, model, settings, desc, slot.teachers, hint_teacher, parent=parent)
+
+    # -- the polish -----------------------------------------------------------------------------------
+    def polish_attrs(self, node: Node, teachers: tuple[Node, ...], epochs: int) -> dict:
+        """The polish of `node`: the same architecture, one generation below it, taught by `teachers`
+        (the root, or every ancestor) for `epochs` with the node's own KD settings. Its key names the
+        node and the epochs, so a polish already trained is found again and another length is new."""
+        return node_attrs(
+            generation=node.generation + 1,
+            parents=(node.node,),
+            teachers=[t.node for t in teachers],
+            operator=POLISH,
+            spec=node.spec,
+            key=f"{POLISH}|n{node.node}|e{epochs}",
+            loss=node.loss or self.kd_defaults(),
+            epochs=epochs,
+        )
+
+    def train_polish(
+        self, node: Node, teachers: tuple[Node, ...], epochs: int, trial: optuna.Trial | None = None
+    ) -> Node:
+        """Fine-tune a copy of `node` (its own weights, no move) with KD from `teachers`; the hint
+        comes from the nearest of them, as a child's comes from its parent. No pruner cuts it short."""
+        attrs = self.polish_attrs(node, teachers, epochs)
+        trial = trial or create_trial(self.run.study, attrs)
+        model = load_model(self.run.run_dir / node.checkpoint).to(
+            self.device
+        )  # a copy: the cached one teaches
+        settings = kd_settings(self.cfg, epochs, candidate_seed(self.cfg.seed, attrs["key"]), attrs["loss"])
+        desc = f"polish node {node.node}"
+        return self._distil(trial, model, settings, desc, teachers, self.model(teachers[-1]))
+
+    def kd_defaults(self) -> dict:
+        cfg = self.cfg
+        return {
+            "alpha": cfg.alpha,
+            "temperature": cfg.temperature,
+            "hint_weight": cfg.hint_weight,
+            "lr": cfg.lr,
+        }
+
+    def _distil(
+        self,
+        trial,
+        model: VGG,
+        settings: TrainSettings,
+        desc: str,
+        teacher_nodes,
+        hint_teacher,
+        *,
+        parent=None,
+    ) -> Node:
+        """Train `model` with KD from `teacher_nodes`; an ensemble root teaches through its members,
+        each counting as one teacher."""
+        cfg = self.cfg
+        members = [(t, i) for t in teacher_nodes for i in range(max(1, len(t.members)))]
         teachers = [self.model(t, i) for t, i in members]
         caches = [self.teacher_cache(t, i) for t, i in members] if cfg.teacher_cache else []
         weights = (
@@ -219,8 +266,6 @@ class NodeTrainer:
             if cfg.teacher_weights == "accuracy"
             else None
         )
-        settings = kd_settings(cfg, cfg.epochs, seed, kd)
-        desc = f"gen {generation} {move.label}"
         return self._train(
             trial,
             model,
@@ -239,6 +284,9 @@ class NodeTrainer:
         if a["key"] == "root":
             return self.train_root(trial)
         by_id = {n.node: n for n in nodes(self.run.study)}
+        if a["operator"] == POLISH:
+            teachers = tuple(by_id[i] for i in a["teachers"])
+            return self.train_polish(by_id[a["parents"][0]], teachers, int(a["epochs"]), trial=trial)
         parent = by_id[a["parents"][0]]
         spec = Node.from_trial(self.run.study.get_trials(deepcopy=False)[trial.number]).spec
         moves = [m for m in self.space.moves(parent.spec) if m.spec == spec]

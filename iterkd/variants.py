@@ -44,6 +44,11 @@ class Variant:
             for p in frontier
         ]
 
+    def polish_teachers(self, chain: list[Node]) -> tuple[Node, ...]:
+        """Who teaches the polish of `chain[-1]` (chain: root, ..., that node): the root, or in the
+        ancestors variants every accepted ancestor from the root on."""
+        return tuple(chain[:-1]) if self.all_ancestors else (chain[0],)
+
 
 def diverse_order(moves: list[Move]) -> list[Move]:
     """Moves round-robin across operators (each operator's moves keep the space's preference order,

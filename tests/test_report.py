@@ -160,7 +160,8 @@ def test_smoke_report_numbers_match_lineage_csv(smoke_run, tmp_path):
     report = write_report(run)
     csv = pd.read_csv(run / "lineage.csv")
     md = report.markdown.read_text()
-    summary, *generations, settings = md_tables(md)
+    summary, steps, *generations, settings = md_tables(md)
+    assert steps.outcome.tolist() == ["accepted", "accepted"]  # the smoke run never backed off
     nodes = pd.concat(generations).set_index("node")
     assert sorted(nodes.index.astype(int)) == sorted(csv.node)
     for row in csv.itertuples():
@@ -506,3 +507,49 @@ def test_report_renders_in_headless_chromium_with_images_and_summary(big_run, tm
     top, height, visibility = probe["summary"]
     assert 0 < top < 1000 and height > 100 and visibility == "visible"
     assert "stopped because" in probe["text"] and "reached --max-generations 5" in probe["text"]
+
+
+# -- steps, back-offs and the polish ------------------------------------------------------------------
+
+
+def test_the_report_shows_each_attempt_of_a_generation_and_marks_the_polish(tmp_path, monkeypatch):
+    """A run whose generation 1 overshoots at 50 % and is accepted at 25 %, then is polished: the
+    steps section lists both attempts with their step, target, drop and outcome; the polish has a
+    heading of its own and a line in the summary."""
+    from iterkd.search import Search
+    from tests.conftest import smoke_config
+    from tests.test_polish import fake_training
+
+    fake_training(monkeypatch, lambda share: 0.0 if share >= 0.7 else 10.0, polish_gain=0.5)
+    cfg = smoke_config(tmp_path, teacher_cache=False, max_drop=2.0, max_generations=1, final_epochs=2)
+    out = Search(cfg, progress=False).run()
+    report = write_report(tmp_path)
+    md = report.markdown.read_text()
+    summary, steps, *generations, settings = md_tables(md)
+    assert steps[
+        ["generation", "attempt", "step", "target ratio", "best drop pts", "outcome"]
+    ].values.tolist() == [
+        ["1", "1", "50.0%", "0.500", "10.00", "backed-off"],
+        ["1", "2", "25.0%", "0.750", "0.00", "accepted"],
+    ]
+    first, retried = steps.nodes.tolist()
+    assert generations[1].node.tolist() == [first, retried]  # both attempts' nodes, the first rejected
+    assert generations[1].status.tolist() == ["rejected", "accepted"]
+    polish = generations[-1].set_index("node").loc[str(out.final.node)]
+    assert polish["operator"] == "polish" and polish["status"] == "accepted"
+    assert (
+        f"### Polish of node {retried} (not a generation of the search); final model: {out.final.node}" in md
+    )
+    assert (
+        f"- **polish**: node {out.final.node}: node {retried} trained 2 more epochs with KD from node(s) 0; "
+        f"+0.50 pts on validation over node {retried}: it is the final model" in md
+    )
+    assert "- **attempts**: 2 (1 backed off to a smaller step)" in md
+    assert "- **nodes**: 4 over 2 generations" in md  # the polish is not a generation
+    page = report.html.read_text()
+    assert '<section id="steps"><h2>Steps and back-offs</h2>' in page and page.count("backed-off") == 1
+
+
+def test_a_run_without_step_records_says_so(big_run):
+    md = write_report(big_run).markdown.read_text()
+    assert "## Steps and back-offs\n\nNo attempt recorded." in md

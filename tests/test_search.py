@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from iterkd import run_search
-from iterkd.lineage import LINEAGE_COLUMNS, lineage_frame
+from iterkd.lineage import LINEAGE_COLUMNS, lineage_frame, nodes
+from iterkd.objective import final_path
 from iterkd.search import Search
 from iterkd.storage import open_study
 from tests.conftest import smoke_config
@@ -35,9 +36,14 @@ def test_lineage_numbers_match_the_study_and_the_checkpoints(smoke_run):
     study = open_study(f"sqlite:///{cfg.run_dir}/study.db", cfg.name, create=False)
     trials = {t.number: t for t in study.trials}
     root_acc = df.loc[df.generation == 0, "val_acc"].iloc[0]
+    root_params = df.loc[df.generation == 0, "params"].iloc[0]
+    all_nodes = nodes(study)
+    path = final_path(all_nodes, next(n for n in all_nodes if n.node == study.user_attrs["final_node"]))
     for row in df.itertuples():
         t = trials[row.node]
-        assert t.value == pytest.approx(row.val_acc) and t.user_attrs["params"] == row.params
+        # The objective (iterkd.objective): × smaller on the final path, 0 elsewhere.
+        assert t.value == pytest.approx(root_params / row.params if row.node in path else 0.0)
+        assert t.user_attrs["params"] == row.params
         assert row.drop == pytest.approx(root_acc - row.val_acc, abs=1e-3)
         assert (cfg.run_dir / __import__("pathlib").Path(row.checkpoint)).is_file()
         assert 0 <= row.val_acc <= 100 and row.flops > 0 and row.bytes > 4 * row.params
