@@ -231,7 +231,7 @@ def have_torch_pruning() -> bool:
 
 
 def pruned_spec(root: VGGSpec, target: int) -> VGGSpec:
-    """The root's convs narrowed to about `target` parameters: one keep-fraction of the root's widths
+    """`root`'s convs narrowed to about `target` parameters: one keep-fraction of the root's widths
     for every conv (at least one channel each; the smallest fraction that still reaches the target),
     then one channel at a time off the conv that keeps the largest fraction among those whose loss of
     a channel brings the count closer to the target."""
@@ -342,7 +342,8 @@ class Trainer:
         model, seconds, out = load_copy(self.root_model), 0.0, None
         for i, (target, step_epochs) in enumerate(self.steps):
             start = time.perf_counter()
-            model = prune_to(model, pruned_spec(self.root_model.spec, target))
+            # Narrowed from the last step's widths, never the root's: a step only removes channels.
+            model = prune_to(model, pruned_spec(model.spec, target))
             seconds += time.perf_counter() - start
             out = train(model, self.data, self.settings(step_epochs, seed), desc=f"{desc} step {i + 1}", **kd)
             seconds += out.seconds
