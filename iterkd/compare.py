@@ -3,7 +3,7 @@ data and teacher give without the search: the final architecture trained from sc
 same architecture distilled once from the root (for one child's epochs, and for as many epochs as the
 chain spent), and the root pruned channel by channel with Torch-Pruning and fine-tuned with KD for the
 chain's epochs. Every row over seeds; `--search-seeds M` reruns the search itself so the chain has a
-spread too. compare.md ends with a verdict: which method won at equal compute.
+spread too. compare.md ends with a verdict: which method won at equal compute (the run's report shows it too).
 
 Mirzadeh et al. 2020 ("Improved Knowledge Distillation via Teacher Assistant") call the first rows NOKD
 (no teacher), BLKD (baseline KD from the big teacher) and TAKD (through intermediate teachers: iterkd's
@@ -403,9 +403,10 @@ def read_results(path: Path) -> list[SeedResult]:
         ) from None
 
 
-def write_results(path: Path, run_name: str, results: list[SeedResult], summary: dict | None = None) -> None:
-    data = {"run": run_name, "results": [asdict(r) for r in results]}
-    write_atomic(path, json.dumps(data | ({"summary": summary} if summary else {}), indent=2) + "\n")
+def write_results(path: Path, run_name: str, results: list[SeedResult]) -> None:
+    write_atomic(
+        path, json.dumps({"run": run_name, "results": [asdict(r) for r in results]}, indent=2) + "\n"
+    )
 
 
 def search_seed_run(run: Run, seed: int) -> SearchConfig:
@@ -528,9 +529,7 @@ def compare_run(
         root, final, n_epochs, n_chain, per_epoch, seeds, [r.cfg.seed for r in runs], rows, verdict, notes,
         len(todo) + searched, json_path, md_path,
     )  # fmt: skip
-    markdown = render_markdown(run, comparison)
-    write_results(json_path, cfg.name, results, {"verdict": verdict, "markdown": markdown})
-    write_atomic(md_path, markdown)
+    write_atomic(md_path, render_markdown(run, comparison))
     return comparison
 
 
@@ -676,17 +675,6 @@ def render_markdown(run: Run, c: Comparison) -> str:
     ]  # fmt: skip
     lines += [f"- {note}" for note in c.notes] + [""]
     return "\n".join(lines)
-
-
-def report_section(run_dir: str | Path) -> str | None:
-    """compare.md's table and verdict for the run's report, read from RUN/compare.json; None when
-    `iterkd compare` has not been run (or ran before it recorded a summary)."""
-    path = Path(run_dir) / "compare.json"
-    try:
-        summary = json.loads(path.read_text()).get("summary") if path.is_file() else None
-    except (OSError, ValueError):
-        return None
-    return summary.get("markdown") if isinstance(summary, dict) else None
 
 
 def _epochs(n: int) -> str:

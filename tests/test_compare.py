@@ -19,6 +19,7 @@ from iterkd.arch import VGGSpec, vgg_spec
 from iterkd.cli import main
 from iterkd.errors import IterkdError
 from iterkd.models import VGG
+from iterkd.report import write_report
 from iterkd.run import open_run
 from iterkd.storage import open_study
 from iterkd.trainer import train_settings
@@ -244,9 +245,12 @@ def test_rerun_trains_nothing_new_and_retrains_only_a_missing_entry(compared, tm
     )
 
 
-def test_the_report_section_is_compare_md_once_compare_ran(compared, tmp_path):
-    assert compare.report_section(compared[0]) == (compared[0] / "compare.md").read_text()
-    assert compare.report_section(tmp_path) is None
+def test_the_runs_report_shows_the_comparison_and_its_verdict(compared, tmp_path):
+    run_dir = shutil.copytree(compared[0], tmp_path / "run")
+    write_report(run_dir)
+    report = (run_dir / "report.md").read_text()
+    verdict = next(line for line in (run_dir / "compare.md").read_text().splitlines() if "Verdict" in line)
+    assert "## Against the alternatives (`iterkd compare`)" in report and verdict in report
 
 
 @pytest.mark.parametrize("final_node", [None, "root"])
