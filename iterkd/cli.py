@@ -395,7 +395,7 @@ def cmd_compare(args) -> int:
         )
         return 130
     print(text_table(c.rows, c.images_per_epoch))
-    print(c.verdict.replace("**", ""))
+    print(c.verdict.replace("**", "").replace("`", ""))
     print(f"compare: {c.markdown_path}  (per seed: {c.json_path}; {c.trained} models trained now)")
     return 0
 
