@@ -505,15 +505,21 @@ def build_parser() -> argparse.ArgumentParser:
         "seeds, beside the run's result, with a verdict (docs/compare.md)",
     )
     p.add_argument("run", help="run directory (runs/NAME)")
-    p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per baseline (default 3)")
+    p.add_argument("--seeds", type=int, default=3, metavar="N", help="seeds 0..N-1 per baseline (default 3)")
     p.add_argument(
         "--search-seeds",
         type=int,
         default=1,
+        metavar="M",
         help="searches behind the iterkd row: the run and M-1 reruns of its search with seeds "
         "seed+1.. in RUN/compare/ (default 1: the run alone)",
     )
-    p.add_argument("--epochs", type=int, help="epochs per model (default: the run's epochs per child)")
+    p.add_argument(
+        "--epochs",
+        type=int,
+        help="epochs of the equal-epochs rows (default: the run's epochs per child; the "
+        "equal-compute rows always train the chain's)",
+    )
     p.add_argument(
         "--preset", help="take the epochs per child of this preset (smoke, quick, full); --epochs wins"
     )
