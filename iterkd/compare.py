@@ -295,7 +295,7 @@ def prune_to(model: VGG, spec: VGGSpec) -> VGG:
 
 
 @dataclass
-class Trainer:
+class BaselineTrainer:
     """What every baseline of one compare shares: the run's data, its root as teacher, and the final
     node's KD settings (a space's kd: ranges may have searched them), else the run's."""
 
@@ -322,17 +322,14 @@ class Trainer:
         torch.manual_seed(seed)
         desc = f"{method} seed {seed}"
         kd = dict(teachers=self.teachers, hint_teacher=self.root_model, progress=self.progress)
-        if method == "scratch-ce":
-            model = VGG(self.final.spec)
-            out = train(model, self.data, self.settings(epochs, seed), progress=self.progress, desc=desc)
-            return model, out.val_acc, out.test_acc, out.seconds
-        if method == "one-shot-kd":
-            model = VGG(self.final.spec)
-            out = train(model, self.data, self.settings(epochs, seed), desc=desc, **kd)
-            return model, out.val_acc, out.test_acc, out.seconds
         if method == "prune-kd":
             return self.prune_and_finetune(seed, epochs, desc, kd)
-        raise ValueError(f"unknown compare method {method!r}")
+        if method not in ("scratch-ce", "one-shot-kd"):
+            raise ValueError(f"unknown compare method {method!r}")
+        model = VGG(self.final.spec)
+        teaching = kd if method == "one-shot-kd" else {"progress": self.progress}
+        out = train(model, self.data, self.settings(epochs, seed), desc=desc, **teaching)
+        return model, out.val_acc, out.test_acc, out.seconds
 
     def prune_and_finetune(self, seed: int, epochs: int, desc: str, kd: dict):
         """The root pruned step by step to each chain node's size, fine-tuned with KD from the root
@@ -480,25 +477,22 @@ def compare_run(
         log(f"compare: the prune-kd row needs Torch-Pruning; to add it: {PRUNE_INSTALL}")
         notes.append(f"prune-kd was not run: Torch-Pruning is not installed ({PRUNE_INSTALL})")
     plans = baselines(n_epochs, n_chain, prune)
-    done = {r.key for r in results}
-    todo = sorted(
-        {(b.method, s, b.epochs) for b in plans for s in range(seeds)}
-        - {k[:3] for k in done if k[3] == final.node},
-        key=lambda k: (k[1], [b.method for b in plans].index(k[0]), k[2]),
-    )
-    wanted = len({(b.method, s, b.epochs) for b in plans for s in range(seeds)})
-    if len(todo) < wanted:
-        log(f"compare: reusing {wanted - len(todo)} results from {json_path}")
+    # (method, seed, epochs) to train: rows that share them (equal epochs = the chain's) share models.
+    wanted = {(b.method, s, b.epochs) for b in plans for s in range(seeds)}
+    done = {r.key[:3] for r in results if r.node == final.node}
+    order = [b.method for b in plans]
+    todo = sorted(wanted - done, key=lambda k: (k[1], order.index(k[0]), k[2]))
+    if len(todo) < len(wanted):
+        log(f"compare: reusing {len(wanted) - len(todo)} results from {json_path}")
     dev = resolve_device(device or cfg.device)
     data = replace(cfg, data_dir=data_dir or cfg.data_dir).load_data(dev if todo else None)
     per_epoch = images_per_epoch(len(data.train_x), cfg.batch_size)
     if todo:
-        root_model = run.model(root).to(
-            dev
-        )  # live, not the run's cache: the same targets up to fp16 rounding
+        # Live, not the run's cache: the same targets up to fp16 rounding.
+        root_model = run.model(root).to(dev)
         # An ensemble root teaches through all its members, as it did in the run.
         teachers = [load_model(run.run_dir / m["checkpoint"]).to(dev) for m in root.members] or [root_model]
-        trainer = Trainer(cfg, data, final, root_model, teachers, prune_steps(path), progress)
+        trainer = BaselineTrainer(cfg, data, final, root_model, teachers, prune_steps(path), progress)
         for method, seed, n in todo:
             model, val, test, seconds = trainer.fit(method, seed, n)
             spec = model.spec
@@ -515,11 +509,10 @@ def compare_run(
                     dev.type,
                     spec.flops(),
                     spec.to_json(),
-                )  # fmt: skip
+                )
             )
-            write_results(
-                json_path, cfg.name, results
-            )  # after every model: an interrupted compare resumes here
+            # After every model: an interrupted compare resumes here.
+            write_results(json_path, cfg.name, results)
             log(f"{method} ({n} epochs) seed {seed}: val {val:.2f}%  test {test:.2f}%  {seconds:.0f}s")
     runs, searched, search_notes = rerun_searches(run, search_seeds, progress, log)
     notes += search_notes
