@@ -331,6 +331,20 @@ def test_prune_steps_follow_the_chain_and_a_polish_adds_to_the_last_step(cheap_r
     assert compare.chain_epochs([*path, polish]) == sum(n.epochs for n in path[1:]) + 3
 
 
+def test_the_searchs_paid_compute_counts_rejected_siblings_and_the_chain_does_not(tmp_path):
+    cfg = smoke_config(
+        tmp_path / "run", variant="parent-children", children=2, epochs=1, root_epochs=1, max_generations=1
+    )
+    out = run_search(cfg, progress=False)
+    run = open_run(cfg.run_dir)
+    children = [n for n in run.nodes.values() if n.generation == 1 and n.ok]
+    assert len(children) == 2 and run.status(children[0]) != run.status(children[1])  # one was rejected
+    assert compare.chain_epochs(compare.chain_path(run, out.final)) == 1
+    assert compare.search_compute(run) == (2, pytest.approx(sum(n.seconds for n in children)))
+    row = compare.chain_row([run])
+    assert row.epochs == [1] and row.paid_epochs == [2] and row.cells(1600)[10] == "2"
+
+
 def test_the_difference_carries_the_welch_standard_error_of_the_sides_with_a_spread():
     diff, se = compare.difference([90.0, 92.0], [88.0, 88.0, 91.0])
     assert diff == pytest.approx(91.0 - 89.0)
