@@ -382,6 +382,7 @@ def cmd_compare(args) -> int:
         c = compare_run(
             args.run,
             seeds=args.seeds,
+            search_seeds=args.search_seeds,
             epochs=args.epochs,
             preset=args.preset,
             device=args.device,
@@ -391,12 +392,14 @@ def cmd_compare(args) -> int:
         )
     except KeyboardInterrupt:
         print(
-            f"\niterkd: interrupted; finished models are kept in {Path(args.run) / 'compare.json'}. "
+            f"\niterkd: interrupted; finished models are kept in {Path(args.run) / 'compare.json'} and searches "
+            f"in {Path(args.run) / 'compare'}. "
             f"Resume with: iterkd compare {args.run}",
             file=sys.stderr,
         )
         return 130
-    print(text_table(c.rows))
+    print(text_table(c.rows, c.images_per_epoch))
+    print(c.verdict.replace("**", "").replace("`", ""))
     print(f"compare: {c.markdown_path}  (per seed: {c.json_path}; {c.trained} models trained now)")
     return 0
 
@@ -501,12 +504,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export)
     p = sub.add_parser(
         "compare",
-        help="did the search pay off? retrain the final architecture from scratch with "
-        "labels only and with KD from the root, over seeds, beside the run's result",
+        help="did the search pay off? the final architecture from scratch and with KD from the "
+        "root, the root pruned with Torch-Pruning, at one child's and at the chain's compute, over "
+        "seeds, beside the run's result, with a verdict (docs/compare.md)",
     )
     p.add_argument("run", help="run directory (runs/NAME)")
-    p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per method (default 3)")
-    p.add_argument("--epochs", type=int, help="epochs per model (default: the run's epochs per child)")
+    p.add_argument("--seeds", type=int, default=3, metavar="N", help="seeds 0..N-1 per baseline (default 3)")
+    p.add_argument(
+        "--search-seeds",
+        type=int,
+        default=1,
+        metavar="M",
+        help="searches behind the iterkd row: the run and M-1 reruns of its search with seeds "
+        "seed+1.. in RUN/compare/ (default 1: the run alone)",
+    )
+    p.add_argument(
+        "--epochs",
+        type=int,
+        help="epochs of the equal-epochs rows (default: the run's epochs per child; the "
+        "equal-compute rows always train the chain's)",
+    )
     p.add_argument(
         "--preset", help="take the epochs per child of this preset (smoke, quick, full); --epochs wins"
     )

@@ -1,22 +1,32 @@
-"""`iterkd compare RUN`: did the iterative search pay off? The run's final architecture retrained from
-scratch with labels only and with one-shot KD from the root, over seeds, beside the run's own result.
+"""`iterkd compare RUN`: did the iterative search pay off? The run's final model beside what the same
+data and teacher give without the search: the final architecture trained from scratch on labels, the
+same architecture distilled once from the root (for one child's epochs, and for as many epochs as the
+chain spent), and the root pruned channel by channel with Torch-Pruning and fine-tuned with KD for the
+chain's epochs. Every row over seeds; `--search-seeds M` reruns the search itself so the chain has a
+spread too. compare.md ends with a verdict: which method won at equal compute (the run's report shows it too).
 
-Mirzadeh et al. 2020 ("Improved Knowledge Distillation via Teacher Assistant") call these NOKD (no
-teacher), BLKD (baseline KD from the big teacher) and TAKD (through intermediate teachers: iterkd's chain).
-Every trained model is saved to RUN/compare.json at once, so an interrupted compare resumes."""
+Mirzadeh et al. 2020 ("Improved Knowledge Distillation via Teacher Assistant") call the first rows NOKD
+(no teacher), BLKD (baseline KD from the big teacher) and TAKD (through intermediate teachers: iterkd's
+chain). Every trained model is saved to RUN/compare.json at once and every search rerun is a resumable
+run under RUN/compare/, so an interrupted compare resumes."""
 
 from __future__ import annotations
 
 import json
+import math
 import statistics
+import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
+from torch import nn
 
+from .arch import VGGSpec
 from .checkpoints import load_model
-from .config import PRESETS
+from .config import PRESETS, SearchConfig
+from .data import DataSplits
 from .device import resolve_device
 from .errors import IterkdError
 from .export import markdown_table
@@ -24,18 +34,25 @@ from .files import write_atomic
 from .lineage import Node, ancestry, nodes
 from .models import VGG
 from .run import Run, open_run
-from .train import train
+from .search import Search
+from .train import TrainSettings, train
 from .trainer import kd_settings
 
-METHODS = ("scratch-ce", "one-shot-kd")  # NOKD and BLKD in Mirzadeh et al.'s terms
+PRUNE_INSTALL = "pip install 'iterkd[prune]'"  # what a user without Torch-Pruning runs
+PRUNE_TOLERANCE = 0.02  # the pruned model's parameters within 2 % of the final node's
 HEADERS = [
     "method",
     "params",
+    "MFLOPs",
     "epochs",
+    "images seen",
     "n",
     "val acc % (mean ± std)",
     "test acc % (mean ± std)",
+    "Δ test vs iterkd (pts)",
     "s / model",
+    "paid: epochs",
+    "paid: s",
 ]
 
 
@@ -46,12 +63,14 @@ class SeedResult:
     method: str
     seed: int
     epochs: int
-    node: int  # the final node whose architecture was retrained
+    node: int  # the final node whose architecture (or parameter count, when pruning) was matched
     params: int
     val_acc: float
     test_acc: float
     seconds: float
     device: str
+    flops: int = 0  # per image, from the model's spec (0 in files written before it was recorded)
+    spec: str = ""  # the trained model's spec as JSON: a pruned model's differs from the final node's
 
     @property
     def key(self) -> tuple:
@@ -59,23 +78,45 @@ class SeedResult:
 
 
 @dataclass(frozen=True)
+class Baseline:
+    """One row of trained baselines: `method` trained for `epochs` per seed, shown as `label`."""
+
+    label: str
+    method: str
+    epochs: int
+
+
+@dataclass(frozen=True)
 class Row:
+    """A table row: one entry per model behind it (seeds, or searches for the iterkd row)."""
+
     method: str
     params: int
-    epochs: int
+    flops: int
+    epochs: list[int]
     val: list[float]
     test: list[float]
     seconds: list[float]
+    paid_epochs: list[int] = field(default_factory=list)  # everything trained to get a model (search)
+    paid_seconds: list[float] = field(default_factory=list)
+    delta: str = "–"  # test accuracy against the iterkd row, with its uncertainty
 
-    def cells(self) -> list[str]:
+    def cells(self, images_per_epoch: int) -> list[str]:
+        paid_epochs = self.paid_epochs or self.epochs
+        paid_seconds = self.paid_seconds or self.seconds
         return [
             self.method,
             f"{self.params:,}",
-            str(self.epochs),
-            str(len(self.val)),
+            f"{self.flops / 1e6:.2f}",
+            spread(self.epochs),
+            spread([e * images_per_epoch for e in self.epochs], "{:,}"),
+            str(len(self.test)),
             mean_std(self.val),
             mean_std(self.test),
+            self.delta,
             "–" if not self.seconds else f"{statistics.fmean(self.seconds):.1f}",
+            spread(paid_epochs),
+            "–" if not paid_seconds else f"{statistics.fmean(paid_seconds):.1f}",
         ]
 
 
@@ -83,12 +124,20 @@ class Row:
 class Comparison:
     root: Node
     final: Node
-    epochs: int
+    epochs: int  # per equal-epochs baseline (one child's)
+    chain_epochs: int  # the chain's, root excluded: the equal-compute rows'
+    images_per_epoch: int
     seeds: int
+    search_seeds: list[int]  # the seeds of the searches behind the iterkd row
     rows: list[Row]
-    trained: int  # models trained by this call (0: everything came from compare.json)
+    verdict: str
+    notes: list[str]  # what was skipped, and why
+    trained: int  # models and searches trained by this call (0: everything was reused)
     json_path: Path
     markdown_path: Path
+
+
+# -- numbers ----------------------------------------------------------------------------------------
 
 
 def mean_std(values: list[float]) -> str:
@@ -97,6 +146,226 @@ def mean_std(values: list[float]) -> str:
         return "–"
     std = f"{statistics.stdev(values):.2f}" if len(values) > 1 else "–"
     return f"{statistics.fmean(values):.2f} ± {std}"
+
+
+def spread(values: list[int], fmt: str = "{}") -> str:
+    """One value, or 'low–high' when the models behind a row differ (searches of other seeds)."""
+    if not values:
+        return "–"
+    low, high = min(values), max(values)
+    return fmt.format(low) if low == high else f"{fmt.format(low)}–{fmt.format(high)}"
+
+
+def difference(a: list[float], b: list[float]) -> tuple[float, float | None]:
+    """mean(a) - mean(b) and its standard error, sqrt(s_a²/n_a + s_b²/n_b) (Welch), from the sides
+    that have a spread (n > 1); None when neither has one."""
+    parts = [statistics.variance(v) / len(v) for v in (a, b) if len(v) > 1]
+    return statistics.fmean(a) - statistics.fmean(b), math.sqrt(sum(parts)) if parts else None
+
+
+def delta_cell(row: list[float], chain: list[float]) -> str:
+    """'+0.84 ± 0.20' (mean test difference ± its standard error); '†' when the chain is one search,
+    so its own spread is missing from the uncertainty."""
+    if not row or not chain:
+        return "–"
+    diff, se = difference(row, chain)
+    mark = "†" if len(chain) == 1 else ""
+    return f"{diff:+.2f} ± {'–' if se is None else f'{se:.2f}'}{mark}"
+
+
+# -- compute ----------------------------------------------------------------------------------------
+
+
+def trained_epochs(n: Node) -> int:
+    """Epochs node `n` trained: the one place compute is read from a node (a child stopped early
+    will report its own count here once the node records it)."""
+    return n.epochs
+
+
+def chain_path(run: Run, final: Node) -> list[Node]:
+    """root, ..., final along first parents (a polish node's parent is the last accepted node)."""
+    return ancestry(nodes(run.study), final)
+
+
+def chain_epochs(path: list[Node]) -> int:
+    """Epochs the chain trained after the root (every row starts from the same root, so its own
+    training is left out of every row's compute)."""
+    return sum(trained_epochs(n) for n in path[1:])
+
+
+def search_compute(run: Run) -> tuple[int, float]:
+    """(epochs, seconds) of every node the search trained after the root, rejected and pruned ones
+    included: what the user paid for the final model. Failed nodes left no count and are not in it."""
+    trained = [n for n in nodes(run.study) if n.parents and (n.ok or n.state == "PRUNED")]
+    return sum(trained_epochs(n) for n in trained), sum(n.seconds or 0.0 for n in trained)
+
+
+def images_per_epoch(n_train: int, batch_size: int) -> int:
+    """Images one training epoch shows: full batches only, as data.train_batches draws them (one
+    short batch when the training set is smaller than a batch)."""
+    return n_train - n_train % batch_size if n_train >= batch_size else n_train
+
+
+def prune_steps(path: list[Node]) -> list[tuple[int, int]]:
+    """The chain's rhythm as (parameter target, fine-tune epochs) per pruning step: one step per
+    node of the chain that shrank its parent, to that node's size, for that node's epochs; a node
+    that kept its parent's size (a polish) adds its epochs to the step before it."""
+    steps: list[list[int]] = []
+    for parent, child in zip(path, path[1:]):
+        if child.spec.params() < parent.spec.params() or not steps:
+            steps.append([child.spec.params(), trained_epochs(child)])
+        else:
+            steps[-1][1] += trained_epochs(child)
+    return [(target, epochs) for target, epochs in steps]
+
+
+# -- Torch-Pruning ------------------------------------------------------------------------------------
+
+
+def have_torch_pruning() -> bool:
+    try:
+        import torch_pruning  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def pruned_spec(root: VGGSpec, target: int) -> VGGSpec:
+    """`root`'s convs narrowed to about `target` parameters: one keep-fraction of the root's widths
+    for every conv (at least one channel each; the smallest fraction that still reaches the target),
+    then one channel at a time off the conv that keeps the largest fraction among those whose loss of
+    a channel brings the count closer to the target."""
+
+    def narrowed(keep: float) -> list[int]:
+        return [max(1, round(w * keep)) for b in root.blocks for w in b]
+
+    def spec_of(widths: list[int]) -> VGGSpec:
+        blocks, i = [], 0
+        for b in root.blocks:
+            blocks.append(tuple(widths[i : i + len(b)]))
+            i += len(b)
+        return replace(root, blocks=tuple(blocks))
+
+    lo, hi = 0.0, 1.0  # spec_of(narrowed(hi)) has at least `target` parameters
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if spec_of(narrowed(mid)).params() >= target else (mid, hi)
+    widths, full = narrowed(hi), [w for b in root.blocks for w in b]
+    while True:
+        miss = abs(spec_of(widths).params() - target)
+        closer = [
+            (w / f, i)
+            for i, (w, f) in enumerate(zip(widths, full))
+            if w > 1 and abs(spec_of(widths[:i] + [w - 1] + widths[i + 1 :]).params() - target) < miss
+        ]
+        if not closer:
+            return spec_of(widths)
+        i = max(closer)[1]
+        widths = widths[:i] + [widths[i] - 1] + widths[i + 1 :]
+
+
+def prune_to(model: VGG, spec: VGGSpec) -> VGG:
+    """`model` with each conv's output channels cut to `spec`'s widths through Torch-Pruning's
+    dependency graph (the BN, the next conv's inputs and the classifier follow), dropping the filters
+    of smallest L1 norm (Li et al. 2017, "Pruning Filters for Efficient ConvNets"). Channel pruning
+    only narrows a plain VGG, so the result is rebuilt as the VGG of `spec` holding the kept weights:
+    its size, FLOPs and accuracy are measured like any node's."""
+    import torch_pruning as tp
+
+    model = model.cpu().eval()
+    s = model.spec
+    graph = tp.DependencyGraph().build_dependency(
+        model, example_inputs=torch.zeros(1, s.in_channels, s.input_size, s.input_size), verbose=False
+    )
+    # L1 norm of each conv's own filters (group_reduction 'first'), not mixed with the layers it feeds.
+    importance = tp.importance.MagnitudeImportance(p=1, normalizer=None, group_reduction="first")
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    for conv, width in zip(convs, (w for b in spec.blocks for w in b)):
+        if conv.out_channels <= width:
+            continue
+        group = graph.get_pruning_group(conv, tp.prune_conv_out_channels, idxs=list(range(conv.out_channels)))
+        weakest = importance(group).argsort()[: conv.out_channels - width].tolist()
+        graph.get_pruning_group(conv, tp.prune_conv_out_channels, idxs=weakest).prune()
+    pruned = VGG(spec)
+    pruned.load_state_dict(model.state_dict())  # strict: the pruned shapes are exactly the spec's
+    return pruned.eval()
+
+
+# -- the baselines ------------------------------------------------------------------------------------
+
+
+@dataclass
+class BaselineTrainer:
+    """What every baseline of one compare shares: the run's data, its root as teacher, and the final
+    node's KD settings (a space's kd: ranges may have searched them), else the run's."""
+
+    cfg: SearchConfig
+    data: DataSplits
+    final: Node
+    root_model: VGG
+    teachers: list[VGG]
+    steps: list[tuple[int, int]]  # the pruning row's (parameter target, epochs) per step
+    progress: bool
+
+    @property
+    def kd_values(self) -> dict:
+        cfg = self.cfg
+        defaults = {"alpha": cfg.alpha, "temperature": cfg.temperature, "hint_weight": cfg.hint_weight}
+        return {**defaults, "lr": cfg.lr, **self.final.loss}
+
+    def settings(self, epochs: int, seed: int) -> TrainSettings:
+        return kd_settings(self.cfg, epochs, seed, self.kd_values)
+
+    def fit(self, method: str, seed: int, epochs: int) -> tuple[VGG, float, float, float]:
+        """(model, val acc, test acc, seconds) of `method` trained with `seed`."""
+        # The seed picks the initial weights and the batch order; the augmentation views are the run's, as a child's.
+        torch.manual_seed(seed)
+        desc = f"{method} seed {seed}"
+        kd = dict(teachers=self.teachers, hint_teacher=self.root_model, progress=self.progress)
+        if method == "prune-kd":
+            return self.prune_and_finetune(seed, epochs, desc, kd)
+        if method not in ("scratch-ce", "one-shot-kd"):
+            raise ValueError(f"unknown compare method {method!r}")
+        model = VGG(self.final.spec)
+        teaching = kd if method == "one-shot-kd" else {"progress": self.progress}
+        out = train(model, self.data, self.settings(epochs, seed), desc=desc, **teaching)
+        return model, out.val_acc, out.test_acc, out.seconds
+
+    def prune_and_finetune(self, seed: int, epochs: int, desc: str, kd: dict):
+        """The root pruned step by step to each chain node's size, fine-tuned with KD from the root
+        after every step for that node's epochs (the last step also gets the final node's polish)."""
+        if epochs != sum(e for _, e in self.steps):
+            raise ValueError(f"prune-kd follows the chain's {self.steps}, not {epochs} epochs")
+        model, seconds, out = load_copy(self.root_model), 0.0, None
+        for i, (target, step_epochs) in enumerate(self.steps):
+            start = time.perf_counter()
+            # Narrowed from the last step's widths, never the root's: a step only removes channels.
+            model = prune_to(model, pruned_spec(model.spec, target))
+            seconds += time.perf_counter() - start
+            out = train(model, self.data, self.settings(step_epochs, seed), desc=f"{desc} step {i + 1}", **kd)
+            seconds += out.seconds
+        return model, out.val_acc, out.test_acc, seconds
+
+
+def load_copy(model: VGG) -> VGG:
+    """A fresh copy of `model` (the root stays intact as the teacher)."""
+    copy = VGG(model.spec)
+    copy.load_state_dict(model.state_dict())
+    return copy
+
+
+def baselines(epochs: int, chain: int, prune: bool) -> list[Baseline]:
+    """The baseline rows: one child's epochs (scratch and one-shot KD), then the chain's (one-shot KD
+    and, with Torch-Pruning installed, pruning + KD)."""
+    rows = [
+        Baseline("scratch-ce", "scratch-ce", epochs),
+        Baseline("one-shot-kd", "one-shot-kd", epochs),
+        Baseline("one-shot-kd, equal compute", "one-shot-kd", chain),
+    ]
+    return rows + ([Baseline("prune-kd, equal compute", "prune-kd", chain)] if prune else [])
+
+
+# -- compare ------------------------------------------------------------------------------------------
 
 
 def final_node(run: Run) -> Node:
@@ -137,10 +406,50 @@ def write_results(path: Path, run_name: str, results: list[SeedResult]) -> None:
     )
 
 
+def search_seed_run(run: Run, seed: int) -> SearchConfig:
+    """The config of the run's search rerun with `seed`: a run of its own under RUN/compare/, trained
+    in this process (no workers, no database elsewhere, no deployment figures: none changes a node)."""
+    name = f"{run.cfg.name}-seed-{seed}"
+    return replace(
+        run.cfg,
+        name=name,
+        run_dir=str(run.run_dir / "compare" / f"search-seed-{seed}"),
+        seed=seed,
+        storage=None,
+        workers=None,
+        deploy_figures=False,
+    )
+
+
+def rerun_searches(
+    run: Run, count: int, progress: bool, log: Callable[[str], None]
+) -> tuple[list[Run], int, list[str]]:
+    """The run plus `count - 1` reruns of its search with seeds seed+1, ...: each resumes where an
+    interrupted compare left it, and a finished one is only read. Returns (runs with an accepted
+    child, searches trained now, notes on the others)."""
+    runs, trained, notes = [run], 0, []
+    for seed in range(run.cfg.seed + 1, run.cfg.seed + count):
+        cfg = search_seed_run(run, seed)
+        other = Path(cfg.run_dir)
+        finished = (other / "study.db").is_file() and "final_node" in open_run(other).study.user_attrs
+        if not finished:
+            log(f"compare: search with seed {seed} in {other}")
+            Search(cfg, progress=progress, log=log).run()
+            trained += 1
+        rerun = open_run(other)
+        final = rerun.final_node()
+        if final is None or final.generation == 0 or not final.ok:
+            notes.append(f"the search with seed {seed} accepted no child, so it is not in the iterkd row")
+            continue
+        runs.append(rerun)
+    return runs, trained, notes
+
+
 def compare_run(
     run_dir: str | Path,
     *,
     seeds: int = 3,
+    search_seeds: int = 1,
     epochs: int | None = None,
     preset: str | None = None,
     device: str | None = None,
@@ -149,140 +458,215 @@ def compare_run(
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> Comparison:
-    """Retrain the run's final architecture with each method for seeds 0..seeds-1 (skipping what
-    RUN/compare.json already holds), then write RUN/compare.md and return the table's rows."""
+    """Train every baseline for seeds 0..seeds-1 (skipping what RUN/compare.json already holds), rerun
+    the search with `search_seeds - 1` other seeds, then write RUN/compare.md and return the table."""
     if seeds < 1:
         raise IterkdError(f"--seeds must be at least 1, got {seeds}")
+    if search_seeds < 1:
+        raise IterkdError(f"--search-seeds must be at least 1 (the run itself), got {search_seeds}")
     run = open_run(run_dir, storage=storage)
     cfg, root, final = run.cfg, run.root, final_node(run)
     n_epochs = compare_epochs(cfg.epochs, epochs, preset)
+    path = chain_path(run, final)
+    n_chain = chain_epochs(path)
     json_path, md_path = run.run_dir / "compare.json", run.run_dir / "compare.md"
     results = read_results(json_path)
-    done = {r.key for r in results}
-    todo = [(m, s) for s in range(seeds) for m in METHODS if (m, s, n_epochs, final.node) not in done]
-    if len(todo) < seeds * len(METHODS):
-        log(f"compare: reusing {seeds * len(METHODS) - len(todo)} results from {json_path}")
+    notes = []
+    prune = have_torch_pruning()
+    if not prune:
+        log(f"compare: the prune-kd row needs Torch-Pruning; to add it: {PRUNE_INSTALL}")
+        notes.append(f"prune-kd was not run: Torch-Pruning is not installed ({PRUNE_INSTALL})")
+    plans = baselines(n_epochs, n_chain, prune)
+    # (method, seed, epochs) to train: rows that share them (equal epochs = the chain's) share models.
+    wanted = {(b.method, s, b.epochs) for b in plans for s in range(seeds)}
+    done = {r.key[:3] for r in results if r.node == final.node}
+    order = [b.method for b in plans]
+    todo = sorted(wanted - done, key=lambda k: (k[1], order.index(k[0]), k[2]))
+    if len(todo) < len(wanted):
+        log(f"compare: reusing {len(wanted) - len(todo)} results from {json_path}")
+    dev = resolve_device(device or cfg.device)
+    data = replace(cfg, data_dir=data_dir or cfg.data_dir).load_data(dev if todo else None)
+    per_epoch = images_per_epoch(len(data.train_x), cfg.batch_size)
     if todo:
-        dev = resolve_device(device or cfg.device)
-        data = replace(cfg, data_dir=data_dir or cfg.data_dir).load_data(dev)
-        hint_teacher = run.model(root).to(
-            dev
-        )  # live, not the run's cache: the same targets up to fp16 rounding
+        # Live, not the run's cache: the same targets up to fp16 rounding.
+        root_model = run.model(root).to(dev)
         # An ensemble root teaches through all its members, as it did in the run.
-        teachers = [load_model(run.run_dir / m["checkpoint"]).to(dev) for m in root.members] or [hint_teacher]
-        # The final node's own KD settings (a space's kd: ranges may have searched them), else the run's.
-        kd_values = {
-            "alpha": cfg.alpha,
-            "temperature": cfg.temperature,
-            "hint_weight": cfg.hint_weight,
-            "lr": cfg.lr,
-            **final.loss,
-        }
-        for method, seed in todo:
-            # The seed picks the initial weights and the batch order; the augmentation views are the run's, as a child's.
-            torch.manual_seed(seed)
-            model = VGG(final.spec)
-            kd = dict(teachers=teachers, hint_teacher=hint_teacher) if method == "one-shot-kd" else {}
-            settings = kd_settings(cfg, n_epochs, seed, kd_values)
-            out = train(model, data, settings, progress=progress, desc=f"{method} seed {seed}", **kd)
+        teachers = [load_model(run.run_dir / m["checkpoint"]).to(dev) for m in root.members] or [root_model]
+        trainer = BaselineTrainer(cfg, data, final, root_model, teachers, prune_steps(path), progress)
+        for method, seed, n in todo:
+            model, val, test, seconds = trainer.fit(method, seed, n)
+            spec = model.spec
             results.append(
                 SeedResult(
                     method,
                     seed,
-                    n_epochs,
+                    n,
                     final.node,
-                    final.spec.params(),
-                    out.val_acc,
-                    out.test_acc,
-                    round(out.seconds, 2),
+                    spec.params(),
+                    val,
+                    test,
+                    round(seconds, 2),
                     dev.type,
+                    spec.flops(),
+                    spec.to_json(),
                 )
             )
-            write_results(
-                json_path, cfg.name, results
-            )  # after every model: an interrupted compare resumes here
-            log(f"{method} seed {seed}: val {out.val_acc:.2f}%  test {out.test_acc:.2f}%  {out.seconds:.0f}s")
+            # After every model: an interrupted compare resumes here.
+            write_results(json_path, cfg.name, results)
+            log(f"{method} ({n} epochs) seed {seed}: val {val:.2f}%  test {test:.2f}%  {seconds:.0f}s")
+    runs, searched, search_notes = rerun_searches(run, search_seeds, progress, log)
+    notes += search_notes
+    rows = table_rows(root, runs, plans, results, seeds)
+    verdict = verdict_text(rows, plans, n_chain, per_epoch)
     comparison = Comparison(
-        root,
-        final,
-        n_epochs,
-        seeds,
-        table_rows(root, final, results, n_epochs, seeds),
-        len(todo),
-        json_path,
-        md_path,
-    )
+        root, final, n_epochs, n_chain, per_epoch, seeds, [r.cfg.seed for r in runs], rows, verdict, notes,
+        len(todo) + searched, json_path, md_path,
+    )  # fmt: skip
     write_atomic(md_path, render_markdown(run, comparison))
     return comparison
 
 
-def table_rows(root: Node, final: Node, results: list[SeedResult], epochs: int, seeds: int) -> list[Row]:
-    """Root (context), the baselines over seeds 0..seeds-1 at `epochs`, and the run's final node (n=1)."""
+def chain_row(runs: list[Run]) -> Row:
+    """The iterkd row: the final node of the run and of each search rerun (one model per search)."""
+    finals = [final_node(r) for r in runs]
+    paths = [chain_path(r, f) for r, f in zip(runs, finals)]
+    paid = [search_compute(r) for r in runs]
+    label = f"iterkd (node {finals[0].node}" + (f", {len(runs)} searches)" if len(runs) > 1 else ")")
+    return Row(
+        label,
+        finals[0].spec.params(),
+        finals[0].spec.flops(),
+        [chain_epochs(p) for p in paths],
+        [f.val_acc for f in finals],
+        [f.test_acc for f in finals],
+        [sum(n.seconds or 0.0 for n in p[1:]) for p in paths],
+        [e for e, _ in paid],
+        [s for _, s in paid],
+    )
 
-    def one(label: str, n: Node) -> Row:
-        return Row(
-            label, n.spec.params(), n.epochs, [n.val_acc], [n.test_acc], [n.seconds] if n.seconds else []
+
+def table_rows(
+    root: Node, runs: list[Run], plans: list[Baseline], results: list[SeedResult], seeds: int
+) -> list[Row]:
+    """Root (context, n=1), each baseline over seeds 0..seeds-1, and the iterkd row; every row's
+    test accuracy against the iterkd row's."""
+    final = final_node(runs[0])
+    chain = chain_row(runs)
+    rows = [
+        Row(
+            f"root (node {root.node})",
+            root.spec.params(),
+            root.spec.flops(),
+            [trained_epochs(root)],
+            [root.val_acc],
+            [root.test_acc],
+            [root.seconds] if root.seconds else [],
         )
-
-    rows = [one(f"root (node {root.node})", root)]
-    for method in METHODS:
+    ]
+    for b in plans:
         mine = sorted(
             (
                 r
                 for r in results
-                if r.method == method and r.epochs == epochs and r.node == final.node and r.seed < seeds
+                if (r.method, r.epochs, r.node) == (b.method, b.epochs, final.node) and r.seed < seeds
             ),
             key=lambda r: r.seed,
         )
+        spec = VGGSpec.from_json(mine[0].spec) if mine and mine[0].spec else final.spec
         rows.append(
             Row(
-                method,
-                final.spec.params(),
-                epochs,
+                b.label,
+                spec.params(),
+                spec.flops(),
+                [r.epochs for r in mine],
                 [r.val_acc for r in mine],
                 [r.test_acc for r in mine],
                 [r.seconds for r in mine],
             )
         )
-    rows.append(one(f"iterkd (this run, node {final.node})", final))
-    return rows
+    rows.append(chain)
+    return [replace(r, delta=delta_cell(r.test, chain.test)) if r is not chain else r for r in rows]
 
 
-def chain_seconds(run: Run, final: Node) -> float:
-    """Training seconds of every node on the path root -> final: what the iterkd row's model cost."""
-    return sum(n.seconds or 0.0 for n in ancestry(nodes(run.study), final))
+def verdict_text(rows: list[Row], plans: list[Baseline], chain_epochs: int, per_epoch: int) -> str:
+    """Which method won at equal compute (the chain's epochs), in one paragraph: the best test mean
+    among iterkd and the equal-compute baselines, and whether its lead over each other exceeds twice
+    the lead's standard error."""
+    equal = {b.label for b in plans if b.epochs == chain_epochs}
+    contenders = [r for r in rows[1:] if r.test and (r.method in equal or r is rows[-1])]
+    best = max(contenders, key=lambda r: statistics.fmean(r.test))
+    head = (
+        f"**Verdict at equal compute** ({_epochs(chain_epochs)}, {chain_epochs * per_epoch:,} training "
+        f"images per model after the root): **`{best.method}` won** with "
+        f"{statistics.fmean(best.test):.2f} % test accuracy"
+    )
+    clear, unclear = [], []
+    for r in contenders:
+        if r is best:
+            continue
+        diff, se = difference(best.test, r.test)
+        text = f"{diff:.2f} ± {'–' if se is None else f'{se:.2f}'} points above `{r.method}`"
+        (clear if se is not None and diff > 2 * se else unclear).append(text)
+    parts = []
+    if clear:
+        parts.append(f"{', '.join(clear)} (more than twice the uncertainty: a real difference)")
+    if unclear:
+        parts.append(
+            f"{', '.join(unclear)} (within twice the uncertainty, or none measured: not a clear win; "
+            "more --seeds and --search-seeds narrow it)"
+        )
+    return head + (": " + "; ".join(parts) if parts else "") + "."
 
 
 def render_markdown(run: Run, c: Comparison) -> str:
     root, final, cfg = c.root, c.final, run.cfg
-    path = " → ".join(str(n.node) for n in ancestry(nodes(run.study), final))
+    path = " → ".join(str(n.node) for n in chain_path(run, final))
     seeds = "seed 0" if c.seeds == 1 else f"seeds 0–{c.seeds - 1}"
+    chain = c.rows[-1]
     lines = [
         f"# Did the iterative search pay off? Run `{cfg.name}`",
         "",
         f"The final model, node {final.node} (`{final.spec.summary()}`, {final.spec.params():,} params, "
-        f"{root.spec.params() / final.spec.params():.1f}x smaller than the root), retrained from scratch for "
-        f"{_epochs(c.epochs)} with {seeds} on the run's data and a child's training settings:",
+        f"{root.spec.params() / final.spec.params():.1f}x smaller than the root), against the same data and "
+        f"teacher without the search, each baseline over {seeds}:",
         "",
-        markdown_table(HEADERS, [r.cells() for r in c.rows]),
+        markdown_table(HEADERS, [r.cells(c.images_per_epoch) for r in c.rows]),
+        "",
+        c.verdict,
         "",
     ]
     if c.epochs != final.epochs:
         lines += [
-            f"**Not like for like**: each baseline trained {_epochs(c.epochs)}, node {final.node} trained "
-            f"{_epochs(final.epochs)} (`--epochs` or `--preset` differ from the run's).",
+            f"**Not like for like**: the equal-epochs baselines trained {_epochs(c.epochs)}, node "
+            f"{final.node} trained {_epochs(final.epochs)} (`--epochs` or `--preset` differ from the run's).",
             "",
         ]
+    loss = ", ".join(f"{k} {v:g}" for k, v in sorted(final.loss.items())) or "the run defaults"
+    searches = ("seed " if len(c.search_seeds) == 1 else "seeds ") + ", ".join(map(str, c.search_seeds))
     lines += [
-        "- **scratch-ce**: labels only (cross-entropy), no teacher — Mirzadeh et al. 2020's NOKD.",
-        f"- **one-shot-kd**: KD + {cfg.hint} hint from the root alone, with the final node's loss settings "
-        f"({', '.join(f'{k} {v:g}' for k, v in sorted(final.loss.items())) or 'the run defaults'}) — BLKD.",
-        f"- **iterkd**: the run's own node {final.node}, distilled along the chain {path} — TAKD-like; "
-        "one model (n = 1), selected on validation, so compare test accuracy.",
-        f"- Training time of the whole chain root → node {final.node}: {chain_seconds(run, final):.0f} s.",
-        "- std is the sample standard deviation over seeds (ddof = 1); raw results in `compare.json`.",
-        "",
-    ]
+        "- **scratch-ce**: the final architecture on labels only (cross-entropy), one child's epochs — "
+        "Mirzadeh et al. 2020's NOKD.",
+        f"- **one-shot-kd**: the final architecture with KD + {cfg.hint} hint from the root alone and the final "
+        f"node's loss settings ({loss}), one child's epochs — BLKD.",
+        f"- **one-shot-kd, equal compute**: the same for the {_epochs(c.chain_epochs)} the chain trained "
+        f"after the root ({path}).",
+        "- **prune-kd, equal compute**: the root's channels cut with Torch-Pruning's dependency graph (L1 "
+        f"filter norm) in {len(prune_steps(chain_path(run, final)))} steps, one per size change of the chain, "
+        "each to that chain node's parameter count and fine-tuned with the same KD from the root for that "
+        "node's epochs; a pruned VGG keeps every conv, narrower, so its FLOPs differ from the final node's.",
+        f"- **iterkd**: the final node of the search with {searches} (one model per search, selected on "
+        "validation: compare test accuracy); `epochs` and `s / model` are its chain's after the root, "
+        "`paid` is every node the search trained after the root, rejected ones included."
+        + (" A rerun trains its own root and draws its own validation split (the seed does both); the test "
+        "set is the same." if len(c.search_seeds) > 1 else ""),
+        "- Δ test is the row's mean test accuracy minus iterkd's ± the standard error of that difference "
+        "(Welch: sqrt(s²/n + s²/n) of the sides with n > 1)."
+        + (" †: iterkd is one search, so its own spread is not in it (add --search-seeds)." if len(chain.test) == 1 else ""),
+        "- Compute leaves out the root's training: every row starts from the same root. Images seen = epochs × "
+        f"{c.images_per_epoch:,} (full batches of {cfg.batch_size}).",
+        "- std is the sample standard deviation (ddof = 1); raw results in `compare.json`.",
+    ]  # fmt: skip
+    lines += [f"- {note}" for note in c.notes] + [""]
     return "\n".join(lines)
 
 
@@ -290,9 +674,9 @@ def _epochs(n: int) -> str:
     return f"{n} epoch{'s' if n != 1 else ''}"
 
 
-def text_table(rows: list[Row]) -> str:
+def text_table(rows: list[Row], images_per_epoch: int) -> str:
     """The rows as aligned plain text for the terminal."""
-    cells = [HEADERS] + [r.cells() for r in rows]
+    cells = [HEADERS] + [r.cells(images_per_epoch) for r in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(HEADERS))]
     return "\n".join(
         "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))

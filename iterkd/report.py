@@ -1074,5 +1074,15 @@ def render_markdown(view: RunView) -> str:
     ]
     for heading, table in generation_tables(view):
         parts += [f"### {heading}", "", _markdown_table(table), ""]
+    parts += compare_section(view.run_dir)
     parts += ["## Settings", "", _markdown_table(settings_table(view)), ""]
     return "\n".join(parts)
+
+
+def compare_section(run_dir: Path) -> list[str]:
+    """`iterkd compare`'s table and verdict (RUN/compare.md, when compare has run) as a section."""
+    path = run_dir / "compare.md"
+    if not path.is_file():
+        return []
+    body = path.read_text().partition("\n")[2].strip()  # its own '# ...' title gives way to this heading
+    return ["## Against the alternatives (`iterkd compare`)", "", body, ""]

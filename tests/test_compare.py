@@ -1,26 +1,48 @@
-"""iterkd compare: baselines retrained on the run's final architecture, resume from compare.json, errors."""
+"""iterkd compare: the baselines (equal epochs, equal compute, Torch-Pruning), search seeds, the verdict,
+resuming an interrupted compare (killed at a named fault point), and errors."""
 
 import contextlib
 import io
 import json
+import os
 import shutil
 import statistics
+import subprocess
+import sys
+from dataclasses import replace
 
 import pytest
+import torch
 
-from iterkd import compare
+from iterkd import compare, run_search
+from iterkd.arch import VGGSpec, vgg_spec
 from iterkd.cli import main
 from iterkd.errors import IterkdError
+from iterkd.models import VGG
+from iterkd.report import write_report
+from iterkd.run import open_run
 from iterkd.storage import open_study
 from iterkd.trainer import train_settings
+from tests.conftest import smoke_config
 
-ARGS = ["--seeds", "2", "--epochs", "1", "--no-progress"]
+ARGS = ["--seeds", "2", "--no-progress"]
+PRUNE = "prune-kd, equal compute"
+ROWS = ["scratch-ce", "one-shot-kd", "one-shot-kd, equal compute", PRUNE]  # the baselines, in order
 
 
-def copy_run(smoke_run, dest):
-    """A private copy of the shared smoke run, so compare's files and study edits stay out of it."""
-    cfg, _ = smoke_run
-    shutil.copytree(cfg.run_dir, dest)
+@pytest.fixture(scope="module")
+def cheap_run(tmp_path_factory):
+    """A finished smoke search whose root and children train one epoch each: chain root → 1 → 2,
+    so the equal-compute rows train 2 epochs and the equal-epochs rows 1."""
+    run_dir = tmp_path_factory.mktemp("cheap_run") / "run"
+    cfg = smoke_config(run_dir, name="run", epochs=1, root_epochs=1)
+    return cfg, run_search(cfg, progress=False)
+
+
+def copy_run(cheap_run, dest, *, results: bool = False):
+    """A private copy of the shared run (with the first compare's results when `results`)."""
+    cfg, _ = cheap_run
+    shutil.copytree(cfg.run_dir, dest, ignore=None if results else shutil.ignore_patterns("compare*"))
     return dest
 
 
@@ -41,79 +63,168 @@ def compare_counting(run_dir, *argv):
 
 def md_rows(path):
     """The compare.md table as {method: [cells]}."""
-    lines = [line for line in path.read_text().splitlines() if line.startswith("| ")][
-        1:
-    ]  # without the header
+    lines = [line for line in path.read_text().splitlines() if line.startswith("| ")][1:]  # no header
     return {
-        cells[0]: cells[1:] for cells in ([c.strip() for c in line.strip("|").split(" | ")] for line in lines)
+        cells[0]: cells[1:]
+        for cells in ([c.strip().replace("\\|", "|") for c in line.strip("|").split(" | ")] for line in lines)
     }
 
 
 @pytest.fixture(scope="module")
-def compared(smoke_run, tmp_path_factory):
-    run_dir = copy_run(smoke_run, tmp_path_factory.mktemp("compare") / "run")
+def compared(cheap_run, tmp_path_factory):
+    run_dir = copy_run(cheap_run, tmp_path_factory.mktemp("compare") / "run")
     return (run_dir, *compare_counting(run_dir, *ARGS))
 
 
-def test_compare_writes_both_methods_for_each_seed_beside_the_run(smoke_run, compared):
-    _, out = smoke_run
+def test_compare_writes_every_row_for_each_seed_beside_the_run(cheap_run, compared):
+    cfg, out = cheap_run
     run_dir, code, stdout, _ = compared
     root, final = out.root, out.final
-    assert code == 0
+    assert code == 0 and "8 models trained now" in stdout
     results = json.loads((run_dir / "compare.json").read_text())["results"]
-    assert sorted((r["method"], r["seed"]) for r in results) == [
-        ("one-shot-kd", 0),
-        ("one-shot-kd", 1),
-        ("scratch-ce", 0),
-        ("scratch-ce", 1),
-    ]
-    for r in results:
-        assert r["epochs"] == 1 and r["node"] == final.node and r["params"] == final.spec.params()
-        assert 0 <= r["val_acc"] <= 100 and 0 <= r["test_acc"] <= 100 and r["seconds"] > 0
-
+    assert sorted((r["method"], r["epochs"], r["seed"]) for r in results) == sorted(
+        (m, e, s) for m, e in [("scratch-ce", 1), ("one-shot-kd", 1), ("one-shot-kd", 2), ("prune-kd", 2)]
+        for s in (0, 1)
+    )  # fmt: skip
     rows = md_rows(run_dir / "compare.md")
-    assert list(rows) == [
-        f"root (node {root.node})",
-        "scratch-ce",
-        "one-shot-kd",
-        f"iterkd (this run, node {final.node})",
-    ]
-    for method in compare.METHODS:
-        mine = [r for r in results if r["method"] == method]
-        val, test = [r["val_acc"] for r in mine], [r["test_acc"] for r in mine]
-        assert rows[method][:3] == [f"{final.spec.params():,}", "1", "2"]
-        assert rows[method][3] == f"{statistics.fmean(val):.2f} ± {statistics.stdev(val):.2f}"
-        assert rows[method][4] == f"{statistics.fmean(test):.2f} ± {statistics.stdev(test):.2f}"
-    iterkd_row = rows[f"iterkd (this run, node {final.node})"]
-    assert iterkd_row[:5] == [
-        f"{final.spec.params():,}",
-        str(final.epochs),
-        "1",
-        f"{final.val_acc:.2f} ± –",
-        f"{final.test_acc:.2f} ± –",
-    ]
-    assert rows[f"root (node {root.node})"][0] == f"{root.spec.params():,}"
-    assert "Not like for like" in (run_dir / "compare.md").read_text()  # 1 epoch here, 4 in the run
-    assert "scratch-ce" in stdout and "one-shot-kd" in stdout and "4 models trained now" in stdout
+    chain_label = f"iterkd (node {final.node})"
+    assert list(rows) == [f"root (node {root.node})", *ROWS, chain_label]
+    chain = rows[chain_label]
+    assert chain[2:5] == ["2", "3,200", "1"]  # 1 + 1 epochs after the root; 1,600 training images each
+    assert chain[6] == f"{final.test_acc:.2f} ± –"
+
+    for label, (method, epochs) in zip(ROWS, [("scratch-ce", 1), ("one-shot-kd", 1), ("one-shot-kd", 2)]):
+        mine = [r for r in results if (r["method"], r["epochs"]) == (method, epochs)]
+        test = [r["test_acc"] for r in mine]
+        assert rows[label][:5] == [
+            f"{final.spec.params():,}",
+            f"{final.spec.flops() / 1e6:.2f}",
+            str(epochs),
+            f"{1600 * epochs:,}",
+            "2",
+        ]
+        assert rows[label][6] == f"{statistics.fmean(test):.2f} ± {statistics.stdev(test):.2f}"
+        # Δ against the one search: the baseline's standard error alone, marked as missing the chain's.
+        se = statistics.stdev(test) / 2**0.5
+        assert rows[label][7] == f"{statistics.fmean(test) - final.test_acc:+.2f} ± {se:.2f}†"
+
+    pruned = [r for r in results if r["method"] == "prune-kd"]
+    spec = VGGSpec.from_json(pruned[0]["spec"])
+    assert (
+        len(spec.blocks) == len(root.spec.blocks) and spec.convs == root.spec.convs
+    )  # narrower, not shallower
+    assert abs(spec.params() - final.spec.params()) <= 0.02 * final.spec.params()
+    assert rows[PRUNE][:4] == [f"{spec.params():,}", f"{spec.flops() / 1e6:.2f}", "2", "3,200"]
+
+    md = (run_dir / "compare.md").read_text()
+    verdict = next(line for line in md.splitlines() if line.startswith("**Verdict at equal compute**"))
+    equal = {label: rows[label] for label in ("one-shot-kd, equal compute", PRUNE, chain_label)}
+    winner = max(equal, key=lambda k: float(equal[k][6].split(" ± ")[0]))
+    assert f"**`{winner}` won**" in verdict and "(2 epochs, 3,200 training images" in verdict
+    assert "Not like for like" not in md  # the run's children trained 1 epoch, like these baselines
 
 
-def test_baselines_train_the_final_architecture_with_a_childs_settings(smoke_run, compared):
-    cfg, out = smoke_run
+def test_every_baseline_trains_with_the_runs_settings_and_the_root_as_teacher(cheap_run, compared):
+    cfg, out = cheap_run
     *_, calls = compared
-    assert len(calls) == 4
-    for seed in (0, 1):
-        assert sum(settings == train_settings(cfg, 1, seed, child=True) for _, settings, _ in calls) == 2
-    for spec, _, kw in calls:
-        assert spec == out.final.spec
-        if kw["desc"].startswith("one-shot-kd"):
+    chain = compare.chain_path(open_run(cfg.run_dir), out.final)[1:]
+    for spec, settings, kw in calls:
+        # greedy sampler: the final node's loss settings are the run's, so KD rows train as a child does
+        assert settings == train_settings(cfg, settings.epochs, settings.seed, child=True)
+        if kw["desc"].startswith("scratch-ce"):
+            assert spec == out.final.spec and not kw.get("teachers") and kw.get("hint_teacher") is None
+        else:
             (teacher,) = kw["teachers"]
             assert teacher.spec == out.root.spec and kw["hint_teacher"] is teacher
-        else:
-            assert (
-                kw["desc"].startswith("scratch-ce")
-                and not kw.get("teachers")
-                and kw.get("hint_teacher") is None
-            )
+    for seed in (0, 1):
+        prune_calls = [(s, st) for s, st, kw in calls if kw["desc"].startswith(f"prune-kd seed {seed}")]
+        # One pruning step per size change of the chain, to that node's size, for that node's epochs.
+        assert [st.epochs for _, st in prune_calls] == [n.epochs for n in chain]
+        for (spec, _), n in zip(prune_calls, chain):
+            assert abs(spec.params() - n.spec.params()) <= 0.02 * n.spec.params()
+        kd_long = [st for s, st, kw in calls if kw["desc"] == f"one-shot-kd seed {seed}" and st.epochs == 2]
+        assert len(kd_long) == 1  # equal compute: the chain's 1 + 1 epochs in one training
+
+
+def test_without_torch_pruning_one_line_names_the_install_and_the_other_rows_come(cheap_run, tmp_path):
+    run_dir = copy_run(cheap_run, tmp_path / "run")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(sys.modules, "torch_pruning", None)  # `import torch_pruning` raises ImportError
+        code, stdout, calls = compare_counting(run_dir, "--seeds", "1", "--no-progress")
+    assert code == 0 and len(calls) == 3  # scratch-ce, one-shot-kd, one-shot-kd for the chain's epochs
+    said = [line for line in stdout.splitlines() if "Torch-Pruning" in line]
+    assert said == [f"compare: the prune-kd row needs Torch-Pruning; to add it: {compare.PRUNE_INSTALL}"]
+    rows = md_rows(run_dir / "compare.md")
+    assert [label for label in rows if label in ROWS] == ROWS[:3] and PRUNE not in rows
+    assert "prune-kd was not run: Torch-Pruning is not installed" in (run_dir / "compare.md").read_text()
+
+
+def test_search_seeds_rerun_the_search_so_the_chain_row_has_a_spread(cheap_run, compared, tmp_path):
+    cfg, out = cheap_run
+    run_dir = copy_run(cheap_run, tmp_path / "run", results=False)
+    shutil.copy(compared[0] / "compare.json", run_dir / "compare.json")  # the baselines are done
+    code, stdout, calls = compare_counting(run_dir, *ARGS, "--search-seeds", "2")
+    assert code == 0 and calls == [] and "1 models trained now" in stdout  # one search, no baseline
+    rerun = open_run(run_dir / "compare" / "search-seed-1")
+    assert rerun.cfg.seed == cfg.seed + 1 and rerun.cfg.storage is None
+    other = compare.final_node(rerun)
+    rows = md_rows(run_dir / "compare.md")
+    chain = rows[f"iterkd (node {out.final.node}, 2 searches)"]
+    tests = [out.final.test_acc, other.test_acc]
+    assert chain[4] == "2" and chain[6] == f"{statistics.fmean(tests):.2f} ± {statistics.stdev(tests):.2f}"
+    assert not any(cells[7].endswith("†") for cells in rows.values())  # the chain's spread is in every Δ
+
+    code, stdout, _ = compare_counting(run_dir, *ARGS, "--search-seeds", "2")
+    assert code == 0 and "0 models trained now" in stdout  # the finished rerun is read, not trained
+
+
+def _compare_until(run_dir, fault: str, *argv) -> subprocess.CompletedProcess:
+    """`iterkd compare` on run_dir in a process that kills itself at the fault point POINT:N."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ITERKD_FAULT": fault}
+    return subprocess.run(
+        [sys.executable, "-m", "iterkd", "compare", str(run_dir), *argv, "--no-progress"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+
+
+def test_a_compare_killed_mid_training_resumes_without_retraining_what_it_saved(cheap_run, tmp_path):
+    run_dir = copy_run(cheap_run, tmp_path / "run")
+    # seed 0 trains scratch-ce (1 epoch), one-shot-kd (1), then one-shot-kd (2): killed in its first epoch
+    proc = _compare_until(run_dir, "mid-epoch:3", "--seeds", "1")
+    assert proc.returncode == -9, proc.stdout[-500:] + proc.stderr[-500:]
+    saved = json.loads((run_dir / "compare.json").read_text())["results"]
+    assert [(r["method"], r["epochs"]) for r in saved] == [("scratch-ce", 1), ("one-shot-kd", 1)]
+
+    code, stdout, calls = compare_counting(run_dir, "--seeds", "1", "--no-progress")
+    assert code == 0 and "reusing 2 results" in stdout
+    assert [kw["desc"] for _, _, kw in calls] == [
+        "one-shot-kd seed 0",
+        "prune-kd seed 0 step 1",
+        "prune-kd seed 0 step 2",
+    ]
+    results = json.loads((run_dir / "compare.json").read_text())["results"]
+    assert results[:2] == saved  # what was finished is kept as it was
+
+
+def test_a_compare_killed_inside_a_search_rerun_resumes_that_search(cheap_run, compared, tmp_path):
+    run_dir = copy_run(cheap_run, tmp_path / "run")
+    shutil.copy(compared[0] / "compare.json", run_dir / "compare.json")
+    # The rerun trains its root (trial 0), then creates its first child's trial: killed there.
+    proc = _compare_until(run_dir, "trial-created:2", *ARGS, "--search-seeds", "2")
+    assert proc.returncode == -9, proc.stdout[-500:] + proc.stderr[-500:]
+    rerun_dir = run_dir / "compare" / "search-seed-1"
+    root_ckpt = rerun_dir / "checkpoints" / "node-0.safetensors"
+    before = (root_ckpt.read_bytes(), root_ckpt.stat().st_mtime_ns)
+
+    code, stdout, calls = compare_counting(run_dir, *ARGS, "--search-seeds", "2")
+    assert code == 0 and calls == [] and "1 models trained now" in stdout
+    assert (root_ckpt.read_bytes(), root_ckpt.stat().st_mtime_ns) == before  # its root was not retrained
+    rerun = open_run(rerun_dir)
+    assert "final_node" in rerun.study.user_attrs and compare.final_node(rerun).generation == 2
+    assert "2 searches" in (run_dir / "compare.md").read_text()
 
 
 def test_rerun_trains_nothing_new_and_retrains_only_a_missing_entry(compared, tmp_path):
@@ -121,7 +232,7 @@ def test_rerun_trains_nothing_new_and_retrains_only_a_missing_entry(compared, tm
     before = json.loads((run_dir / "compare.json").read_text())
     code, stdout, calls = compare_counting(run_dir, *ARGS)
     assert code == 0 and calls == [] and "0 models trained now" in stdout
-    assert json.loads((run_dir / "compare.json").read_text()) == before
+    assert json.loads((run_dir / "compare.json").read_text())["results"] == before["results"]
 
     dropped = before["results"].pop(2)  # as if interrupted before that model was saved
     (run_dir / "compare.json").write_text(json.dumps(before))
@@ -129,16 +240,24 @@ def test_rerun_trains_nothing_new_and_retrains_only_a_missing_entry(compared, tm
     assert code == 0 and len(calls) == 1
     assert calls[0][1].seed == dropped["seed"] and calls[0][2]["desc"].startswith(dropped["method"])
     results = json.loads((run_dir / "compare.json").read_text())["results"]
-    assert sorted((r["method"], r["seed"]) for r in results) == sorted(
-        (r["method"], r["seed"]) for r in before["results"] + [dropped]
+    assert sorted((r["method"], r["epochs"], r["seed"]) for r in results) == sorted(
+        (r["method"], r["epochs"], r["seed"]) for r in before["results"] + [dropped]
     )
 
 
+def test_the_runs_report_shows_the_comparison_and_its_verdict(compared, tmp_path):
+    run_dir = shutil.copytree(compared[0], tmp_path / "run")
+    write_report(run_dir)
+    report = (run_dir / "report.md").read_text()
+    verdict = next(line for line in (run_dir / "compare.md").read_text().splitlines() if "Verdict" in line)
+    assert "## Against the alternatives (`iterkd compare`)" in report and verdict in report
+
+
 @pytest.mark.parametrize("final_node", [None, "root"])
-def test_a_run_without_an_accepted_child_is_a_one_line_error(smoke_run, tmp_path, capsys, final_node):
+def test_a_run_without_an_accepted_child_is_a_one_line_error(cheap_run, tmp_path, capsys, final_node):
     """None: a search interrupted in generation 1; root: one whose first child was already over budget."""
-    cfg, out = smoke_run
-    run_dir = copy_run(smoke_run, tmp_path / "run")
+    cfg, out = cheap_run
+    run_dir = copy_run(cheap_run, tmp_path / "run")
     study = open_study(f"sqlite:///{run_dir}/study.db", cfg.name, create=False)
     study.set_user_attr("selections", {})
     study.set_user_attr("final_node", out.root.node if final_node == "root" else None)
@@ -153,6 +272,7 @@ def test_a_run_without_an_accepted_child_is_a_one_line_error(smoke_run, tmp_path
     "argv, needle",
     [
         (["--seeds", "0"], "--seeds must be at least 1"),
+        (["--search-seeds", "0"], "--search-seeds must be at least 1"),
         (["--epochs", "0"], "--epochs must be at least 1"),
         (["--preset", "huge"], "unknown preset"),
     ],
@@ -166,6 +286,93 @@ def test_bad_compare_flags_are_one_line_errors(compared, capsys, argv, needle):
 def test_missing_run_directory_is_a_one_line_error(tmp_path, capsys):
     assert main(["compare", str(tmp_path / "nope")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+# -- the pieces, without training -------------------------------------------------------------------
+
+
+def test_pruned_specs_reach_the_target_within_2_percent_and_keep_every_conv():
+    root = vgg_spec("vgg16", 1 / 4)
+    for fraction in (0.5, 0.2, 0.1, 0.03):
+        target = int(root.params() * fraction)
+        spec = compare.pruned_spec(root, target)
+        assert abs(spec.params() - target) <= 0.02 * target
+        assert spec.convs == root.convs and all(
+            w <= r for w, r in zip(*(sum(s.blocks, ()) for s in (spec, root)))
+        )
+
+
+def test_pruning_drops_the_filters_of_smallest_l1_norm_and_matches_its_spec():
+    pytest.importorskip("torch_pruning")
+    torch.manual_seed(0)
+    spec = VGGSpec(((8, 8), (16,)), num_classes=10, input_size=16)
+    model = VGG(spec)
+    conv0 = model.blocks[0][0]
+    with torch.no_grad():
+        conv0.weight[[1, 4, 6]] *= 1e-3  # the three weakest filters of the first conv
+    kept_weights = conv0.weight[[0, 2, 3, 5, 7]].clone()
+    narrower = VGGSpec(((5, 8), (16,)), num_classes=10, input_size=16)
+    pruned = compare.prune_to(model, narrower)
+    assert pruned.spec == narrower
+    assert sum(p.numel() for p in pruned.parameters()) == narrower.params()
+    assert torch.equal(pruned.blocks[0][0].weight, kept_weights)  # the others, in their order
+    assert pruned(torch.zeros(2, 3, 16, 16)).shape == (2, 10)
+
+
+def test_prune_steps_follow_the_chain_and_a_polish_adds_to_the_last_step(cheap_run):
+    cfg, out = cheap_run
+    run = open_run(cfg.run_dir)
+    path = compare.chain_path(run, out.final)
+    assert path[0] == out.root and path[-1] == out.final and len(path) == 3
+    assert compare.prune_steps(path) == [(n.spec.params(), n.epochs) for n in path[1:]]
+    polish = replace(out.final, node=99, parents=(out.final.node,), epochs=3)  # same size, more epochs
+    steps = compare.prune_steps([*path, polish])
+    assert steps[-1] == (out.final.spec.params(), out.final.epochs + 3) and len(steps) == len(path) - 1
+    assert compare.chain_epochs([*path, polish]) == sum(n.epochs for n in path[1:]) + 3
+
+
+def test_the_searchs_paid_compute_counts_rejected_siblings_and_the_chain_does_not(tmp_path):
+    cfg = smoke_config(
+        tmp_path / "run", variant="parent-children", children=2, epochs=1, root_epochs=1, max_generations=1
+    )
+    out = run_search(cfg, progress=False)
+    run = open_run(cfg.run_dir)
+    children = [n for n in run.nodes.values() if n.generation == 1 and n.ok]
+    assert len(children) == 2 and run.status(children[0]) != run.status(children[1])  # one was rejected
+    assert compare.chain_epochs(compare.chain_path(run, out.final)) == 1
+    assert compare.search_compute(run) == (2, pytest.approx(sum(n.seconds for n in children)))
+    row = compare.chain_row([run])
+    assert row.epochs == [1] and row.paid_epochs == [2] and row.cells(1600)[10] == "2"
+
+
+def test_the_difference_carries_the_welch_standard_error_of_the_sides_with_a_spread():
+    diff, se = compare.difference([90.0, 92.0], [88.0, 88.0, 91.0])
+    assert diff == pytest.approx(91.0 - 89.0)
+    assert se == pytest.approx((2.0 / 2 + 3.0 / 3) ** 0.5)
+    assert compare.difference([90.0], [89.0]) == (1.0, None)
+    assert compare.delta_cell([90.0, 92.0], [88.0]) == f"+3.00 ± {(2.0 / 2) ** 0.5:.2f}†"
+
+
+def _row(label, test, epochs):
+    return compare.Row(label, 1000, 10**6, [epochs] * len(test), test, test, [1.0] * len(test))
+
+
+@pytest.mark.parametrize(
+    "kd, chain, clear",
+    [([91.0, 91.2, 90.8], [88.0, 88.3, 87.9], True), ([89.0, 91.0, 88.0], [88.5, 90.5, 87.0], False)],
+)
+def test_the_verdict_names_the_winner_and_says_whether_the_lead_is_real(kd, chain, clear):
+    plans = compare.baselines(1, 4, prune=False)
+    rows = [
+        _row("root", [95.0], 5),
+        _row("scratch-ce", [80.0, 81.0], 1),
+        _row("one-shot-kd", [85.0, 85.5], 1),
+    ]
+    rows += [_row("one-shot-kd, equal compute", kd, 4), _row("iterkd (node 3)", chain, 4)]
+    text = compare.verdict_text(rows, plans, 4, 1600)
+    assert "**`one-shot-kd, equal compute` won**" in text and "(4 epochs, 6,400 training images" in text
+    assert "scratch-ce" not in text  # one child's epochs are not equal compute
+    assert ("a real difference" in text) == clear and ("not a clear win" in text) == (not clear)
 
 
 def test_epochs_come_from_the_flag_then_the_preset_then_the_run():
