@@ -177,9 +177,9 @@ def delta_cell(row: list[float], chain: list[float]) -> str:
 
 
 def trained_epochs(n: Node) -> int:
-    """Epochs node `n` trained: the one place compute is read from a node (a child stopped early
-    will report its own count here once the node records it)."""
-    return n.epochs
+    """Epochs node `n` trained: the one place compute is read from a node. A child a pruner stopped
+    early records its own count (`epochs_trained`); a node from before that record, its plan."""
+    return n.epochs if n.epochs_trained is None else n.epochs_trained
 
 
 def chain_path(run: Run, final: Node) -> list[Node]:

@@ -325,10 +325,12 @@ def test_prune_steps_follow_the_chain_and_a_polish_adds_to_the_last_step(cheap_r
     path = compare.chain_path(run, out.final)
     assert path[0] == out.root and path[-1] == out.final and len(path) == 3
     assert compare.prune_steps(path) == [(n.spec.params(), n.epochs) for n in path[1:]]
-    polish = replace(out.final, node=99, parents=(out.final.node,), epochs=3)  # same size, more epochs
+    polish = replace(out.final, node=99, parents=(out.final.node,), epochs=3, epochs_trained=3)  # same size
     steps = compare.prune_steps([*path, polish])
     assert steps[-1] == (out.final.spec.params(), out.final.epochs + 3) and len(steps) == len(path) - 1
     assert compare.chain_epochs([*path, polish]) == sum(n.epochs for n in path[1:]) + 3
+    stopped = replace(path[-1], epochs_trained=path[-1].epochs - 1)  # a pruner stopped it an epoch early
+    assert compare.chain_epochs([*path[:-1], stopped]) == sum(n.epochs for n in path[1:]) - 1
 
 
 def test_the_searchs_paid_compute_counts_rejected_siblings_and_the_chain_does_not(tmp_path):
