@@ -14,6 +14,7 @@ import torch
 from .checkpoints import load_model
 from .config import SearchConfig, search_command
 from .data import DatasetInfo, dataset_info, load_data, normalize
+from .deploy import example_input, onnx_session, write_onnx
 from .errors import IterkdError
 from .lineage import Node, ancestry
 from .models import VGG
@@ -32,29 +33,6 @@ RAW_SIZE = {
 
 
 # -- writers ----------------------------------------------------------------------------------
-
-
-def example_input(spec, batch: int = 2, seed: int = 0) -> torch.Tensor:
-    """A normalised-looking float32 batch of the spec's input shape (N, C, H, W)."""
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(batch, spec.in_channels, spec.input_size, spec.input_size, generator=g)
-
-
-def write_onnx(model: VGG, path: str | Path) -> Path:
-    """One self-contained ONNX file: input 'input' (N, C, H, W) float32 with a dynamic batch, output 'logits'."""
-    path = Path(path)
-    # Traced at batch 2: torch.export specialises sizes 0 and 1, so batch 1 would fix the batch dimension.
-    program = torch.onnx.export(
-        model.eval(),
-        (example_input(model.spec, 2),),
-        dynamo=True,
-        verbose=False,
-        input_names=["input"],
-        output_names=["logits"],
-        dynamic_shapes=({0: torch.export.Dim("batch")},),
-    )
-    program.save(str(path), external_data=False)
-    return path
 
 
 def write_torchscript(model: VGG, path: str | Path) -> Path:
@@ -108,15 +86,6 @@ def load(path: str | Path) -> torch.nn.Module:
         except (RuntimeError, ValueError) as e:
             raise IterkdError(f"{p} is not a TorchScript file ({str(e).splitlines()[0][:200]})") from None
     return load_model(p)
-
-
-def onnx_session(path: str | Path, threads: int | None = None):
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    if threads:
-        opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
 @torch.inference_mode()
