@@ -23,6 +23,7 @@ from .lineage import Node, ancestry
 from .models import VGG
 from .quantize import (
     DEFAULT_QAT_TEACHER,
+    QAT_LR_FACTOR,
     TIMING_REPEATS,
     Int8Figures,
     Int8Result,
@@ -387,8 +388,8 @@ def int8_section(r: Int8Result) -> list[str]:
             "",
             f"QAT: the node was fine-tuned for {f.qat_epochs} epochs with fake quantisation of weights and "
             f"activations, KD from {'its own fp32 weights' if f.qat_teacher == 'self' else 'the root'} and CE "
-            f"through iterkd's training loop (the run's alpha, temperature and batch size, a tenth of its "
-            "learning rate, no hint), then quantised by the same PTQ pipeline.",
+            f"through iterkd's training loop (the run's alpha, temperature and batch size, {QAT_LR_FACTOR:g}× its "
+            "peak learning rate, no hint), then quantised by the same PTQ pipeline.",
         ]
     if not f.within_budget:
         text += [
