@@ -22,6 +22,7 @@ from .config import (
 )
 from .device import COMPILE_MODES
 from .errors import IterkdError
+from .quantize import DEFAULT_CALIBRATION, DEFAULT_QAT_TEACHER, QAT_TEACHERS
 from .run import read_config
 
 
@@ -333,10 +334,27 @@ def cmd_bench(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .export import export_command, export_node, parse_formats
+    from .export import Int8Request, export_command, export_node, parse_formats
     from .run import open_run
 
     formats = parse_formats(args.format)
+    int8 = None
+    if not (args.int8 or args.qat_epochs):
+        extra = [f for f, v in (("--calibration", args.calibration), ("--force", args.force)) if v]
+        if extra:
+            raise IterkdError(
+                f"{' and '.join(extra)} {'is' if len(extra) == 1 else 'are'} only for int8 exports; "
+                "add --int8 (or --qat-epochs N)"
+            )
+    else:
+        int8 = Int8Request(
+            calibration=args.calibration,
+            qat_epochs=args.qat_epochs,
+            qat_teacher=args.qat_teacher,
+            force=args.force,
+            threads=args.threads,
+            progress=sys.stderr.isatty(),
+        )
     run = open_run(args.run, storage=args.storage)
     node = run.node(args.node)
     bench_md = ""
@@ -360,16 +378,33 @@ def cmd_export(args) -> int:
         args.out,
         data_dir=args.data_dir,
         bench_md=bench_md,
-        command=export_command(run, node, formats, args.out and Path(args.out), args.bench),
+        command=export_command(run, node, formats, args.out and Path(args.out), args.bench, int8),
+        int8=int8,
     )
     print(
         f"exported node {out.node} ({node.spec.summary()}, {node.spec.params():,} params, val {node.val_acc:.2f}%) "
         f"of run {run.cfg.name} to {out.out_dir}:"
     )
-    for fmt, path in out.files.items():
+    for fmt, diff in out.max_abs_diff.items():
+        path = out.files[fmt]
         print(
-            f"  {path.name:<22} {path.stat().st_size:>12,} bytes  max abs diff {out.max_abs_diff[fmt]:.2g} "
+            f"  {path.name:<22} {path.stat().st_size:>12,} bytes  max abs diff {diff:.2g} "
             f"vs PyTorch on the run's validation images"
+        )
+    if out.int8:
+        f = out.int8.figures
+        for label, g in (("post-training int8", out.int8.ptq), (f"{f.method.upper()} int8", f)):
+            if g is None:
+                continue
+            print(
+                f"  {label}: val {g.val_acc:.2f}% (fp32 {g.fp32_val_acc:.2f}%, drop vs root {g.drop_pts:.2f} pts, "
+                f"{'within' if g.within_budget else 'OVER'} --max-drop {g.max_drop:g}), test {g.test_acc:.2f}% "
+                f"(fp32 {g.fp32_test_acc:.2f}%), top-1 agreement {g.agreement_val:.2f}% / {g.agreement_test:.2f}%; "
+                f"onnxruntime batch 1 {g.latency_ms_b1:.3f} ms (fp32 {g.fp32_latency_ms_b1:.3f}), "
+                f"batch 64 {g.throughput_b64:,.0f} img/s (fp32 {g.fp32_throughput_b64:,.0f})"
+            )
+        print(
+            f"  {out.int8.path.name:<22} {f.int8_bytes:>12,} bytes  (fp32 ONNX, BN folded: {f.fp32_bytes:,})"
         )
     print(f"  spec.json, {out.card.name}")
     return 0
@@ -494,7 +529,44 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="measure CPU latency (batch 1), throughput (batch 64) and ONNX size of root and node",
     )
-    p.add_argument("--threads", type=_int_in(Range(1)), default=1, help="CPU threads for --bench (default 1)")
+    p.add_argument(
+        "--threads",
+        type=_int_in(Range(1)),
+        default=1,
+        help="CPU threads for --bench and int8 timing (default 1)",
+    )
+    p.add_argument(
+        "--int8",
+        action="store_true",
+        help="also write model.int8.onnx: ONNX Runtime static quantisation (QDQ, per-channel int8 weights), "
+        "verified against fp32 and refused when its drop exceeds the run's --max-drop (docs/export.md)",
+    )
+    p.add_argument(
+        "--calibration",
+        type=_int_in(Range(1)),
+        metavar="N",
+        help=f"training images that calibrate the int8 activation ranges (default {DEFAULT_CALIBRATION}, "
+        "or all of a smaller training set)",
+    )
+    p.add_argument(
+        "--qat-epochs",
+        type=_int_in(Range(0)),
+        default=0,
+        metavar="N",
+        help="quantisation-aware distillation: fine-tune the node N epochs with fake quantisation and KD "
+        "before quantising (implies --int8; default 0: post-training only)",
+    )
+    p.add_argument(
+        "--qat-teacher",
+        choices=QAT_TEACHERS,
+        default=DEFAULT_QAT_TEACHER,
+        help=f"teacher of --qat-epochs: the node's own fp32 weights or the root (default {DEFAULT_QAT_TEACHER})",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="export the int8 model even when its validation drop exceeds the run's --max-drop",
+    )
     p.add_argument(
         "--storage", help="the run's storage URL when it is not RUN/study.db (passwords are not saved)"
     )

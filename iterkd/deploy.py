@@ -1,6 +1,7 @@
-"""Deployment figures of a model on this CPU: latency at batch 1 and throughput at batch 64, each the
-median of timed repeats after a warm-up with the thread count fixed and stated, and the on-disk size of
-its ONNX export. Figures on a shared machine move with its load: state `os.getloadavg()` with them."""
+"""A model as one ONNX file, and its deployment figures on this CPU: latency at batch 1 and throughput
+at batch 64, each the median of timed repeats after a warm-up with the thread count fixed and stated,
+and the on-disk size of its ONNX export. Figures on a shared machine move with its load: state
+`os.getloadavg()` with them."""
 
 from __future__ import annotations
 
@@ -15,13 +16,50 @@ from pathlib import Path
 
 import torch
 
-from .export import example_input, onnx_session, write_onnx
 from .models import VGG
 
 LATENCY_BATCH, THROUGHPUT_BATCH = 1, 64
 # One thread by default: figures stay comparable between nodes measured at different times, and a
 # search worker sharing a machine does not fight the others for every core.
 DEFAULT_THREADS = 1
+
+
+# -- the ONNX file ------------------------------------------------------------------------------
+
+
+def example_input(spec, batch: int = 2, seed: int = 0) -> torch.Tensor:
+    """A normalised-looking float32 batch of the spec's input shape (N, C, H, W)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, spec.in_channels, spec.input_size, spec.input_size, generator=g)
+
+
+def write_onnx(model: VGG, path: str | Path) -> Path:
+    """One self-contained ONNX file: input 'input' (N, C, H, W) float32 with a dynamic batch, output 'logits'."""
+    path = Path(path)
+    # Traced at batch 2: torch.export specialises sizes 0 and 1, so batch 1 would fix the batch dimension.
+    program = torch.onnx.export(
+        model.eval(),
+        (example_input(model.spec, 2),),
+        dynamo=True,
+        verbose=False,
+        input_names=["input"],
+        output_names=["logits"],
+        dynamic_shapes=({0: torch.export.Dim("batch")},),
+    )
+    program.save(str(path), external_data=False)
+    return path
+
+
+def onnx_session(path: str | Path, threads: int | None = None):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+# -- timing -----------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)

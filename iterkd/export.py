@@ -4,24 +4,38 @@ verify every written file against the PyTorch model on real validation images, a
 from __future__ import annotations
 
 import json
+import os
 import shlex
+import shutil
+import tempfile
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 
 from .checkpoints import load_model
 from .config import SearchConfig, search_command
-from .data import DatasetInfo, dataset_info, load_data, normalize
+from .data import DatasetInfo, DataSplits, dataset_info, load_data, normalize
+from .deploy import example_input, onnx_session, write_onnx
 from .errors import IterkdError
 from .lineage import Node, ancestry
 from .models import VGG
+from .quantize import (
+    DEFAULT_QAT_TEACHER,
+    QAT_LR_FACTOR,
+    TIMING_REPEATS,
+    Int8Figures,
+    Int8Result,
+    quantization_tools,
+    quantize,
+)
 from .run import Run
 from .storage import redact_url
 
 FORMATS = ("onnx", "torchscript", "safetensors")
 FILES = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt", "safetensors": "model.safetensors"}
+INT8_FILE = "model.int8.onnx"  # --int8 / --qat-epochs: ONNX Runtime QDQ int8 (iterkd.quantize)
 MAX_ABS_DIFF = 1e-4  # fp32 logits of an exported file vs the PyTorch model; more is an error
 VERIFY_IMAGES = 64
 EXPORT_FORMAT = "iterkd-export-1"
@@ -32,29 +46,6 @@ RAW_SIZE = {
 
 
 # -- writers ----------------------------------------------------------------------------------
-
-
-def example_input(spec, batch: int = 2, seed: int = 0) -> torch.Tensor:
-    """A normalised-looking float32 batch of the spec's input shape (N, C, H, W)."""
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(batch, spec.in_channels, spec.input_size, spec.input_size, generator=g)
-
-
-def write_onnx(model: VGG, path: str | Path) -> Path:
-    """One self-contained ONNX file: input 'input' (N, C, H, W) float32 with a dynamic batch, output 'logits'."""
-    path = Path(path)
-    # Traced at batch 2: torch.export specialises sizes 0 and 1, so batch 1 would fix the batch dimension.
-    program = torch.onnx.export(
-        model.eval(),
-        (example_input(model.spec, 2),),
-        dynamo=True,
-        verbose=False,
-        input_names=["input"],
-        output_names=["logits"],
-        dynamic_shapes=({0: torch.export.Dim("batch")},),
-    )
-    program.save(str(path), external_data=False)
-    return path
 
 
 def write_torchscript(model: VGG, path: str | Path) -> Path:
@@ -110,15 +101,6 @@ def load(path: str | Path) -> torch.nn.Module:
     return load_model(p)
 
 
-def onnx_session(path: str | Path, threads: int | None = None):
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    if threads:
-        opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-
-
 @torch.inference_mode()
 def run_exported(fmt: str, path: Path, x: torch.Tensor) -> torch.Tensor:
     """Logits of an exported file on the batch x, through the runtime a deployment would use."""
@@ -152,7 +134,7 @@ def verify(
     if bad:
         raise IterkdError(
             f"verification failed: {'; '.join(bad)} (max abs logit diff allowed {tol:g} on "
-            f"{len(x)} validation images); do not ship the files in {next(iter(files.values())).parent}"
+            f"{len(x)} validation images); nothing was exported"
         )
     return diffs
 
@@ -167,6 +149,19 @@ class ExportResult:
     files: dict[str, Path]
     max_abs_diff: dict[str, float]
     card: Path
+    int8: Int8Result | None = None  # with --int8 or --qat-epochs: the int8 file and its figures
+
+
+@dataclass(frozen=True)
+class Int8Request:
+    """What `iterkd export --int8 [--calibration N] [--qat-epochs N --qat-teacher T] [--force]` asks."""
+
+    calibration: int | None = None  # None: quantize.DEFAULT_CALIBRATION, or every image of a smaller run
+    qat_epochs: int = 0
+    qat_teacher: str = DEFAULT_QAT_TEACHER
+    force: bool = False  # export even when the int8 model's drop exceeds the run's --max-drop
+    threads: int = 1
+    progress: bool = False
 
 
 def parse_formats(text: str) -> tuple[str, ...]:
@@ -175,6 +170,25 @@ def parse_formats(text: str) -> tuple[str, ...]:
     if text not in FORMATS:
         raise IterkdError(f"unknown --format {text!r}; choose one of {', '.join(FORMATS)} or all")
     return (text,)
+
+
+def run_data(cfg: SearchConfig, data_dir: str | None, int8: bool) -> DataSplits:
+    """The run's splits (train subset included: calibration uses the images the run trained on)."""
+    try:
+        return (replace(cfg, data_dir=data_dir) if data_dir else cfg).load_data()
+    except IterkdError as e:
+        use = "verify the files and calibrate the int8 model" if int8 else "verify the files"
+        raise IterkdError(f"iterkd export needs the run's images to {use}: {e}") from None
+
+
+def over_budget(run: Run, n: Node, f: Int8Figures) -> IterkdError:
+    how = f"{f.method.upper()} int8" + (f" after {f.qat_epochs} QAT epochs" if f.qat_epochs else "")
+    return IterkdError(
+        f"the int8 model of node {n.node} ({how}) loses too much: validation {f.val_acc:.2f}% against the "
+        f"root's {f.root_val_acc:.2f}%, a drop of {f.drop_pts:.2f} points > --max-drop {f.max_drop:g} of "
+        f"run {run.cfg.name} (fp32 {f.fp32_val_acc:.2f}%, top-1 agreement {f.agreement_val:.1f}%); nothing "
+        "was exported. Fine-tune it with --qat-epochs N, or export it anyway with --force"
+    )
 
 
 def export_node(
@@ -186,42 +200,95 @@ def export_node(
     data_dir: str | None = None,
     command: str | None = None,
     bench_md: str = "",
+    int8: Int8Request | None = None,
 ) -> ExportResult:
-    """Write node n in `formats` to out_dir (default RUN/export/node-N), verify every file on the
-    run's validation images, then write spec.json and MODEL_CARD.md (only once verified)."""
+    """Write node n in `formats` (and, when asked, as int8 ONNX) to out_dir (default RUN/export/node-N),
+    verify every file on the run's validation images and the int8 model against the run's budget,
+    then write spec.json and MODEL_CARD.md. Everything is written to a staging directory beside
+    out_dir and moved in only once all of it is verified: a failed attempt leaves an earlier export
+    as it was."""
+    if int8 is not None:
+        quantization_tools()  # before anything is loaded or written
+        if int8.qat_epochs < 0:
+            raise IterkdError(f"--qat-epochs must be at least 0, got {int8.qat_epochs}")
     out = Path(out_dir) if out_dir else run.run_dir / "export" / f"node-{n.node}"
+    data = run_data(run.cfg, data_dir, int8 is not None)
     try:
         out.mkdir(parents=True, exist_ok=True)
+        stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.parent))
     except OSError as e:
         raise IterkdError(f"cannot create output directory {out} ({e.strerror})") from None
-    for stale in ("spec.json", "MODEL_CARD.md"):  # a card must never vouch for files this run did not verify
-        (out / stale).unlink(missing_ok=True)
+    try:
+        staged, diffs, quantized, images = _write_verified(run, n, formats, stage, data, int8)
+        files = {fmt: out / p.name for fmt, p in staged.items()}
+        info = dataset_info(run.cfg.dataset)
+        spec_doc = {
+            "format": EXPORT_FORMAT,
+            "run": run.cfg.name,
+            "node": n.node,
+            "architecture": asdict(n.spec),
+            "input": input_contract(info, n.spec),
+            "classes": class_names(info),
+            "files": {f: p.name for f, p in files.items()},
+            "verification": {"images": images, "max_abs_diff": diffs, "tolerance": MAX_ABS_DIFF},
+            "val_acc": n.val_acc,
+            "test_acc": n.test_acc,
+        }
+        if quantized:
+            spec_doc["int8"] = quantized.figures.to_json()
+            if quantized.ptq:
+                spec_doc["int8"]["ptq"] = quantized.ptq.to_json()
+        (stage / "spec.json").write_text(json.dumps(spec_doc, indent=2) + "\n")
+        sizes = {fmt: p.stat().st_size for fmt, p in staged.items()}
+        card = model_card(run, n, files, sizes, diffs, images, command, bench_md, quantized)
+        (stage / "MODEL_CARD.md").write_text(card)
+        _publish(stage, out)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    if quantized:
+        quantized = replace(quantized, path=out / INT8_FILE)
+    return ExportResult(n.node, out, files, diffs, out / "MODEL_CARD.md", quantized)
+
+
+def _write_verified(run: Run, n: Node, formats, stage: Path, data: DataSplits, int8: Int8Request | None):
+    """Every requested file written to `stage` and verified; raises IterkdError at the first that
+    fails (a differing file, an int8 model over the budget without --force)."""
     model = run.model(n)
     writers = {
         "onnx": lambda p: write_onnx(model, p),
         "torchscript": lambda p: write_torchscript(model, p),
         "safetensors": lambda p: write_safetensors(run, n, p),
     }
-    files = {fmt: writers[fmt](out / FILES[fmt]) for fmt in formats}
-    x = validation_batch(run.cfg, data_dir)
+    files = {fmt: writers[fmt](stage / FILES[fmt]) for fmt in formats}
+    x = normalize(data.val_x[:VERIFY_IMAGES], data.info)
     diffs = verify(run.model(n), files, x)  # a fresh copy: a writer that altered `model` cannot hide it
-    info = dataset_info(run.cfg.dataset)
-    spec_doc = {
-        "format": EXPORT_FORMAT,
-        "run": run.cfg.name,
-        "node": n.node,
-        "architecture": asdict(n.spec),
-        "input": input_contract(info, n.spec),
-        "classes": class_names(info),
-        "files": {f: p.name for f, p in files.items()},
-        "verification": {"images": len(x), "max_abs_diff": diffs, "tolerance": MAX_ABS_DIFF},
-        "val_acc": n.val_acc,
-        "test_acc": n.test_acc,
-    }
-    (out / "spec.json").write_text(json.dumps(spec_doc, indent=2) + "\n")
-    card = out / "MODEL_CARD.md"
-    card.write_text(model_card(run, n, files, diffs, len(x), command, bench_md))
-    return ExportResult(n.node, out, files, diffs, card)
+    quantized = None
+    if int8 is not None:
+        quantized = quantize(
+            run,
+            n,
+            stage / INT8_FILE,
+            data,
+            calibration=int8.calibration,
+            qat_epochs=int8.qat_epochs,
+            qat_teacher=int8.qat_teacher,
+            threads=int8.threads,
+            progress=int8.progress,
+        )
+        if not quantized.figures.within_budget and not int8.force:
+            raise over_budget(run, n, quantized.figures)
+        files["int8"] = quantized.path
+    return files, diffs, quantized, len(x)
+
+
+def _publish(stage: Path, out: Path) -> None:
+    """Move the staged files into out: the old card and spec go first (a card must never vouch for
+    files it did not verify), each file is replaced in one rename, the new card and spec come last."""
+    for name in ("spec.json", "MODEL_CARD.md"):
+        (out / name).unlink(missing_ok=True)
+    staged = sorted(stage.iterdir(), key=lambda p: p.name in ("spec.json", "MODEL_CARD.md"))
+    for p in staged:
+        os.replace(p, out / p.name)
 
 
 def input_contract(info: DatasetInfo, spec) -> dict:
@@ -242,7 +309,9 @@ def class_names(info: DatasetInfo) -> list[str]:
     return list(info.classes) or [str(i) for i in range(info.num_classes)]
 
 
-def export_command(run: Run, n: Node, formats, out_dir: Path | None, bench: bool = False) -> str:
+def export_command(
+    run: Run, n: Node, formats, out_dir: Path | None, bench: bool = False, int8: Int8Request | None = None
+) -> str:
     args = [
         "iterkd",
         "export",
@@ -253,10 +322,82 @@ def export_command(run: Run, n: Node, formats, out_dir: Path | None, bench: bool
         "all" if tuple(formats) == FORMATS else formats[0],
     ]
     args += ["-o", str(out_dir)] if out_dir else []
-    return shlex.join(args + (["--bench"] if bench else []))
+    args += ["--bench"] if bench else []
+    if int8 is not None:
+        args += ["--int8"] + (["--calibration", str(int8.calibration)] if int8.calibration else [])
+        if int8.qat_epochs:
+            args += ["--qat-epochs", str(int8.qat_epochs), "--qat-teacher", int8.qat_teacher]
+        args += ["--force"] if int8.force else []
+    return shlex.join(args)
 
 
 # -- the model card ---------------------------------------------------------------------------
+
+
+def int8_section(r: Int8Result) -> list[str]:
+    """The card's int8 part: the fp32 model beside post-training int8 (and quantisation-aware int8)."""
+    columns = [r.ptq, r.figures] if r.ptq else [r.figures]
+    f = r.figures
+    names = {"ptq": "int8 PTQ", "qat": f"int8 QAT ({f.qat_epochs} epochs, teacher: {f.qat_teacher})"}
+
+    def row(label, fp32, key, fmt):
+        return [label, fp32] + [fmt(getattr(c, key)) for c in columns]
+
+    rows = [
+        row("validation accuracy", _pct(f.fp32_val_acc), "val_acc", _pct),
+        row("test accuracy", _pct(f.fp32_test_acc), "test_acc", _pct),
+        ["top-1 agreement with fp32 (validation / test)", "100%"]
+        + [f"{c.agreement_val:.2f}% / {c.agreement_test:.2f}%" for c in columns],
+        [
+            f"drop vs root's {f.root_val_acc:.2f}% (validation, points)",
+            f"{f.root_val_acc - f.fp32_val_acc:.2f}",
+        ]
+        + [f"{c.drop_pts:.2f}" + ("" if c.within_budget else " (over budget)") for c in columns],
+        row("ONNX file bytes", f"{f.fp32_bytes:,}", "int8_bytes", lambda v: f"{v:,}"),
+        row(
+            "onnxruntime latency batch 1 (ms)",
+            f"{f.fp32_latency_ms_b1:.3f}",
+            "latency_ms_b1",
+            "{:.3f}".format,
+        ),
+        row(
+            "onnxruntime throughput batch 64 (img/s)",
+            f"{f.fp32_throughput_b64:,.0f}",
+            "throughput_b64",
+            "{:,.0f}".format,
+        ),
+    ]
+    load = ", ".join(f"{v:.2f}" for v in f.load_average)
+    text = [
+        "## int8",
+        "",
+        f"`{INT8_FILE}` is {f.method.upper()} int8: ONNX Runtime static quantisation in QDQ format, int8 "
+        "weights symmetric per output channel, uint8 activations per tensor with MinMax ranges calibrated "
+        f"on the first {f.calibration_images:,} images of the run's training split; batch norm folded into "
+        "the convolutions first. Input and output are float32 as above.",
+        "",
+        markdown_table(["", "fp32", *(names[c.method] for c in columns)], rows),
+        "",
+        f"Accuracies over the run's whole validation and test splits, the int8 model run by onnxruntime. "
+        f"Speed: onnxruntime, {f.threads} thread(s), median of {TIMING_REPEATS} batch-1 and "
+        f"{TIMING_REPEATS // 4} batch-64 calls after a warm-up, load average {load} on "
+        f"{os.cpu_count()} CPUs; fp32 is the BN-folded ONNX file the int8 one was made from.",
+    ]
+    if f.method == "qat":
+        text += [
+            "",
+            f"QAT: the node was fine-tuned for {f.qat_epochs} epochs with fake quantisation of weights and "
+            f"activations, KD from {'its own fp32 weights' if f.qat_teacher == 'self' else 'the root'} and CE "
+            f"through iterkd's training loop (the run's alpha, temperature and batch size, {QAT_LR_FACTOR:g}× its "
+            "peak learning rate, no hint), then quantised by the same PTQ pipeline.",
+        ]
+    if not f.within_budget:
+        text += [
+            "",
+            f"**Over the budget:** a drop of {f.drop_pts:.2f} points exceeds the run's --max-drop "
+            f"{f.max_drop:g}; exported with --force.",
+        ]
+    return text
 
 
 def markdown_table(headers: list[str], rows: list[list]) -> str:
@@ -276,10 +417,12 @@ def model_card(
     run: Run,
     n: Node,
     files: dict[str, Path],
+    sizes: dict[str, int],
     diffs: dict[str, float],
     images: int,
     command: str | None,
     bench_md: str = "",
+    int8: Int8Result | None = None,
 ) -> str:
     cfg, root = run.cfg, run.root
     info = dataset_info(cfg.dataset)
@@ -353,7 +496,7 @@ def model_card(
             ],
         ),
         "",
-        "Files: " + ", ".join(f"`{p.name}` {p.stat().st_size:,} bytes" for p in files.values()) + ".",
+        "Files: " + ", ".join(f"`{p.name}` {sizes[f]:,} bytes" for f, p in files.items()) + ".",
         "",
         "## Deployment figures recorded during the search",
         "",
@@ -385,6 +528,8 @@ def model_card(
         ]
     if bench_md:
         out += ["", "## Measured at export (`--bench`)", "", bench_md]
+    if int8:
+        out += ["", *int8_section(int8)]
     out += [
         "",
         "## Lineage",

@@ -72,11 +72,18 @@ def test_a_file_that_computes_something_else_is_an_error(smoke_run, tmp_path, ca
 
     monkeypatch.setattr(export, "write_torchscript", off_by_a_little)
     cfg, _ = smoke_run
-    (tmp_path / "o").mkdir()
-    (tmp_path / "o" / "MODEL_CARD.md").write_text("from an earlier, verified export")
-    code, _, err = run(capsys, "export", cfg.run_dir, "--format", "torchscript", "-o", str(tmp_path / "o"))
-    one_line_error(code, err, "verification failed", "model.torchscript.pt differs by 0.001")
-    assert not (tmp_path / "o" / "MODEL_CARD.md").exists()  # an unverified export keeps no card
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "MODEL_CARD.md").write_text("from an earlier, verified export")
+    (out / FILES["torchscript"]).write_bytes(b"the earlier, verified file")
+    code, _, err = run(capsys, "export", cfg.run_dir, "--format", "torchscript", "-o", str(out))
+    one_line_error(
+        code, err, "verification failed", "model.torchscript.pt differs by 0.001", "nothing was exported"
+    )
+    # the unverified file never replaced the earlier export, whose card still vouches for its own files
+    assert (out / FILES["torchscript"]).read_bytes() == b"the earlier, verified file"
+    assert (out / "MODEL_CARD.md").read_text() == "from an earlier, verified export"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o"]  # no staging directory left behind
 
 
 @pytest.fixture
