@@ -27,6 +27,7 @@ from .variants import VARIANTS
 SELECT_RULES = ("best-acc", "smallest-within-budget")
 TEACHER_WEIGHTS = ("mean", "accuracy")
 OBJECTIVES = ("acc", "acc,params")
+ROOT_SOURCES = ("packaged", "train")
 
 # Each preset is a set of defaults; explicit flags win over it. A table: one preset per row.
 # fmt: off
@@ -38,7 +39,7 @@ PRESETS: dict[str, dict] = {
     # 8 per child (chosen when children started from scratch: at 5 the second generation lost 1.12 pts),
     # two generations (docs/results.md has the timings).
     "quick": dict(width=1 / 8, epochs=8, root_epochs=5, batch_size=128, train_subset=20000, val_size=5000,
-                  max_generations=2, lr=0.05),
+                  max_generations=2, lr=0.05, root="packaged"),
     # Paper scale, for a GPU: full-width root and the whole training set.
     "full": dict(width=1.0, epochs=30, root_epochs=30, batch_size=512, lr=0.2, val_size=5000, max_generations=20),
 }
@@ -222,6 +223,16 @@ class SearchConfig:
         "search",
         metavar="PATH",
         default_text="train the root",
+    )
+    # The quick preset's root is a converged one shipped with iterkd (iterkd/roots.py): training one
+    # inside the README job's ten minutes would leave no time for the search.
+    root: str = setting(
+        "train",
+        "where the root comes from without --teacher: packaged: the root shipped with iterkd for this "
+        "dataset, root architecture and validation split (--seed, --val-size) when there is one, else "
+        "trained; train: trained on labels for --root-epochs",
+        "search",
+        choices=ROOT_SOURCES,
     )
     storage: str | None = setting(
         None,

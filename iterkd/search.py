@@ -35,6 +35,7 @@ from .lineage import (
     write_lineage_csv,
     write_note,
 )
+from .roots import packaged_root
 from .run import WriterLock, fail_interrupted_trials, start_run, verify_checkpoints
 from .spaces import Move, load_space
 from .storage import set_status
@@ -349,8 +350,13 @@ class Search:
 
     def _ensure_root(self) -> Node:
         root = root_node(nodes(self.study))
+        packaged = self._packaged_root() if root is None and not self.cfg.teacher else None
         if root is None and self.cfg.teacher:
             root = self.trainer.root_from_teachers([Path(p) for p in self.cfg.teacher])
+        elif packaged is not None:
+            root = self.trainer.root_from_teachers(
+                [packaged["path"]], operator=f"packaged:{packaged['path'].name}", epochs=packaged["epochs"]
+            )
         elif root is None and self.remote:
             waiting = self.queue.in_flight("root")
             number = self.queue.enqueue(self.trainer.root_attrs()) if waiting is None else waiting.number
@@ -363,6 +369,15 @@ class Search:
                 "--weight-decay) and start again with another --name"
             )
         return root
+
+    def _packaged_root(self) -> dict | None:
+        """With --root packaged, the shipped root that fits this run (its path and epochs), or None
+        when the root is to be trained; says which in one line."""
+        if self.cfg.root != "packaged":
+            return None
+        path, line = packaged_root(self.cfg)
+        self.log(line)
+        return None if path is None else {"path": path, "epochs": read_checkpoint(path)[2].get("epochs", 0)}
 
 
 # -- the stop rule's words and the dashboard notes, outside the loop ------------------------------
