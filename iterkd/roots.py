@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -32,7 +33,17 @@ def root_spec(cfg: SearchConfig):
     return load_space(cfg.space).root_spec(info.channels, info.num_classes, info.size, cfg.width)
 
 
-def packaged_root(cfg: SearchConfig) -> tuple[Path | None, str]:
+@dataclass(frozen=True)
+class PackagedRoot:
+    path: Path
+    epochs: int  # what trained it, for the root node's attributes
+
+    @property
+    def operator(self) -> str:
+        return f"packaged:{self.path.name}"
+
+
+def packaged_root(cfg: SearchConfig) -> tuple[PackagedRoot | None, str]:
     """The packaged root that fits this run and a line saying so, or None and a line saying why a
     root is trained instead."""
     trained = f"training the root instead ({cfg.root_epochs} epochs)"
@@ -58,7 +69,7 @@ def packaged_root(cfg: SearchConfig) -> tuple[Path | None, str]:
                 "would include this run's validation images"
             )
             continue
-        return path, (
+        return PackagedRoot(path, meta.get("epochs", 0)), (
             f"root: packaged {path.name} ({meta.get('epochs')} epochs on {meta.get('train_images'):,} "
             f"images, val {meta.get('val_acc'):.2f} %, test {meta.get('test_acc'):.2f} %); "
             "--root train trains one instead"

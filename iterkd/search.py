@@ -35,7 +35,7 @@ from .lineage import (
     write_lineage_csv,
     write_note,
 )
-from .roots import packaged_root
+from .roots import PackagedRoot, packaged_root
 from .run import WriterLock, fail_interrupted_trials, start_run, verify_checkpoints
 from .spaces import Move, load_space
 from .storage import set_status
@@ -355,7 +355,7 @@ class Search:
             root = self.trainer.root_from_teachers([Path(p) for p in self.cfg.teacher])
         elif packaged is not None:
             root = self.trainer.root_from_teachers(
-                [packaged["path"]], operator=f"packaged:{packaged['path'].name}", epochs=packaged["epochs"]
+                [packaged.path], operator=packaged.operator, epochs=packaged.epochs
             )
         elif root is None and self.remote:
             waiting = self.queue.in_flight("root")
@@ -370,14 +370,14 @@ class Search:
             )
         return root
 
-    def _packaged_root(self) -> dict | None:
-        """With --root packaged, the shipped root that fits this run (its path and epochs), or None
-        when the root is to be trained; says which in one line."""
+    def _packaged_root(self) -> PackagedRoot | None:
+        """With --root packaged, the shipped root that fits this run, or None when the root is to be
+        trained; says which in one line."""
         if self.cfg.root != "packaged":
             return None
-        path, line = packaged_root(self.cfg)
+        packaged, line = packaged_root(self.cfg)
         self.log(line)
-        return None if path is None else {"path": path, "epochs": read_checkpoint(path)[2].get("epochs", 0)}
+        return packaged
 
 
 # -- the stop rule's words and the dashboard notes, outside the loop ------------------------------

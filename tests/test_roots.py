@@ -58,8 +58,8 @@ def test_a_matching_packaged_root_is_the_root_and_nothing_trains_it(tmp_path, mo
 )
 def test_a_packaged_root_made_for_another_split_or_width_is_not_used(other, words, monkeypatch, shipped):
     monkeypatch.setattr(roots, "ROOTS_DIR", shipped[0])
-    path, line = roots.packaged_root(build_config("smoke", {"root": "packaged", **other}))
-    assert path is None
+    packaged, line = roots.packaged_root(build_config("smoke", {"root": "packaged", **other}))
+    assert packaged is None
     assert (
         line.startswith("root: ") and words in line and line.endswith("training the root instead (3 epochs)")
     )
@@ -71,8 +71,8 @@ def test_a_packaged_root_of_another_dataset_is_not_used(tmp_path, monkeypatch, s
     model = load_model(shipped[1])
     save_checkpoint(tmp_path / "other.safetensors", model, dataset="cifar10", seed=0, val_size=400, epochs=1)
     monkeypatch.setattr(roots, "ROOTS_DIR", tmp_path)
-    path, line = roots.packaged_root(build_config("smoke", {"root": "packaged"}))
-    assert path is None and "no packaged root for synthetic" in line
+    packaged, line = roots.packaged_root(build_config("smoke", {"root": "packaged"}))
+    assert packaged is None and "no packaged root for synthetic" in line
 
 
 def test_a_run_whose_split_differs_trains_its_root_and_says_why(tmp_path, monkeypatch, shipped):
