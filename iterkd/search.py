@@ -38,6 +38,7 @@ from .lineage import (
     write_lineage_csv,
     write_note,
 )
+from .roots import PackagedRoot, packaged_root
 from .run import WriterLock, fail_interrupted_trials, start_run, verify_checkpoints
 from .sizes import SIZES, Sizes
 from .spaces import Move, load_space
@@ -407,8 +408,13 @@ class Search:
 
     def _ensure_root(self) -> Node:
         root = root_node(nodes(self.study))
+        packaged = self._packaged_root() if root is None and not self.cfg.teacher else None
         if root is None and self.cfg.teacher:
             root = self.trainer.root_from_teachers([Path(p) for p in self.cfg.teacher])
+        elif packaged is not None:
+            root = self.trainer.root_from_teachers(
+                [packaged.path], operator=packaged.operator, epochs=packaged.epochs
+            )
         elif root is None and self.remote:
             waiting = self.queue.in_flight("root")
             number = self.queue.enqueue(self.trainer.root_attrs()) if waiting is None else waiting.number
@@ -421,6 +427,15 @@ class Search:
                 "--weight-decay) and start again with another --name"
             )
         return root
+
+    def _packaged_root(self) -> PackagedRoot | None:
+        """With --root packaged, the shipped root that fits this run, or None when the root is to be
+        trained; says which in one line."""
+        if self.cfg.root != "packaged":
+            return None
+        packaged, line = packaged_root(self.cfg)
+        self.log(line)
+        return packaged
 
 
 # -- the stop rule's words and the dashboard notes, outside the loop ------------------------------

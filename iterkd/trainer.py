@@ -105,11 +105,12 @@ class NodeTrainer:
         settings = train_settings(self.cfg, self.cfg.root_epochs, self.cfg.seed)
         return self._train(trial, model, settings, f"root {model.spec.summary()}")
 
-    def root_from_teachers(self, paths: list[Path]) -> Node:
+    def root_from_teachers(self, paths: list[Path], *, operator: str | None = None, epochs: int = 0) -> Node:
         """The root from given checkpoints. One: that model. Several: an ensemble whose averaged
         probabilities are the root's outputs (its accuracy is the reference for --max-drop and its
         members teach together); children derive from the member with the best validation accuracy,
-        which is also the hint teacher and the root's checkpoint. Members are copied into the run."""
+        which is also the hint teacher and the root's checkpoint. Members are copied into the run.
+        `operator` and `epochs` describe where the checkpoint came from (a packaged root) when known."""
         info, data, members = self.info, self.data, []
         for path in paths:
             model = load_model(path).to(self.device)
@@ -128,7 +129,13 @@ class NodeTrainer:
         path, model, _ = members[best]
         name = path.name if len(paths) == 1 else f"ensemble of {len(paths)}"
         attrs = node_attrs(
-            generation=0, parents=(), teachers=(), operator=f"teacher:{name}", spec=model.spec, key="root"
+            generation=0,
+            parents=(),
+            teachers=(),
+            operator=operator or f"teacher:{name}",
+            spec=model.spec,
+            key="root",
+            epochs=epochs,
         )
         if len(paths) > 1:
             attrs["members"] = []
