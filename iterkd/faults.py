@@ -31,4 +31,6 @@ def fault_point(name: str) -> None:
         return
     _seen[name] = _seen.get(name, 0) + 1
     if _seen[name] == int(nth or 1):
-        os.kill(os.getpid(), getattr(signal, "SIG" + os.environ.get(SIGNAL_ENV, "KILL")))
+        # raise_signal delivers to this thread and runs Python's handler before it returns, so the
+        # KeyboardInterrupt of a Ctrl-C comes from this line (os.kill sends to the process).
+        signal.raise_signal(getattr(signal, "SIG" + os.environ.get(SIGNAL_ENV, "KILL")))

@@ -5,6 +5,7 @@ and the lineage is what an uninterrupted run makes. No sleeps or polling: the pr
 from __future__ import annotations
 
 import os
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -55,7 +56,15 @@ def _search_until(run_dir: Path, fault: str, signal: str = "KILL") -> subprocess
         text=True,
         env=env,
         timeout=600,
+        # As a terminal's foreground job: a shell starts background jobs (`pytest &`, nohup, some CI
+        # runners) with SIGINT ignored, the child inherits that, and Python then installs no Ctrl-C
+        # handler, so the INT case would run to the end.
+        preexec_fn=_foreground_signals,
     )
+
+
+def _foreground_signals() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 @pytest.mark.parametrize("point", list(KILLS))
