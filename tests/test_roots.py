@@ -95,3 +95,14 @@ def test_without_the_packaged_file_the_run_trains_its_root(tmp_path, monkeypatch
 def test_root_train_ignores_a_matching_packaged_root(tmp_path, monkeypatch, shipped):
     out, lines = search(smoke_config(tmp_path, max_generations=1), monkeypatch, shipped[0])
     assert out.root.operator == "root" and not any(line.startswith("root: ") for line in lines)
+
+
+def test_the_readme_job_uses_the_shipped_fashion_mnist_root():
+    """The file in the package fits the README job's dataset, space, width and split."""
+    cfg = build_config("quick", {"space": "vgg16_blocks", "dataset": "fashion-mnist"})
+    assert cfg.root == "packaged"
+    packaged, line = roots.packaged_root(cfg)
+    assert packaged is not None and packaged.path.parent == roots.ROOTS_DIR, line
+    assert packaged.epochs == 30 and line.startswith(
+        f"root: packaged {packaged.path.name} (30 epochs on 55,000"
+    )
