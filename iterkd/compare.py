@@ -408,7 +408,7 @@ def write_results(path: Path, run_name: str, results: list[SeedResult]) -> None:
 
 def search_seed_run(run: Run, seed: int) -> SearchConfig:
     """The config of the run's search rerun with `seed`: a run of its own under RUN/compare/, trained
-    in this process (no workers, no database elsewhere, no deployment figures: none changes a node)."""
+    in this process (no workers, no database elsewhere, no deployment figures, no int8: none changes a node)."""
     name = f"{run.cfg.name}-seed-{seed}"
     return replace(
         run.cfg,
@@ -418,6 +418,7 @@ def search_seed_run(run: Run, seed: int) -> SearchConfig:
         storage=None,
         workers=None,
         deploy_figures=False,
+        final="fp32",
     )
 
 

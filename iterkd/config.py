@@ -29,6 +29,7 @@ SELECT_RULES = ("best-acc", "smallest-within-budget")
 TEACHER_WEIGHTS = ("mean", "accuracy")
 OBJECTIVES = ("acc", "acc,params")
 ROOT_SOURCES = ("packaged", "train")
+FINAL_FORMS = ("fp32", "int8")
 
 # Each preset is a set of defaults; explicit flags win over it. A table: one preset per row.
 # fmt: off
@@ -298,6 +299,15 @@ class SearchConfig:
         "the better of the two on validation is the final model",
         "training",
         range=NOT_NEGATIVE,
+        resumable=True,
+    )
+    # The last step after the polish (docs/usage.md#ending-in-int8). Resumable: it changes no node.
+    final: str = setting(
+        "fp32",
+        "the final model's form: int8 ends the search by exporting it with post-training int8 "
+        "quantisation (RUN/export/node-N, verified against --max-drop like iterkd export --int8)",
+        "training",
+        choices=FINAL_FORMS,
         resumable=True,
     )
     batch_size: int = setting(128, "images per training step", "training", range=AT_LEAST_1)

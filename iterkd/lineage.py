@@ -335,6 +335,25 @@ def epochs_text(n: Node) -> str:
     return f"{n.epochs_trained} of {n.epochs}"
 
 
+def int8_line(record: dict) -> str:
+    """The int8 model a `--final int8` search recorded (study attribute `int8`), in one line: root
+    fp32 against final int8 in bytes and batch-1 latency, and its accuracy against the budget."""
+    r = record
+    where = f"int8 of node {r['node']} ({r['method'].upper()}, {r['path']}): "
+    if r.get("root_fp32_bytes"):
+        where += (
+            f"{r['root_fp32_bytes']:,} B root fp32 -> {r['bytes']:,} B "
+            f"({r['root_fp32_bytes'] / r['bytes']:.1f}x fewer bytes), batch-1 onnxruntime "
+            f"{r['root_fp32_latency_ms_b1']:.3f} -> {r['latency_ms_b1']:.3f} ms ({r['threads']} thread); "
+        )
+    else:
+        where += f"{r['fp32_bytes']:,} B fp32 -> {r['bytes']:,} B, {r['latency_ms_b1']:.3f} ms batch 1; "
+    return where + (
+        f"val {r['val_acc']:.2f}%, test {r['test_acc']:.2f}% (drop {r['drop']:.2f} pts, "
+        f"{'within' if r['within_budget'] else 'over'} --max-drop {r['max_drop']:g})"
+    )
+
+
 def epochs_summary(all_nodes: list[Node]) -> str:
     """What early stopping (--pruner) saved: the epochs the children trained against their planned
     epochs, and how many were pruned or stopped converged. Empty when no child recorded its epochs."""

@@ -256,6 +256,14 @@ def verify_int8(
     )
 
 
+def fp32_onnx_figures(model: VGG, threads: int = DEFAULT_THREADS) -> tuple[int, float]:
+    """(file bytes, onnxruntime batch-1 ms) of `model` as fp32 ONNX with batch norm folded: what the
+    int8 figures' fp32 columns measure, for a model that gets no int8 file (the root)."""
+    with tempfile.TemporaryDirectory(prefix="iterkd-fp32-") as tmp:
+        path = write_onnx(fold_batch_norm(model), Path(tmp) / "fp32.onnx")
+        return path.stat().st_size, onnx_timing(path, model.spec, threads, TIMING_REPEATS).latency_ms_b1
+
+
 # -- quantisation-aware distillation -------------------------------------------------------------
 
 

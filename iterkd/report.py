@@ -34,6 +34,7 @@ from .lineage import (
     ancestry,
     epochs_summary,
     epochs_text,
+    int8_line,
     lineage_frame,
     node_status,
     polish_record,
@@ -111,6 +112,7 @@ class RunView:
     latency_ms: dict | None = None  # the run's measured batch-1 CPU latencies by spec (sizes.spec_key)
     steps: tuple[dict, ...] = ()  # the study's `steps`: each decided attempt of a generation (search.py)
     polish: dict | None = None  # lineage.polish_record: the polish and whether it is the final model
+    int8: dict | None = None  # the study's `int8`: the int8 model a --final int8 search exported
 
     @property
     def root(self) -> Node | None:
@@ -222,6 +224,7 @@ def run_view(run: Run) -> RunView:
         dict(attrs.get("latency_ms", {})),
         steps,
         polish_record(study) or None,
+        attrs.get("int8"),
     )
 
 
@@ -853,6 +856,8 @@ def facts(view: RunView) -> list[tuple[str, str]]:
     smaller = _headline(view)
     if smaller:
         out.append(("smaller", smaller))
+    if view.int8:
+        out.append(("int8", int8_line(view.int8)))
     epochs = epochs_summary(list(view.nodes.values()))
     if epochs:
         out.append(("epochs", epochs))

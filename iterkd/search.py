@@ -20,12 +20,14 @@ from .config import SearchConfig
 from .data import dataset_info
 from .device import resolve_device, resolve_precision
 from .errors import IterkdError
+from .export import Int8Request, export_node
 from .faults import fault_point
 from .lineage import (
     POLISH,
     Node,
     accepted,
     ancestry,
+    int8_line,
     lineage_card,
     lineage_frame,
     node_status,
@@ -38,6 +40,7 @@ from .lineage import (
     write_lineage_csv,
     write_note,
 )
+from .quantize import fp32_onnx_figures
 from .roots import PackagedRoot, packaged_root
 from .run import WriterLock, fail_interrupted_trials, start_run, verify_checkpoints
 from .sizes import SIZES, Sizes
@@ -264,7 +267,51 @@ class Search:
         objective.agree(self.study, final)
         self.study.set_user_attr("wall_seconds", self.study.user_attrs.get("wall_seconds", 0.0) + seconds)
         write_lineage_csv(self.study, self.opened.run_dir / "lineage.csv")
+        if self.cfg.final == "int8":
+            self._int8(root, final)
         return SearchOutcome(root, final, stop, generation - 1, seconds)
+
+    def _int8(self, root: Node, final: Node) -> None:
+        """--final int8: export the final model with post-training int8, as `iterkd export --int8`
+        does (every format, verified, in RUN/export/node-N), and record the int8 model in the study
+        attribute `int8`: bytes, accuracies, drop and batch-1 latency beside the root's fp32 figures.
+        An int8 model over --max-drop is refused as export refuses it: nothing is exported, the
+        search's nodes are kept, and the line says how to go on. A resumed run reuses the file."""
+        done = self.study.user_attrs.get("int8") or {}
+        if done.get("node") == final.node and Path(done.get("path", "")).is_file():
+            self.log(f"int8: {done['path']} (already exported)")
+            return
+        run_dir = self.opened.run_dir
+        try:
+            result = export_node(self.opened, final, data_dir=self.cfg.data_dir, int8=Int8Request())
+        except IterkdError as e:
+            raise IterkdError(
+                f"--final int8: {e} (iterkd export {run_dir} --qat-epochs 2); the search's nodes are kept"
+            ) from None
+        f = result.int8.figures
+        root_bytes, root_ms = (
+            (None, None) if root.members else fp32_onnx_figures(self.opened.model(root), f.threads)
+        )
+        record = {
+            "node": final.node,
+            "path": str(result.files["int8"]),
+            "method": f.method,
+            "calibration_images": f.calibration_images,
+            "val_acc": f.val_acc,
+            "test_acc": f.test_acc,
+            "drop": f.drop_pts,
+            "max_drop": f.max_drop,
+            "within_budget": f.within_budget,
+            "bytes": f.int8_bytes,
+            "latency_ms_b1": f.latency_ms_b1,
+            "fp32_bytes": f.fp32_bytes,
+            "fp32_latency_ms_b1": f.fp32_latency_ms_b1,
+            "root_fp32_bytes": root_bytes,
+            "root_fp32_latency_ms_b1": root_ms,
+            "threads": f.threads,
+        }
+        self.study.set_user_attr("int8", record)
+        self.log(int8_line(record))
 
     def _polish(self, node: Node) -> Node:
         """Polish the last accepted node for --final-epochs (KD from the root, or its ancestors) and

@@ -81,6 +81,7 @@ def test_a_resume_may_change_only_what_does_not_change_a_node():
         "max_generations",
         "time_budget",  # a limit on this session's wall time, like --max-generations
         "final_epochs",  # another length is another polish node (its key names the epochs)
+        "final",  # int8 is an export of the final node, not a node
         "storage",
         "teacher_cache",
         "cache_mb",  # like --teacher-cache: cached or live hint features differ by fp16 rounding only

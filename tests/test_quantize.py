@@ -204,3 +204,50 @@ def test_int8_bad_input_is_one_line_and_keeps_the_earlier_export(budget_run, tmp
     )
     assert snapshot(out) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["copy", "out"]
+
+
+def test_a_search_ending_in_int8_records_the_int8_model_and_reports_it(smoke_run, tmp_path, capsys):
+    cfg, outcome = smoke_run
+    copy = tmp_path / "run"
+    shutil.copytree(cfg.run_dir, copy)
+    code, stdout, err = run(capsys, "resume", str(copy), "--final", "int8", "--no-progress")
+    assert code == 0, err
+    r = open_run(copy).study.user_attrs["int8"]
+    final = outcome.final
+    assert r["node"] == final.node and r["method"] == "ptq" and r["within_budget"]
+    path = copy / "export" / f"node-{final.node}" / INT8_FILE
+    assert r["path"] == str(path) and r["bytes"] == path.stat().st_size < r["fp32_bytes"]
+    data = cfg.load_data()
+    assert accuracy(path, data.val_x, data.val_y, data.info) == pytest.approx(r["val_acc"])
+    assert accuracy(path, data.test_x, data.test_y, data.info) == pytest.approx(r["test_acc"])
+    assert r["drop"] == pytest.approx(outcome.root.val_acc - r["val_acc"])
+    # the root's fp32 figures beside it: its BN-folded ONNX file is larger than the final's
+    assert (
+        r["root_fp32_bytes"] > r["fp32_bytes"] and r["root_fp32_latency_ms_b1"] > 0 and r["latency_ms_b1"] > 0
+    )
+    assert f"int8 of node {final.node} (PTQ" in stdout and f"{r['root_fp32_bytes']:,} B root fp32" in stdout
+    assert f"int8 of node {final.node} (PTQ" in (copy / "report.md").read_text()
+    nodes_before = {n.node: (n.state, n.val_acc) for n in open_run(copy).nodes.values()}
+    # resumed again: the file is reused, nothing is trained or exported again
+    mtime = path.stat().st_mtime_ns
+    code, stdout, err = run(capsys, "resume", str(copy), "--final", "int8", "--no-progress")
+    assert code == 0, err
+    assert "(already exported)" in stdout, stdout
+    assert path.stat().st_mtime_ns == mtime
+    assert {n.node: (n.state, n.val_acc) for n in open_run(copy).nodes.values()} == nodes_before
+
+
+def test_a_search_whose_int8_model_is_over_budget_says_so_and_keeps_its_nodes(
+    smoke_run, tmp_path, capsys, monkeypatch
+):
+    cfg, outcome = smoke_run
+    copy = tmp_path / "run"
+    shutil.copytree(cfg.run_dir, copy)
+    before = {n.node: (n.state, n.val_acc) for n in open_run(copy).nodes.values()}
+    monkeypatch.setattr("iterkd.quantize.within_budget", lambda drop, max_drop: False)  # int8 loses too much
+    code, _, err = run(capsys, "resume", str(copy), "--final", "int8", "--no-progress")
+    one_line_error(code, err, "--final int8", "loses too much", "--qat-epochs", "the search's nodes are kept")
+    run_after = open_run(copy)
+    assert "int8" not in run_after.study.user_attrs
+    assert not (copy / "export" / f"node-{outcome.final.node}" / INT8_FILE).exists()
+    assert {n.node: (n.state, n.val_acc) for n in run_after.nodes.values()} == before
