@@ -89,7 +89,8 @@ def suggest_kd(trial: optuna.Trial, space: SearchSpace, defaults: dict) -> dict:
 
 # Samplers by name, each built from the run's seed. 'greedy' is TPE too: the search enqueues the
 # space's preferred move for each trial, so the sampler only chooses within the space's KD ranges.
-# The drop budget reaches every sampler as each trial's constraint.
+# The drop budget is stored as each trial's constraint (iterkd.objective) for best_trial(s) and the
+# dashboard; no sampler is given a constraints_func, so none steers by it.
 SAMPLERS: dict[str, Callable[[int], optuna.samplers.BaseSampler]] = {
     "greedy": lambda seed: optuna.samplers.TPESampler(seed=seed, n_startup_trials=5),
     "tpe": lambda seed: optuna.samplers.TPESampler(seed=seed, n_startup_trials=5),
