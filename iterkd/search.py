@@ -249,10 +249,15 @@ class Search:
                     generation += 1
                 else:
                     who = f"best child (node {best.node})" if best is not None else "every child (pruned)"
+                    smaller = attempt.step * StepController.BACK_OFF
+                    then = (
+                        f"backing off to a step of {smaller:.1%} from the same parents"
+                        if smaller >= self.cfg.min_step
+                        else f"a half step ({smaller:.1%}) would be under --min-step {self.cfg.min_step:g}"
+                    )
                     self.log(
                         f"gen {generation}: {who} dropped {drop:.2f} points > "
-                        f"--max-drop {self.cfg.max_drop:g}; backing off to a step of "
-                        f"{attempt.step * StepController.BACK_OFF:.1%} from the same parents"
+                        f"--max-drop {self.cfg.max_drop:g}; {then}"
                     )
             refresh_notes(self.study, trained, root)
             write_lineage_csv(

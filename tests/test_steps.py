@@ -88,9 +88,17 @@ def test_growth_after_a_back_off_is_capped_at_the_space_s_step(tmp_path, monkeyp
     assert steps[:3] == [(1, 0.5, "backed-off"), (1, 0.25, "accepted"), (2, 0.375, "backed-off")]
 
 
-def test_the_search_ends_when_no_step_of_at_least_min_step_stays_within_the_budget(tmp_path, monkeypatch):
+def test_the_search_ends_when_no_step_of_at_least_min_step_stays_within_the_budget(
+    tmp_path, monkeypatch, capsys
+):
     fake_training(monkeypatch, lambda share: 10.0)  # every child overshoots
     out, study = search(tmp_path, max_drop=2.0, min_step=0.07, max_generations=3)
+    said = capsys.readouterr().out
+    assert "backing off to a step of 25.0% from the same parents" in said
+    assert "backing off to a step of 12.5% from the same parents" in said
+    # The last overshoot announces no back-off that the search will not make.
+    assert "backing off to a step of 6.2%" not in said
+    assert "a half step (6.2%) would be under --min-step 0.07" in said
     assert [r["step"] for r in study.user_attrs["steps"]] == [0.5, 0.25, 0.125]  # the next, 0.0625, is < 0.07
     assert [n.operator for n in nodes(study) if n.generation] == [
         "drop_layer(block=2)",
