@@ -408,13 +408,21 @@ def write_results(path: Path, run_name: str, results: list[SeedResult]) -> None:
 
 def search_seed_run(run: Run, seed: int) -> SearchConfig:
     """The config of the run's search rerun with `seed`: a run of its own under RUN/compare/, trained
-    in this process (no workers, no database elsewhere, no deployment figures, no int8: none changes a node)."""
+    in this process (no workers, no database elsewhere, no deployment figures, no int8: none changes a node).
+
+    The rerun keeps the run's validation split (--split-seed) and starts from the run's own root (the
+    checkpoints the run copied in), so searches differ in the search's randomness alone, as the
+    baselines' seeds do, and a root trained outside that split never validates on its own training images."""
     name = f"{run.cfg.name}-seed-{seed}"
+    root = run.root
+    checkpoints = [m["checkpoint"] for m in root.members] if root.members else [root.checkpoint]
     return replace(
         run.cfg,
         name=name,
         run_dir=str(run.run_dir / "compare" / f"search-seed-{seed}"),
         seed=seed,
+        split_seed=run.cfg.data_seed,
+        teacher=tuple(str((run.run_dir / c).resolve()) for c in checkpoints),
         storage=None,
         workers=None,
         deploy_figures=False,

@@ -268,9 +268,19 @@ class SearchConfig:
     # Optuna's samplers seed numpy, which takes seeds below 2**32, and candidate seeds are taken mod 2**31.
     seed: int = setting(
         0,
-        "seeds the validation split, every model's init, augmentation and the sampler",
+        "seeds the validation split (unless --split-seed), every model's init, augmentation and the sampler",
         "run",
         range=Range(0, 2**31 - 1),
+    )
+    # A search rerun with another --seed keeps its validation split this way: a root trained
+    # outside one split would see the validation images of another (iterkd compare --search-seeds).
+    split_seed: int | None = setting(
+        None,
+        "seeds the validation split alone, so runs with different --seed share one split (and a "
+        "root trained outside it)",
+        "run",
+        range=Range(0, 2**31 - 1),
+        default_text="--seed",
     )
     device: str = setting("auto", "auto, cpu, cuda or cuda:N", "run", resumable=True, machine=True)
     preset: str = setting(
@@ -426,12 +436,17 @@ class SearchConfig:
         """The distillation loss weights this config names (a validated config has its hint weight)."""
         return LossWeights(self.alpha, self.temperature, self.hint_weight, self.hint)
 
+    @property
+    def data_seed(self) -> int:
+        """The seed of the validation split: --split-seed, else --seed."""
+        return self.seed if self.split_seed is None else self.split_seed
+
     def load_data(self, device=None):
         """The dataset this config names, split and subsampled as in its run; on `device` when given."""
         from .data import load_data
 
-        split = {k: getattr(self, k) for k in ("val_size", "train_subset", "test_subset", "seed", "download")}
-        data = load_data(self.dataset, self.data_dir, **split)
+        split = {k: getattr(self, k) for k in ("val_size", "train_subset", "test_subset", "download")}
+        data = load_data(self.dataset, self.data_dir, seed=self.data_seed, **split)
         return data if device is None else data.to(device)
 
 

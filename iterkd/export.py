@@ -117,7 +117,11 @@ def validation_batch(
 ) -> torch.Tensor:
     """The first `size` images of the run's own validation split, normalised as in training."""
     data = load_data(
-        cfg.dataset, data_dir or cfg.data_dir, val_size=cfg.val_size, seed=cfg.seed, download=cfg.download
+        cfg.dataset,
+        data_dir or cfg.data_dir,
+        val_size=cfg.val_size,
+        seed=cfg.data_seed,
+        download=cfg.download,
     )
     return normalize(data.val_x[:size], data.info)
 
@@ -452,7 +456,7 @@ def model_card(
             ],
         ),
         "",
-        f"Validation: {cfg.val_size} training images split off with seed {cfg.seed}; test: the dataset's "
+        f"Validation: {cfg.val_size} training images split off with seed {cfg.data_seed}; test: the dataset's "
         "test set.",
         "",
         "## Input and output",

@@ -4,8 +4,9 @@ on training its teacher. `packaged_root` says whether one fits a run (`--root pa
 `train_packaged_root` makes one (scripts/train_root.py is the command that reproduces each file).
 
 A packaged root fits only a run whose validation set it never trained on: the split is a seeded
-permutation of the training set (data.load_data), so the root's --seed and --val-size must be the
-run's. It trained on every other training image; a run's --train-subset is a part of those."""
+permutation of the training set (data.load_data), so the root's split seed (--split-seed, else
+--seed) and --val-size must be the run's. It trained on every other training image; a run's
+--train-subset is a part of those."""
 
 from __future__ import annotations
 
@@ -59,11 +60,12 @@ def packaged_root(cfg: SearchConfig) -> tuple[PackagedRoot | None, str]:
             continue
         if meta.get("dataset") != cfg.dataset or ckpt_spec != spec:
             continue  # made for another dataset or architecture: not a candidate
-        split = {"seed": cfg.seed, "val_size": cfg.val_size}
+        split = {"seed": cfg.data_seed, "val_size": cfg.val_size}  # the metadata's seed is the split's
         other = {k: meta.get(k) for k in split if meta.get(k) != split[k]}
         if other:
-            was = ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in other.items())
-            now = ", ".join(f"--{k.replace('_', '-')} {split[k]}" for k in other)
+            flag = {"seed": "--seed" if cfg.split_seed is None else "--split-seed", "val_size": "--val-size"}
+            was = ", ".join(f"{flag[k]} {v}" for k, v in other.items())
+            now = ", ".join(f"{flag[k]} {split[k]}" for k in other)
             why.append(
                 f"{path.name} was trained with {was} and this run has {now}, so its training images "
                 "would include this run's validation images"
@@ -98,7 +100,7 @@ def train_packaged_root(
     log(
         f"training {model.spec.summary()} ({model.spec.params():,} params) on {len(data.train_x):,} "
         f"{cfg.dataset} images for {cfg.root_epochs} epochs; validation: {len(data.val_x):,} images "
-        f"(--seed {cfg.seed}, --val-size {cfg.val_size})"
+        f"(split seed {cfg.data_seed}, --val-size {cfg.val_size})"
     )
     start = time.time()
 
@@ -113,7 +115,7 @@ def train_packaged_root(
         dataset=cfg.dataset,
         space=cfg.space,
         width=cfg.width,
-        seed=cfg.seed,
+        seed=cfg.data_seed,
         val_size=cfg.val_size,
         train_images=len(data.train_x),
         epochs=cfg.root_epochs,

@@ -13,6 +13,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from iterkd import compare, run_search
 from iterkd.arch import VGGSpec, vgg_spec
@@ -167,6 +168,13 @@ def test_search_seeds_rerun_the_search_so_the_chain_row_has_a_spread(cheap_run, 
     assert code == 0 and calls == [] and "1 models trained now" in stdout  # one search, no baseline
     rerun = open_run(run_dir / "compare" / "search-seed-1")
     assert rerun.cfg.seed == cfg.seed + 1 and rerun.cfg.storage is None
+    # Only the search's randomness differs: the rerun keeps the run's validation split and its root.
+    assert rerun.cfg.split_seed == cfg.seed
+    assert torch.equal(rerun.cfg.load_data().val_y, cfg.load_data().val_y)
+    mine, theirs = open_run(run_dir).root, rerun.root
+    assert theirs.val_acc == mine.val_acc and theirs.spec == mine.spec
+    a, b = (load_file(d / n.checkpoint) for d, n in ((rerun.run_dir, theirs), (run_dir, mine)))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # the same weights
     other = compare.final_node(rerun)
     rows = md_rows(run_dir / "compare.md")
     chain = rows[f"iterkd (node {out.final.node}, 2 searches)"]
@@ -212,7 +220,7 @@ def test_a_compare_killed_mid_training_resumes_without_retraining_what_it_saved(
 def test_a_compare_killed_inside_a_search_rerun_resumes_that_search(cheap_run, compared, tmp_path):
     run_dir = copy_run(cheap_run, tmp_path / "run")
     shutil.copy(compared[0] / "compare.json", run_dir / "compare.json")
-    # The rerun trains its root (trial 0), then creates its first child's trial: killed there.
+    # The rerun takes the run's root (trial 0), then creates its first child's trial: killed there.
     proc = _compare_until(run_dir, "trial-created:2", *ARGS, "--search-seeds", "2")
     assert proc.returncode == -9, proc.stdout[-500:] + proc.stderr[-500:]
     rerun_dir = run_dir / "compare" / "search-seed-1"

@@ -54,6 +54,7 @@ def test_a_matching_packaged_root_is_the_root_and_nothing_trains_it(tmp_path, mo
         (dict(seed=1), "trained with --seed 0 and this run has --seed 1"),
         (dict(val_size=300), "trained with --val-size 400 and this run has --val-size 300"),
         (dict(width=1 / 8), "no packaged root for synthetic with the root"),
+        (dict(split_seed=2), "trained with --split-seed 0 and this run has --split-seed 2"),
     ],
 )
 def test_a_packaged_root_made_for_another_split_or_width_is_not_used(other, words, monkeypatch, shipped):
@@ -64,6 +65,19 @@ def test_a_packaged_root_made_for_another_split_or_width_is_not_used(other, word
         line.startswith("root: ") and words in line and line.endswith("training the root instead (3 epochs)")
     )
     assert "\n" not in line
+
+
+def test_another_seed_keeps_the_packaged_root_when_the_split_seed_is_the_root_s(monkeypatch, shipped):
+    """--split-seed seeds the validation split alone: a run with another --seed but the root's split
+    validates on the images the root never trained on, so the packaged root fits it."""
+    monkeypatch.setattr(roots, "ROOTS_DIR", shipped[0])
+    cfg = build_config("smoke", {"root": "packaged", "seed": 1, "split_seed": 0})
+    packaged, line = roots.packaged_root(cfg)
+    assert packaged is not None and packaged.path == shipped[1] and line.startswith("root: packaged ")
+    same, other = cfg.load_data(), build_config("smoke", {"seed": 1}).load_data()
+    root_split = build_config("smoke", {}).load_data()
+    assert torch.equal(same.val_y, root_split.val_y) and torch.equal(same.val_x, root_split.val_x)
+    assert not torch.equal(other.val_x, root_split.val_x)  # --seed alone moves the split
 
 
 def test_a_packaged_root_of_another_dataset_is_not_used(tmp_path, monkeypatch, shipped):
