@@ -225,6 +225,7 @@ def cmd_spaces(args) -> int:
 
 
 def cmd_select(args) -> int:
+    from . import objective
     from .lineage import drop_selections, node_status, set_selection
     from .run import open_run
     from .storage import set_status
@@ -240,6 +241,10 @@ def cmd_select(args) -> int:
     # Growing from an earlier node abandons the selections made after it (the selection log keeps them).
     drop_selections(run.study, from_generation=node.generation + 1)
     set_selection(run.study, node.generation, [node.node], by="user")
+    # Until a resume goes on from it, the chosen node is the run's answer: report, export and
+    # compare use it, and Optuna's best trial (the dashboard's badge) names it.
+    run.study.set_user_attr("final_node", node.node)
+    objective.agree(run.study, node)
     chosen = run.accepted
     for n in by_id.values():  # the dashboard's status column follows the new choice
         set_status(run.study, n.node, node_status(n, chosen))

@@ -16,6 +16,7 @@ from iterkd import run_search
 from iterkd.cli import main
 from iterkd.errors import IterkdError
 from iterkd.lineage import lineage_frame
+from iterkd.run import open_run
 from iterkd.spaces import load_space
 from iterkd.storage import open_study
 from tests.conftest import smoke_config
@@ -121,7 +122,11 @@ def test_select_makes_a_node_the_parent_of_the_next_generation(tmp_path, capsys)
     other = int(gen1[gen1.status == "rejected"].node.iloc[0])  # the sibling search did not pick
     assert main(["select", str(tmp_path), "--node", str(other)]) == 0
     assert "parent of generation 2" in capsys.readouterr().out
-    run_search(replace(cfg, max_generations=2), progress=False)
+    chosen = open_run(tmp_path)
+    assert chosen.final_node().node == other  # report, export and compare take the user's choice
+    assert chosen.study.best_trial.number == other  # and so does Optuna's best trial
+    out = run_search(replace(cfg, max_generations=2), progress=False)
+    assert open_run(tmp_path).study.best_trial.number == out.final.node != other  # the search went on
     df = lineage(cfg)
     study = open_study(f"sqlite:///{tmp_path}/study.db", cfg.name)
     assert {"generation": 1, "nodes": [other], "by": "user"} in study.user_attrs["selection_log"]
