@@ -16,7 +16,7 @@ import torch
 
 from .checkpoints import load_model
 from .config import SearchConfig, search_command
-from .data import DatasetInfo, DataSplits, dataset_info, load_data, normalize
+from .data import DatasetInfo, DataSplits, dataset_info, normalize
 from .deploy import example_input, onnx_session, write_onnx
 from .errors import IterkdError
 from .lineage import Node, ancestry
@@ -116,13 +116,7 @@ def validation_batch(
     cfg: SearchConfig, data_dir: str | None = None, size: int = VERIFY_IMAGES
 ) -> torch.Tensor:
     """The first `size` images of the run's own validation split, normalised as in training."""
-    data = load_data(
-        cfg.dataset,
-        data_dir or cfg.data_dir,
-        val_size=cfg.val_size,
-        seed=cfg.data_seed,
-        download=cfg.download,
-    )
+    data = run_data(cfg, data_dir, int8=False)
     return normalize(data.val_x[:size], data.info)
 
 
