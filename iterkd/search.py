@@ -228,19 +228,17 @@ class Search:
                 )
                 within = best is not None and within_budget(drop, self.cfg.max_drop)
                 # Recorded before the selection: a run killed between the two decides this attempt again.
-                record_step(
-                    self.study,
-                    {
-                        "generation": generation,
-                        "round": attempt.number,
-                        "step": attempt.step,
-                        "target": attempt.target,
-                        "parents": [n.node for n in frontier],
-                        "outcome": "accepted" if within else "backed-off",
-                        "drop": drop,
-                        "nodes": [n.node for n in trained],
-                    },
-                )
+                decided = {
+                    "generation": generation,
+                    "round": attempt.number,
+                    "step": attempt.step,
+                    "target": attempt.target,
+                    "parents": [n.node for n in frontier],
+                    "outcome": "accepted" if within else "backed-off",
+                    "drop": drop,
+                    "nodes": [n.node for n in trained],
+                }
+                record_step(self.study, decided)
                 if within:
                     frontier = self._select(ok, root)
                     fault_point("selection")
@@ -249,10 +247,12 @@ class Search:
                     generation += 1
                 else:
                     who = f"best child (node {best.node})" if best is not None else "every child (pruned)"
-                    smaller = attempt.step * StepController.BACK_OFF
+                    smaller = self.steps.after(
+                        decided
+                    )  # the controller's next step, as the stop rule sees it
                     then = (
                         f"backing off to a step of {smaller:.1%} from the same parents"
-                        if smaller >= self.cfg.min_step
+                        if smaller >= self.steps.smallest
                         else f"a half step ({smaller:.1%}) would be under --min-step {self.cfg.min_step:g}"
                     )
                     self.log(
