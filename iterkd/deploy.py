@@ -47,7 +47,20 @@ def write_onnx(model: VGG, path: str | Path) -> Path:
         dynamic_shapes=({0: torch.export.Dim("batch")},),
     )
     program.save(str(path), external_data=False)
+    strip_debug_info(path)
     return path
+
+
+def strip_debug_info(path: Path) -> None:
+    """Drop what the exporter attaches to every node for debugging: its Python stack trace (with this
+    machine's absolute paths), FX node text and module scopes. Runtimes never read it; it made up a
+    fifth of a small int8 file and leaked the exporting machine's directories into a deployed model."""
+    import onnx
+
+    model = onnx.load(str(path))
+    for node in model.graph.node:
+        del node.metadata_props[:]
+    onnx.save(model, str(path))
 
 
 def onnx_session(path: str | Path, threads: int | None = None):

@@ -138,7 +138,39 @@ def write_int8(model: VGG, path: str | Path, calibration: np.ndarray, fp32_path:
             weight_type=q.QuantType.QInt8,
             calibrate_method=q.CalibrationMethod.MinMax,
         )
+    compact_names(path)
     return path
+
+
+def compact_names(path: Path) -> None:
+    """Rename the int8 graph's internal tensors to short hex ids, drop its node names and the shape
+    annotations of intermediate tensors (onnxruntime infers them at load), keeping the model's input
+    and output names. quantize_static names every tensor and node after the fp32 one plus a suffix
+    ('blocks.0.0.weight_DequantizeLinear_Output'); in a student of 50k parameters those strings were
+    a sixth of the file, and no runtime reads them."""
+    import onnx
+
+    model = onnx.load(str(path))
+    graph = model.graph
+    kept = {v.name for v in [*graph.input, *graph.output]}
+    short: dict[str, str] = {}
+
+    def rename(name: str) -> str:
+        if not name or name in kept:
+            return name
+        if name not in short:
+            short[name] = format(len(short), "x")  # hex digits: never 'input' or 'logits'
+        return short[name]
+
+    for t in graph.initializer:
+        t.name = rename(t.name)
+    del graph.value_info[:]
+    for node in graph.node:
+        node.name = ""
+        node.input[:] = [rename(n) for n in node.input]
+        node.output[:] = [rename(n) for n in node.output]
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
 
 
 # -- verification -------------------------------------------------------------------------------

@@ -5,11 +5,13 @@ one line and never costs an earlier export."""
 import json
 import shutil
 import sys
+from pathlib import Path
 
 import onnx
 import pytest
 import torch
 
+import iterkd
 from iterkd.arch import VGGSpec
 from iterkd.data import normalize
 from iterkd.export import FILES, INT8_FILE, onnx_session
@@ -92,6 +94,16 @@ def test_int8_export_runs_in_onnxruntime_with_the_accuracy_the_card_states(smoke
     assert len(int8_weights(out / INT8_FILE)) == sum(len(b) for b in outcome.final.spec.blocks) + 1
     assert f["int8_bytes"] == (out / INT8_FILE).stat().st_size < f["fp32_bytes"]
     assert f["latency_ms_b1"] > 0 and f["throughput_b64"] > 0 and f["threads"] == 1
+    # deployable files: the exporter's stack traces (this machine's paths) are gone, the int8 graph's
+    # internal names are short, and its input and output keep the names a caller feeds and reads
+    source_dir = str(Path(iterkd.__file__).resolve().parent).encode()
+    assert (
+        source_dir not in (out / FILES["onnx"]).read_bytes()
+        and source_dir not in (out / INT8_FILE).read_bytes()
+    )
+    graph = onnx.load(str(out / INT8_FILE)).graph
+    assert [v.name for v in graph.input] == ["input"] and [v.name for v in graph.output] == ["logits"]
+    assert all(len(t.name) <= 3 for t in graph.initializer) and not any(n.metadata_props for n in graph.node)
 
     card = (out / "MODEL_CARD.md").read_text()
     assert "## int8" in card and "| validation accuracy | " in card
