@@ -209,7 +209,12 @@ class SearchConfig:
     beam: int = setting(
         1, "accepted nodes kept per generation; more than 1 grows a tree", "search", range=AT_LEAST_1
     )
-    select: str = setting("best-acc", "which children are accepted", "search", choices=SELECT_RULES)
+    select: str = setting(
+        "best-acc",
+        "which children are accepted: the most accurate, or the smallest (--shrink measure) within --max-drop",
+        "search",
+        choices=SELECT_RULES,
+    )
     teacher_weights: str = setting(
         "mean",
         "ancestors variants: how the teachers' probabilities are averaged",

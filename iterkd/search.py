@@ -370,7 +370,8 @@ class Search:
         for n in nodes(self.study):
             first.setdefault(n.key, n.node)
         if self.cfg.select == "smallest-within-budget":
-            ranked = sorted(within, key=lambda n: (n.spec.params(), -n.val_acc, first[n.key]))
+            # Smallest in the run's --shrink measure (prepared when the children were proposed).
+            ranked = sorted(within, key=lambda n: (self.size(n.spec), -n.val_acc, first[n.key]))
         else:
             ranked = sorted(within, key=lambda n: (-n.val_acc, n.spec.params(), first[n.key]))
         return ranked[: self.cfg.beam]

@@ -5,6 +5,7 @@ Training is replaced by a function of the child's size, as in test_steps."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 
@@ -21,7 +22,7 @@ from iterkd.spaces import load_space
 from iterkd.storage import open_study
 from iterkd.train import TrainResult
 from tests.conftest import lineage_shape, smoke_config
-from tests.test_steps import ROOT_ACC, fake_training
+from tests.test_steps import ROOT_ACC, fake_training, overshoot_below
 
 
 def depth_latency(spec: VGGSpec) -> float:
@@ -65,6 +66,22 @@ def test_the_shrink_measure_chooses_the_child_and_sizes_the_steps(tmp_path, monk
     assert out.final.operator == chosen[shrink]  # three measures, three different children
     # The step removed about half of the root in the run's measure, not necessarily in parameters.
     assert abs(size(out.final.spec) / size(out.root.spec) - 0.5) < 0.25
+
+
+def test_smallest_within_budget_means_smallest_in_the_shrink_measure(tmp_path, monkeypatch):
+    # Children under half the root's parameters lose 10 points. Of those within the budget, the
+    # fewest parameters (drop_layer(block=2), drop_block(block=3): 4,562) are not the lowest
+    # (depth) latency (drop_block(block=1): 3 convs, 5,354 parameters).
+    fake_training(monkeypatch, overshoot_below(0.5))
+    monkeypatch.setattr(sizes_mod, "latency_ms", depth_latency)
+    cfg = smoke_config(tmp_path, teacher_cache=False, shrink="latency", variant="parent-children", children=6)
+    cfg = replace(cfg, select="smallest-within-budget", max_drop=4.0, max_generations=1, final_epochs=0)
+    out = Search(cfg, progress=False).run()
+    children = [n for n in nodes(study_of(tmp_path)) if n.generation == 1]
+    within = [n for n in children if ROOT_ACC - n.val_acc <= 4.0]
+    assert min(within, key=lambda n: n.spec.params()).spec.convs == 4  # the orders really differ
+    assert out.final.operator == "drop_block(block=1)"
+    assert depth_latency(out.final.spec) == min(depth_latency(n.spec) for n in within)
 
 
 def test_a_flops_run_backs_off_in_flops_and_its_headline_counts_flops(tmp_path, monkeypatch, capsys):
