@@ -666,8 +666,12 @@ def render_markdown(run: Run, c: Comparison) -> str:
         f"- **iterkd**: the final node of the search with {searches} (one model per search, selected on "
         "validation: compare test accuracy); `epochs` and `s / model` are its chain's after the root, "
         "`paid` is every node the search trained after the root, rejected ones included."
-        + (" A rerun trains its own root and draws its own validation split (the seed does both); the test "
-        "set is the same." if len(c.search_seeds) > 1 else ""),
+        + (
+            " A rerun keeps the run's root and validation split and changes only the search's randomness"
+            " (children's initial weights, augmentation, sampler); the test set is the same."
+            if len(c.search_seeds) > 1
+            else ""
+        ),
         "- Δ test is the row's mean test accuracy minus iterkd's ± the standard error of that difference "
         "(Welch: sqrt(s²/n + s²/n) of the sides with n > 1)."
         + (" †: iterkd is one search, so its own spread is not in it (add --search-seeds)." if len(chain.test) == 1 else ""),

@@ -181,6 +181,7 @@ def test_search_seeds_rerun_the_search_so_the_chain_row_has_a_spread(cheap_run, 
     tests = [out.final.test_acc, other.test_acc]
     assert chain[4] == "2" and chain[6] == f"{statistics.fmean(tests):.2f} ± {statistics.stdev(tests):.2f}"
     assert not any(cells[7].endswith("†") for cells in rows.values())  # the chain's spread is in every Δ
+    assert "A rerun keeps the run's root and validation split" in (run_dir / "compare.md").read_text()
 
     code, stdout, _ = compare_counting(run_dir, *ARGS, "--search-seeds", "2")
     assert code == 0 and "0 models trained now" in stdout  # the finished rerun is read, not trained
