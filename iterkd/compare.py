@@ -450,6 +450,14 @@ def rerun_searches(
         if final is None or final.generation == 0 or not final.ok:
             notes.append(f"the search with seed {seed} accepted no child, so it is not in the iterkd row")
             continue
+        mine = final_node(run).spec
+        if final.spec != mine:
+            notes.append(
+                f"the search with seed {seed} ended at another architecture, {final.spec.summary()} "
+                f"({final.spec.params():,} params, {final.spec.flops() / 1e6:.2f} MFLOPs; the run's: "
+                f"{mine.params():,}, {mine.flops() / 1e6:.2f}): the iterkd row's accuracy mixes "
+                "architectures, and its params and MFLOPs are the run's"
+            )
         runs.append(rerun)
     return runs, trained, notes
 
@@ -541,6 +549,8 @@ def chain_row(runs: list[Run]) -> Row:
     paths = [chain_path(r, f) for r, f in zip(runs, finals)]
     paid = [search_compute(r) for r in runs]
     label = f"iterkd (node {finals[0].node}" + (f", {len(runs)} searches)" if len(runs) > 1 else ")")
+    if len({f.spec for f in finals}) > 1:
+        label = label[:-1] + f", {len({f.spec for f in finals})} architectures)"
     return Row(
         label,
         finals[0].spec.params(),

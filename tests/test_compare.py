@@ -186,6 +186,19 @@ def test_search_seeds_rerun_the_search_so_the_chain_row_has_a_spread(cheap_run, 
     code, stdout, _ = compare_counting(run_dir, *ARGS, "--search-seeds", "2")
     assert code == 0 and "0 models trained now" in stdout  # the finished rerun is read, not trained
 
+    # A rerun that ends at another architecture (here: its first child, chosen with `iterkd select`)
+    # is named in the table, which says its row mixes architectures.
+    smaller = next(n for n in rerun.nodes.values() if n.generation == 1 and n.ok and n.spec != other.spec)
+    assert main(["select", str(rerun.run_dir), "--node", str(smaller.node)]) == 0
+    code, stdout, _ = compare_counting(run_dir, *ARGS, "--search-seeds", "2")
+    md = (run_dir / "compare.md").read_text()
+    assert code == 0 and f"iterkd (node {out.final.node}, 2 searches, 2 architectures)" in md_rows(
+        run_dir / "compare.md"
+    )
+    assert (
+        f"the search with seed {cfg.seed + 1} ended at another architecture, {smaller.spec.summary()}" in md
+    )
+
 
 def _compare_until(run_dir, fault: str, *argv) -> subprocess.CompletedProcess:
     """`iterkd compare` on run_dir in a process that kills itself at the fault point POINT:N."""
