@@ -437,6 +437,7 @@ def rerun_searches(
     interrupted compare left it, and a finished one is only read. Returns (runs with an accepted
     child, searches trained now, notes on the others)."""
     runs, trained, notes = [run], 0, []
+    mine = final_node(run).spec
     for seed in range(run.cfg.seed + 1, run.cfg.seed + count):
         cfg = search_seed_run(run, seed)
         other = Path(cfg.run_dir)
@@ -450,7 +451,6 @@ def rerun_searches(
         if final is None or final.generation == 0 or not final.ok:
             notes.append(f"the search with seed {seed} accepted no child, so it is not in the iterkd row")
             continue
-        mine = final_node(run).spec
         if final.spec != mine:
             notes.append(
                 f"the search with seed {seed} ended at another architecture, {final.spec.summary()} "
@@ -549,8 +549,9 @@ def chain_row(runs: list[Run]) -> Row:
     paths = [chain_path(r, f) for r, f in zip(runs, finals)]
     paid = [search_compute(r) for r in runs]
     label = f"iterkd (node {finals[0].node}" + (f", {len(runs)} searches)" if len(runs) > 1 else ")")
-    if len({f.spec for f in finals}) > 1:
-        label = label[:-1] + f", {len({f.spec for f in finals})} architectures)"
+    architectures = len({f.spec for f in finals})
+    if architectures > 1:
+        label = label[:-1] + f", {architectures} architectures)"
     return Row(
         label,
         finals[0].spec.params(),

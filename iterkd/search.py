@@ -247,9 +247,8 @@ class Search:
                     generation += 1
                 else:
                     who = f"best child (node {best.node})" if best is not None else "every child (pruned)"
-                    smaller = self.steps.after(
-                        decided
-                    )  # the controller's next step, as the stop rule sees it
+                    # The controller's next step, as the stop rule sees it.
+                    smaller = self.steps.after(decided)
                     then = (
                         f"backing off to a step of {smaller:.1%} from the same parents"
                         if smaller >= self.steps.smallest
