@@ -5,11 +5,13 @@ import contextlib
 import io
 import json
 import os
+import runpy
 import shutil
 import statistics
 import subprocess
 import sys
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -308,6 +310,56 @@ def test_bad_compare_flags_are_one_line_errors(compared, capsys, argv, needle):
 def test_missing_run_directory_is_a_one_line_error(tmp_path, capsys):
     assert main(["compare", str(tmp_path / "nope")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+# -- scripts/kd_ceiling.py: one architecture, one-shot KD from the run's root -------------------------
+
+
+CEILING = runpy.run_path(str(Path(__file__).parents[1] / "scripts" / "kd_ceiling.py"))
+
+
+def test_kd_ceiling_trains_the_given_architecture_from_the_runs_root_and_leaves_the_run_alone(
+    cheap_run, tmp_path, capsys
+):
+    run_dir = copy_run(cheap_run, tmp_path / "run")
+    before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")}
+    final = compare.final_node(open_run(run_dir))
+    blocks = [[max(1, w // 2) for w in b] for b in final.spec.blocks]  # half the final node's widths
+    calls, real = [], compare.train
+
+    def counting(model, data, settings, **kw):
+        calls.append((model.spec, settings.epochs, kw.get("teachers")))
+        return real(model, data, settings, **kw)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(compare, "train", counting)
+        code = CEILING["main"](
+            [str(run_dir), "--blocks", json.dumps(blocks), "--epochs", "2", "--no-progress"]
+        )
+    out = json.loads(capsys.readouterr().out)
+    spec = replace(final.spec, blocks=tuple(tuple(b) for b in blocks))
+    assert code == 0 and len(calls) == 1
+    trained, epochs, teachers = calls[0]
+    assert trained == spec and epochs == 2 and teachers and len(teachers) == 1  # KD from the root
+    assert out["params"] == spec.params() and out["blocks"] == blocks and out["epochs"] == 2
+    assert out["drop"] == pytest.approx(out["root_val"] - out["val"], abs=0.011)
+    assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")} == before  # nothing written to the run
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["--blocks", "[[8,8]", "--epochs", "1"], "--blocks must be JSON"),
+        (["--blocks", "[8,8]", "--epochs", "1"], "list of lists"),
+        (["--blocks", "[[0]]", "--epochs", "1"], "invalid VGG spec"),
+        (["--blocks", "[[4]]", "--epochs", "0"], "--epochs must be at least 1"),
+        (["--blocks", "[[4]]", "--epochs", "1", "--train-subset", "some"], "--train-subset must be"),
+    ],
+)
+def test_kd_ceiling_bad_input_is_one_line_and_trains_nothing(cheap_run, capsys, argv, needle):
+    assert CEILING["main"]([str(cheap_run[0].run_dir), *argv, "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("kd_ceiling: error:") and needle in err[0]
 
 
 # -- the pieces, without training -------------------------------------------------------------------
