@@ -1,14 +1,15 @@
 """Teacher cache: what a teacher says about every training sample in each augmentation view,
-computed once and reused by every student it teaches, kept in the run directory for resumed runs:
-its logits (fp16, one safetensors file) and, for the hint, the output of one of its blocks (fp16,
-one memory-mapped .npy file per block and view). Nothing is ever reused for other teacher weights,
-data, augmentation seed, views or precision."""
+computed once and reused by every student it teaches, kept in the run directory (RUN/cache) for
+resumed runs until the search ends: its logits (fp16, one safetensors file) and, for the hint, the
+output of one of its blocks (fp16, one memory-mapped .npy file per block and view). Nothing is ever
+reused for other teacher weights, data, augmentation seed, views or precision."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import shutil
 import zlib
 from collections.abc import Callable
 from pathlib import Path
@@ -31,6 +32,23 @@ FP16_MAX = 65504.0
 # losses cast them up to fp32 (losses.fp32_loss).
 FEATURE_DTYPE = torch.float16
 DEFAULT_FEATURE_MB = 2048
+
+
+def cache_dir(run_dir: Path) -> Path:
+    """Where a run keeps its teachers' caches."""
+    return Path(run_dir) / "cache"
+
+
+def remove_cache(run_dir: Path) -> int:
+    """Delete a run's teacher caches once its search is over (hundreds of MB for the quick preset,
+    GB at full width, of no use to report, export or compare); the bytes freed. A resumed run
+    rebuilds what it needs; files a live process still maps stay readable until it closes them."""
+    directory = cache_dir(run_dir)
+    if not directory.is_dir():
+        return 0
+    size = sum(p.stat().st_size for p in directory.rglob("*") if p.is_file())
+    shutil.rmtree(directory, ignore_errors=True)
+    return size
 
 
 def data_fingerprint(data: DataSplits) -> str:

@@ -14,6 +14,7 @@ from pathlib import Path
 import optuna
 
 from . import objective
+from .cache import remove_cache
 from .checkpoints import read_checkpoint
 from .choices import make_pruner, make_sampler, move_params
 from .config import SearchConfig
@@ -273,6 +274,11 @@ class Search:
         write_lineage_csv(self.study, self.opened.run_dir / "lineage.csv")
         if self.cfg.final == "int8":
             self._int8(root, final)
+        freed = remove_cache(self.opened.run_dir)
+        if freed:
+            self.log(
+                f"teacher cache: removed {freed / 2**20:,.1f} MB (the search is over; a resumed run rebuilds it)"
+            )
         return SearchOutcome(root, final, stop, generation - 1, seconds)
 
     def _int8(self, root: Node, final: Node) -> None:

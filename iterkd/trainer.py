@@ -13,7 +13,7 @@ from pathlib import Path
 import optuna
 import torch
 
-from .cache import TeacherCache
+from .cache import TeacherCache, cache_dir
 from .checkpoints import load_model, save_checkpoint
 from .choices import move_params, suggest_kd, suggest_move
 from .data import DataSplits, dataset_info
@@ -332,7 +332,8 @@ class NodeTrainer:
         return self._models[key]
 
     def teacher_cache(self, node: Node, member: int = 0) -> TeacherCache:
-        """A teacher's soft labels, shared by every student it teaches; kept in RUN/cache for resumed runs."""
+        """A teacher's soft labels, shared by every student it teaches; kept in RUN/cache for resumed runs
+        until the search ends (cache.remove_cache)."""
         key = node.node if not node.members else f"{node.node}-{member}"
         if key not in self._caches:
             self._caches[key] = TeacherCache(
@@ -340,7 +341,7 @@ class NodeTrainer:
                 self.data,
                 seed=self.cfg.seed,
                 views=self.cfg.views,
-                directory=self.run.run_dir / "cache",
+                directory=cache_dir(self.run.run_dir),
                 node=key,
                 precision=self.cfg.precision,
                 feature_mb=self.cfg.cache_mb,

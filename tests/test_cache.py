@@ -305,21 +305,35 @@ def test_a_search_caches_its_teachers_in_the_runs_precision_with_the_hint_featur
     tmp_path, monkeypatch, capsys
 ):
     """The trainer's caches: in RUN/cache, built in --precision (auto would be bf16 here, as the
-    probe says AMX), the hint features included, their size said once."""
+    probe says AMX), the hint features included, their size said once; removed when the search
+    ends, with a line saying how much that freed."""
     from conftest import smoke_config
     from safetensors import safe_open
 
+    import iterkd.search as search_mod
     from iterkd import run_search
 
     monkeypatch.setattr(device, "cpu_bf16_kind", lambda flags=None: "amx")
+    seen, real_remove = {}, search_mod.remove_cache
+
+    def look_then_remove(run_dir):  # what the cache held just before the search removed it
+        seen["logits"] = list((tmp_path / "cache").glob("node-0-*.safetensors"))
+        for f in seen["logits"]:
+            with safe_open(str(f), framework="pt") as st:
+                seen.setdefault("precision", []).append(st.metadata()["precision"])
+        seen["features"] = list((tmp_path / "cache").glob("node-0-*-block-*-view-*.npy"))
+        seen["bytes"] = sum(p.stat().st_size for p in (tmp_path / "cache").iterdir())
+        return real_remove(run_dir)
+
+    monkeypatch.setattr(search_mod, "remove_cache", look_then_remove)
     cfg = smoke_config(tmp_path, max_generations=1, precision="fp32", views=2, epochs=2, root_epochs=1)
     run_search(cfg, progress=False)
-    logits = list((tmp_path / "cache").glob("node-0-*.safetensors"))
-    assert len(logits) == 1
-    with safe_open(str(logits[0]), framework="pt") as f:
-        assert f.metadata()["precision"] == "fp32"
-    assert len(list((tmp_path / "cache").glob("node-0-*-block-*-view-*.npy"))) >= 2  # each view
-    assert "hint features of node 0, block" in capsys.readouterr().out
+    assert len(seen["logits"]) == 1 and seen["precision"] == ["fp32"]
+    assert len(seen["features"]) >= 2  # each view
+    out = capsys.readouterr().out
+    assert "hint features of node 0, block" in out
+    assert not (tmp_path / "cache").exists()
+    assert f"teacher cache: removed {seen['bytes'] / 2**20:,.1f} MB" in out
 
 
 def test_an_interrupted_fill_leaves_no_feature_file_and_the_next_one_computes_it(tmp_path):
