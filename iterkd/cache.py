@@ -46,7 +46,12 @@ def remove_cache(run_dir: Path) -> int:
     directory = cache_dir(run_dir)
     if not directory.is_dir():
         return 0
-    size = sum(p.stat().st_size for p in directory.rglob("*") if p.is_file())
+    size = 0
+    for p in directory.rglob("*"):
+        try:
+            size += p.stat().st_size if p.is_file() else 0
+        except OSError:  # gone meanwhile (a worker replacing a stale file): nothing to count
+            pass
     shutil.rmtree(directory, ignore_errors=True)
     return size
 
