@@ -548,12 +548,14 @@ def chain_row(runs: list[Run]) -> Row:
     finals = [final_node(r) for r in runs]
     paths = [chain_path(r, f) for r, f in zip(runs, finals)]
     paid = [search_compute(r) for r in runs]
-    label = f"iterkd (node {finals[0].node}" + (f", {len(runs)} searches)" if len(runs) > 1 else ")")
     architectures = len({f.spec for f in finals})
+    parts = [f"node {finals[0].node}"]
+    if len(runs) > 1:
+        parts.append(f"{len(runs)} searches")
     if architectures > 1:
-        label = label[:-1] + f", {architectures} architectures)"
+        parts.append(f"{architectures} architectures")
     return Row(
-        label,
+        f"iterkd ({', '.join(parts)})",
         finals[0].spec.params(),
         finals[0].spec.flops(),
         [chain_epochs(p) for p in paths],
