@@ -17,7 +17,6 @@ import json
 import sys
 from dataclasses import replace
 
-from iterkd.arch import VGGSpec
 from iterkd.compare import BaselineTrainer, final_node
 from iterkd.device import resolve_device
 from iterkd.errors import IterkdError
@@ -46,7 +45,7 @@ def ceiling(
             raise IterkdError(f"--train-subset must be run, all or a positive count, got {train_subset!r}")
         cfg = replace(cfg, train_subset=None if train_subset == "all" else int(train_subset))
     final = final_node(run)  # its KD settings (and its input shape) are the one-shot-kd row's
-    spec = VGGSpec(blocks, final.spec.in_channels, final.spec.num_classes, final.spec.input_size)
+    spec = replace(final.spec, blocks=blocks)  # validated as any spec is
     dev = resolve_device(device)
     data = cfg.load_data(dev)
     root_model = run.model(root).to(dev)
