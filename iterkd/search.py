@@ -48,7 +48,7 @@ from .sizes import SIZES, Sizes
 from .spaces import Move, load_space
 from .storage import set_status
 from .trainer import NodeTrainer
-from .variants import VARIANTS, Slot, diverse_order
+from .variants import VARIANTS, Slot, adopt_key_format, diverse_order, key_format
 from .worker import LocalWorkers, WorkQueue
 
 
@@ -78,9 +78,9 @@ class Round:
         """The child/parent size ratio this step aims at (in the run's --shrink measure)."""
         return 1 - self.step
 
-    def key(self, slot: Slot, attempt: int) -> str:
+    def key(self, slot: Slot, attempt: int, key_format: int) -> str:
         # Round 0 keeps the key it always had, so runs made before back-offs existed resume unchanged.
-        return slot.key(self.generation, attempt) + (f"|r{self.number}" if self.number else "")
+        return slot.key(self.generation, attempt, key_format) + (f"|r{self.number}" if self.number else "")
 
 
 @dataclass(frozen=True)
@@ -176,6 +176,8 @@ class Search:
         self.study = self.opened.study
         self.size = run_sizes(self.study, cfg.shrink)  # the run's --shrink measure
         objective.adopt(self.study)  # a new run's objective; one made before it keeps its own
+        adopt_key_format(self.study)  # likewise its candidate keys
+        self.key_format = key_format(self.study)
         self.trainer = NodeTrainer(self.opened, data=data, progress=progress, log=log)
         self.queue: WorkQueue | None = None
 
@@ -424,7 +426,7 @@ class Search:
             planned = {n.spec for n in results}
             grew = False
             for _ in range(wave):
-                key = attempt.key(slot, next(attempts))
+                key = attempt.key(slot, next(attempts), self.key_format)
                 node = self._existing(key)
                 if node is not None:
                     self.log(f"gen {generation}: reusing node {node.node} {node.operator} (already trained)")

@@ -26,7 +26,7 @@ from .node import create_trial, run_node
 from .run import Run
 from .spaces import Move, load_space
 from .train import TrainResult, TrainSettings, evaluate, evaluate_ensemble, recalibrate_bn, train
-from .variants import Slot, candidate_seed
+from .variants import Slot, candidate_seed, key_format, polish_key
 
 
 def train_settings(cfg, epochs: int, seed: int, *, child: bool = False) -> TrainSettings:
@@ -215,15 +215,15 @@ class NodeTrainer:
     # -- the polish -----------------------------------------------------------------------------------
     def polish_attrs(self, node: Node, teachers: tuple[Node, ...], epochs: int) -> dict:
         """The polish of `node`: the same architecture, one generation below it, taught by `teachers`
-        (the root, or every ancestor) for `epochs` with the node's own KD settings. Its key names the
-        node and the epochs, so a polish already trained is found again and another length is new."""
+        (the root, or every ancestor) for `epochs` with the node's own KD settings, keyed by
+        `polish_key`."""
         return node_attrs(
             generation=node.generation + 1,
             parents=(node.node,),
             teachers=[t.node for t in teachers],
             operator=POLISH,
             spec=node.spec,
-            key=f"{POLISH}|n{node.node}|e{epochs}",
+            key=polish_key(node, epochs, key_format(self.run.study)),
             loss=node.loss or self.kd_defaults(),
             epochs=epochs,
         )

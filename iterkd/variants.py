@@ -3,12 +3,47 @@ frontier, how many children each parent gets next and who teaches them."""
 
 from __future__ import annotations
 
+import hashlib
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .lineage import Node
+import optuna
+
+from .lineage import POLISH, Node
 from .spaces import Move
+
+# How candidate keys name the nodes they grow from. 1: by trial number (runs made before
+# 2026-12-06); a node trained again after a crash takes a new number, so every key after it, and
+# with it every seed, changed, and a resumed run took another path. 2: by lineage identity (the
+# node's own key, which names its parent's, and so on up to the root), the same however the trials
+# were numbered. A run keeps the format it was made with (study attribute `key_format`).
+KEY_FORMAT = 2
+
+
+def key_format(study: optuna.Study) -> int:
+    return int(study.user_attrs.get("key_format", 1))
+
+
+def adopt_key_format(study: optuna.Study) -> None:
+    """Give a new study the current key format; one that already holds nodes keeps its own."""
+    if "key_format" not in study.user_attrs and not study.get_trials(deepcopy=False):
+        study.set_user_attr("key_format", KEY_FORMAT)
+
+
+def node_ref(node: Node, key_format: int) -> str:
+    """How a key names `node`: its trial number (format 1), or a digest of its own key (format 2),
+    which does not depend on how many trials failed before it."""
+    if key_format < 2:
+        return str(node.node)
+    if node.key == "root":
+        return "root"
+    return hashlib.sha1(node.key.encode()).hexdigest()[:12]
+
+
+def polish_key(node: Node, epochs: int, key_format: int) -> str:
+    """The polish of `node` for `epochs`: a polish already trained is found again, another length is new."""
+    return f"{POLISH}|n{node_ref(node, key_format)}|e{epochs}"
 
 
 @dataclass(frozen=True)
@@ -19,10 +54,11 @@ class Slot:
     teachers: tuple[Node, ...]
     count: int
 
-    def key(self, generation: int, attempt: int) -> str:
-        """Stable identity of one candidate: a resumed run recognises what it already trained by it."""
-        teachers = ",".join(str(t.node) for t in self.teachers)
-        return f"g{generation}|p{self.parent.node}|t{teachers}|c{attempt}"
+    def key(self, generation: int, attempt: int, key_format: int) -> str:
+        """Stable identity of one candidate: a resumed run recognises what it already trained by it,
+        and its seed derives from it (`candidate_seed`)."""
+        teachers = ",".join(node_ref(t, key_format) for t in self.teachers)
+        return f"g{generation}|p{node_ref(self.parent, key_format)}|t{teachers}|c{attempt}"
 
 
 def candidate_seed(run_seed: int, key: str) -> int:

@@ -27,6 +27,7 @@ from iterkd.run import open_run
 from iterkd.search import Search
 from iterkd.storage import open_study
 from iterkd.train import TrainResult
+from iterkd.variants import KEY_FORMAT, polish_key
 from tests.conftest import smoke_config
 from tests.test_distributed import _postgres_or_skip
 
@@ -74,7 +75,7 @@ def test_the_polish_is_a_node_of_its_own_and_the_final_model_in_every_variant(
     polish = all_nodes[-1]
     last = next(n for n in all_nodes if n.node == study.user_attrs["selections"]["2"][0])
     assert (polish.operator, polish.parents, polish.generation) == ("polish", (last.node,), 3)
-    assert polish.spec == last.spec and polish.epochs == 3 and polish.key == f"polish|n{last.node}|e3"
+    assert polish.spec == last.spec and polish.epochs == 3 and polish.key == polish_key(last, 3, KEY_FORMAT)
     chain = ancestry(all_nodes, last)
     expected = [n.node for n in chain[:-1]] if variant.startswith("ancestors") else [0]
     assert list(polish.teachers) == expected  # the root, or every accepted ancestor
@@ -128,7 +129,11 @@ def test_a_resumed_run_reuses_its_polish_and_another_length_polishes_again(tmp_p
     )
     out = longer.run()
     study = open_study(f"sqlite:///{tmp_path}/study.db", cfg.name)
-    assert out.final.key == "polish|n1|e4" and out.final.epochs == 4 and len(calls) == trained + 1
+    assert (
+        out.final.key == polish_key(nodes(study)[1], 4, KEY_FORMAT)
+        and out.final.epochs == 4
+        and len(calls) == trained + 1
+    )
     assert study.best_trial.number == out.final.node
     assert study.trials[first.final.node].user_attrs["status"] == "rejected"  # the earlier polish
 

@@ -12,11 +12,14 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from iterkd import run_search
+from iterkd.checkpoints import read_checkpoint
 from iterkd.cli import main
+from iterkd.config import PRESETS
 from iterkd.faults import POINTS
-from iterkd.lineage import nodes, selections
+from iterkd.lineage import accepted, node_status, nodes, selections
 from iterkd.storage import open_study
 from tests.conftest import lineage_shape, smoke_config
 
@@ -47,11 +50,13 @@ def _trials(db: Path) -> dict[int, str]:
         return dict(con.execute("SELECT number, state FROM trials ORDER BY number").fetchall())
 
 
-def _search_until(run_dir: Path, fault: str, signal: str = "KILL") -> subprocess.CompletedProcess:
+def _search_until(
+    run_dir: Path, fault: str, signal: str = "KILL", flags: list[str] = FLAGS
+) -> subprocess.CompletedProcess:
     """`iterkd search` on run_dir, stopped by `signal` at the fault point POINT:N."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ITERKD_FAULT": fault, "ITERKD_FAULT_SIGNAL": signal}
     return subprocess.run(
-        [sys.executable, "-m", "iterkd", "search", "--run-dir", str(run_dir), *FLAGS],
+        [sys.executable, "-m", "iterkd", "search", "--run-dir", str(run_dir), *flags],
         capture_output=True,
         text=True,
         env=env,
@@ -134,3 +139,101 @@ def test_a_damaged_checkpoint_is_reported_and_its_node_trained_again(tmp_path, r
     ]
     assert chain[1].node != 1 and chain[1].key == by_id[1].key  # the same candidate, trained again
     assert root_ckpt.read_bytes() == root_bytes  # the root was fine and not retrained
+
+
+# -- a resumed run takes the uninterrupted run's path ----------------------------------------------
+# A budget tight enough that the reference rejects children, so a changed seed would change a
+# decision; --final-epochs 1 so there is a polish to interrupt. Every run here uses one thread (the
+# killed one by OMP_NUM_THREADS, the in-process ones by torch.set_num_threads): the promise holds
+# on one machine at one thread count (docs/usage.md#resume).
+TIGHT = ["--preset", "smoke", "--final-epochs", "1", "--no-progress", "--seed", "0"]
+VARIANT_FLAGS = {
+    "parent-child": [*TIGHT, "--max-drop", "1"],
+    "ancestors-child": [*TIGHT, "--max-drop", "0.25", "--variant", "ancestors-child"],
+}
+
+
+@pytest.fixture
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _outcome(run_dir: Path) -> tuple[list[tuple], dict]:
+    """Every node that did not fail, by its key (its identity, whatever its trial number): place,
+    move, accuracies and status; and the tensors of its checkpoint (not the file: its metadata
+    names the trial number)."""
+    study = open_study(f"sqlite:///{run_dir}/study.db", "run")
+    chosen = accepted(study)
+    kept = sorted((n for n in nodes(study) if n.state != "FAIL"), key=lambda n: (n.generation, n.key))
+    rows = [
+        (n.generation, n.key, n.operator, n.spec.to_json(), n.val_acc, n.test_acc, node_status(n, chosen))
+        for n in kept
+    ]
+    weights = {n.key: read_checkpoint(run_dir / n.checkpoint)[1] for n in kept}
+    return rows, weights
+
+
+@pytest.fixture(scope="module")
+def references(tmp_path_factory):
+    """The uninterrupted run of each variant's command, at one thread, computed once."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    out = {}
+    try:
+        for variant, flags in VARIANT_FLAGS.items():
+            run_dir = tmp_path_factory.mktemp(variant) / "run"
+            assert main(["search", "--run-dir", str(run_dir), *flags]) == 0
+            out[variant] = _outcome(run_dir)
+    finally:
+        torch.set_num_threads(before)
+    return out
+
+
+@pytest.mark.parametrize(
+    "variant, where, signal",
+    [
+        ("parent-child", "root", "KILL"),
+        ("parent-child", "root", "TERM"),
+        ("parent-child", "child", "KILL"),
+        ("parent-child", "child", "TERM"),
+        ("parent-child", "polish", "KILL"),
+        ("parent-child", "polish", "TERM"),
+        ("ancestors-child", "root", "TERM"),
+        ("ancestors-child", "child", "KILL"),
+    ],
+)
+def test_a_resumed_run_takes_the_path_of_an_uninterrupted_one(
+    tmp_path, references, one_thread, variant, where, signal
+):
+    rows, weights = references[variant]
+    assert "rejected" in {r[-1] for r in rows}  # the budget decides something a changed seed could flip
+    # The mid-epoch point is reached once per epoch: 1 is in the root, the next after the root's and
+    # a whole child's epochs is in the second child (its number is the first to shift when a trial
+    # before it failed), and the one after every child's epochs is in the polish.
+    root_epochs, child_epochs = PRESETS["smoke"]["root_epochs"], PRESETS["smoke"]["epochs"]
+    children = sum(r[2] not in ("root", "polish") for r in rows)
+    nth = {
+        "root": 1,
+        "child": root_epochs + child_epochs + 2,
+        "polish": root_epochs + children * child_epochs + 1,
+    }
+    nth = nth[where]
+    run_dir = tmp_path / "run"
+    proc = _search_until(run_dir, f"mid-epoch:{nth}", signal, VARIANT_FLAGS[variant])
+    assert proc.returncode == {"KILL": -9, "TERM": 143}[signal], proc.stderr[-500:]
+    at_kill = _trials(run_dir / "study.db")
+    assert {"RUNNING", "FAIL"} & set(at_kill.values()), "the kill came inside a node"
+    if where == "polish":
+        assert len(at_kill) == len(rows)  # every child had finished
+
+    assert main(["resume", str(run_dir), "--no-progress"]) == 0
+    got_rows, got_weights = _outcome(run_dir)
+    assert got_rows == rows
+    assert got_weights.keys() == weights.keys()
+    for key, state in weights.items():
+        assert state.keys() == got_weights[key].keys()
+        for name, tensor in state.items():
+            assert torch.equal(tensor, got_weights[key][name]), (key, name)

@@ -13,12 +13,14 @@ import pandas as pd
 import pytest
 
 from iterkd import run_search
+from iterkd.arch import VGGSpec
 from iterkd.cli import main
 from iterkd.errors import IterkdError
-from iterkd.lineage import lineage_frame
+from iterkd.lineage import Node, lineage_frame
 from iterkd.run import open_run
 from iterkd.spaces import load_space
 from iterkd.storage import open_study
+from iterkd.variants import KEY_FORMAT, Slot, adopt_key_format, key_format, polish_key
 from tests.conftest import smoke_config
 
 
@@ -193,3 +195,28 @@ def test_dashboard_serves_the_run_on_loopback(smoke_run):
     finally:
         proc.terminate()
         proc.wait(timeout=20)
+
+
+def test_candidate_keys_name_nodes_by_lineage_and_old_runs_keep_trial_numbers():
+    spec = VGGSpec(((8,), (16,)), in_channels=1, num_classes=10, input_size=8)
+    root = Node(0, "COMPLETE", 0, (), (), "root", spec, key="root")
+    child = Node(3, "COMPLETE", 1, (0,), (0,), "drop_layer(block=2)", spec, key="g1|proot|troot|c0")
+    renumbered = replace(child, node=7)  # the same candidate, trained again after a crash
+    slot, again = Slot(child, (root, child), 1), Slot(renumbered, (root, renumbered), 1)
+    assert slot.key(2, 0, KEY_FORMAT) == again.key(2, 0, KEY_FORMAT)  # so its seed is the same too
+    assert "p3" not in slot.key(2, 0, KEY_FORMAT) and slot.key(2, 0, KEY_FORMAT) != slot.key(2, 1, KEY_FORMAT)
+    assert slot.key(2, 0, 1) == "g2|p3|t0,3|c0"  # format 1: by trial number, as runs made before it
+    assert (
+        polish_key(child, 8, KEY_FORMAT)
+        == polish_key(renumbered, 8, KEY_FORMAT)
+        != polish_key(child, 4, KEY_FORMAT)
+    )
+
+    new = optuna.create_study()
+    adopt_key_format(new)
+    assert key_format(new) == KEY_FORMAT
+    old = optuna.create_study()  # a run made before key formats: it already has nodes, no attribute
+    old.enqueue_trial({})
+    old.ask()
+    adopt_key_format(old)
+    assert key_format(old) == 1
