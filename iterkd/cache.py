@@ -10,7 +10,6 @@ import hashlib
 import json
 import os
 import shutil
-import zlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -54,13 +53,6 @@ def remove_cache(run_dir: Path) -> int:
             pass
     shutil.rmtree(directory, ignore_errors=True)
     return size
-
-
-def data_fingerprint(data: DataSplits) -> str:
-    """CRC-32 of the training images and labels: a cache file is only reused for the same samples
-    in the same order (same dataset, validation split and subset)."""
-    crc = zlib.crc32(data.train_x.cpu().numpy().tobytes())
-    return f"{zlib.crc32(data.train_y.cpu().numpy().tobytes(), crc):08x}"
 
 
 def weights_fingerprint(model: torch.nn.Module) -> str:
@@ -127,7 +119,7 @@ class TeacherCache:
             "views": str(views),
             "n": str(self.n),
             "dataset": data.info.name,
-            "data": data_fingerprint(data),
+            "data": data.fingerprint(),
             "teacher": teacher.spec.to_json(),
             "weights": self.weights,
             "precision": self.precision,

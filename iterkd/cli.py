@@ -145,7 +145,7 @@ def _auto_preset(device: str) -> str:
 
 
 def cmd_search(args) -> int:
-    from .lineage import epochs_summary, nodes
+    from .lineage import epochs_summary, nodes, test_text
     from .search import Search, summary_table
     from .sizes import size_changes
     from .storage import redact_url
@@ -177,7 +177,7 @@ def cmd_search(args) -> int:
     print(f"stopped: {out.stop_reason}")
     print(
         f"final model: node {f.node} {f.spec.summary()}: {size_changes(search.size, r.spec, f.spec)}; "
-        f"val {f.val_acc:.2f}% (drop {r.val_acc - f.val_acc:.2f} pts), test {f.test_acc:.2f}%"
+        f"val {f.val_acc:.2f}% (drop {r.val_acc - f.val_acc:.2f} pts), {test_text(f.test_acc)}"
     )
     epochs = epochs_summary(nodes(search.study))
     if epochs:
@@ -444,6 +444,47 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def cmd_data(args) -> int:
+    """`iterkd data list` / `iterkd data remove KEY`: the decoded dataset stores (iterkd.data.store)."""
+    from .data.store import list_stores, remove_store, store_bytes, store_root
+
+    root = store_root()
+    if args.action == "remove":
+        if not args.key:
+            raise IterkdError(
+                "iterkd data remove needs KEY (a store's key or a unique prefix; `iterkd data list`)"
+            )
+        freed = remove_store(args.key)
+        print(f"removed store {args.key} from {root} ({freed / 2**20:,.1f} MB freed)")
+        return 0
+    stores = list_stores()
+    if not stores:
+        print(f"no dataset stores under {root}")
+        return 0
+    rows = [
+        [
+            s.key,
+            s.meta["name"],
+            f"{len(s.labels):,}",
+            str(len(s.meta["classes"])),
+            f"{s.meta['channels']}x{s.meta['size']}x{s.meta['size']}",
+            f"{store_bytes(s.path) / 2**20:,.1f}",
+            s.meta.get("source", ""),
+        ]
+        for s in stores
+    ]
+    print(f"dataset stores under {root} (ITERKD_STORE):")
+    print(text_columns(["key", "dataset", "images", "classes", "shape", "MB", "source"], rows))
+    return 0
+
+
+def text_columns(headers: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(str(c)) for c in col) for col in zip(headers, *rows)]
+    return "\n".join(
+        "  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in [headers, *rows]
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="iterkd", description="Iterative knowledge-distillation compression search.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -611,6 +652,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_compare)
+    p = sub.add_parser(
+        "data",
+        help="list or remove the decoded dataset stores (under $ITERKD_STORE, else ~/.cache/iterkd/stores)",
+    )
+    p.add_argument("action", choices=("list", "remove"))
+    p.add_argument(
+        "key", nargs="?", help="remove: the store's key (or a unique prefix) from `iterkd data list`"
+    )
+    p.set_defaults(func=cmd_data)
     return parser
 
 

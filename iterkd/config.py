@@ -16,7 +16,7 @@ from dataclasses import Field, asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from .choices import NEEDS_ONE_OBJECTIVE, PRUNERS, SAMPLERS
-from .data import DATASETS
+from .data.info import DATASET_NAMES
 from .device import COMPILE_MODES, PRECISIONS
 from .errors import IterkdError
 from .inherit import INIT_MODES
@@ -36,7 +36,7 @@ FINAL_FORMS = ("fp32", "int8")
 PRESETS: dict[str, dict] = {
     # Seconds, for tests: the three-block toy space on synthetic patterns.
     "smoke": dict(dataset="synthetic", space="tiny", width=1 / 16, epochs=4, root_epochs=3, batch_size=64,
-                  val_size=400, max_generations=2, lr=0.05, deploy_figures=False),
+                  max_generations=2, lr=0.05, deploy_figures=False),
     # A CPU demo (< 10 min on 2 cores, the README job): the converged 1/8-width root shipped with
     # iterkd (a 5-epoch one is trained where it does not fit), 20k training images and 8 epochs per
     # child; the step grows to 3/4 of the parent while children stay far inside the budget, and is
@@ -44,10 +44,10 @@ PRESETS: dict[str, dict] = {
     # generation cap binds: each generation drops at least one of the 13 convolutions. The final
     # model is polished for 8 epochs, as long as a child trains: it doubles the final model's KD at
     # the cost of one small child, since the root's logits are already cached.
-    "quick": dict(width=1 / 8, epochs=8, root_epochs=5, batch_size=128, train_subset=20000, val_size=5000,
+    "quick": dict(width=1 / 8, epochs=8, root_epochs=5, batch_size=128, train_subset=20000,
                   max_generations=20, min_step=0.2, max_step=0.75, lr=0.05, root="packaged", final_epochs=8),
     # Paper scale, for a GPU: full-width root and the whole training set; a polish as long as a child.
-    "full": dict(width=1.0, epochs=30, root_epochs=30, batch_size=512, lr=0.2, val_size=5000, max_generations=20,
+    "full": dict(width=1.0, epochs=30, root_epochs=30, batch_size=512, lr=0.2, max_generations=20,
                  final_epochs=30),
 }
 # fmt: on
@@ -132,11 +132,17 @@ class SearchConfig:
         "search",
         metavar="NAME|FILE",
     )
-    dataset: str = setting("fashion-mnist", "dataset", "search", choices=DATASETS)
+    dataset: str = setting(
+        "fashion-mnist",
+        "dataset: a named one, or imagefolder (--data-dir DIR holding train/<class>/ images, "
+        "optionally val/ and test/; docs/usage.md#your-own-images)",
+        "search",
+        choices=DATASET_NAMES,
+    )
     data_dir: str | None = setting(
         None,
         "where datasets live (Debian's /usr/share/datasets copies of "
-        "fashion-mnist and mnist are used when present)",
+        "fashion-mnist and mnist are used when present); with imagefolder, the image folder",
         "run",
         metavar="DIR",
         resumable=True,
@@ -350,8 +356,37 @@ class SearchConfig:
     train_subset: int | None = setting(
         None, "train on the first N training images", "training", range=AT_LEAST_1, default_text="all"
     )
-    val_size: int = setting(
-        5000, "images split off the training set for validation", "training", range=AT_LEAST_1
+    val_size: float | None = setting(
+        None,
+        "images split off the training set for validation: a count, or a share below 1 (a folder's "
+        "val/ is used instead when it has one)",
+        "training",
+        range=POSITIVE,
+        default_text="5000 (synthetic 400); a folder: 10% of train/, at most 5000",
+    )
+    image_size: int | None = setting(
+        None,
+        "imagefolder: resize every image to N x N (shorter side to N, then the centre square)",
+        "training",
+        range=Range(8, 512),
+        default_text="their size when all share one, else the most common shorter side",
+    )
+    channels: int | None = setting(
+        None,
+        "imagefolder: 1 (grey) or 3 (RGB)",
+        "training",
+        range=Range(1, 3),
+        default_text="1 when every image has one band, else 3",
+    )
+    flip: str | None = setting(
+        None,
+        "random horizontal flips in augmentation (off for text, digits, anything a mirror changes)",
+        "training",
+        choices=("on", "off"),
+        default_text="the dataset's: on for folders, fashion-mnist and CIFAR; off for digits",
+    )
+    skip_bad_images: bool = setting(
+        False, "imagefolder: leave out images that cannot be read (the count is recorded)", "training"
     )
     test_subset: int | None = setting(
         None,
@@ -446,12 +481,36 @@ class SearchConfig:
         """The seed of the validation split: --split-seed, else --seed."""
         return self.seed if self.split_seed is None else self.split_seed
 
-    def load_data(self, device=None):
+    def data_store(self, progress: bool = True, log=print):
+        """The decoded store of this config's dataset (built on first use: iterkd.data.store)."""
+        from .data import open_dataset
+
+        return open_dataset(
+            self.dataset,
+            self.data_dir,
+            download=self.download,
+            image_size=self.image_size,
+            channels=self.channels,
+            skip_bad=self.skip_bad_images,
+            progress=progress,
+            log=log,
+        )
+
+    def data_info(self, store=None):
+        """The run's DatasetInfo: channels, classes, size and normalisation (a folder's from its store)."""
+        from .data import FOLDER, dataset_info
+
+        info = (store or self.data_store()).info() if self.dataset == FOLDER else dataset_info(self.dataset)
+        return info if self.flip is None else replace(info, flip=self.flip == "on")
+
+    def load_data(self, device=None, store=None):
         """The dataset this config names, split and subsampled as in its run; on `device` when given."""
         from .data import load_data
 
-        split = {k: getattr(self, k) for k in ("val_size", "train_subset", "test_subset", "download")}
-        data = load_data(self.dataset, self.data_dir, seed=self.data_seed, **split)
+        store = store or self.data_store()
+        split = {k: getattr(self, k) for k in ("val_size", "train_subset", "test_subset")}
+        data = load_data(self.dataset, store=store, seed=self.data_seed, **split)
+        data = replace(data, info=self.data_info(store))
         return data if device is None else data.to(device)
 
 
@@ -571,6 +630,11 @@ def validate(cfg: SearchConfig) -> SearchConfig:
             f"--children {cfg.children} needs a *-children variant ({several}); "
             f"{cfg.variant} trains one child per generation"
         )
+    need(
+        cfg.val_size is None or cfg.val_size < 1 or float(cfg.val_size).is_integer(),
+        f"--val-size is a count of images or a share below 1, got {cfg.val_size:g}" if cfg.val_size else "",
+    )
+    need(cfg.channels in (None, 1, 3), f"--channels must be 1 or 3, got {cfg.channels}")
     if cfg.hint_weight is None:
         cfg = replace(cfg, hint_weight=DEFAULT_HINT_WEIGHT[cfg.hint])
     cfg.loss_weights()  # LossWeights checks its own invariants too

@@ -33,8 +33,9 @@ def example_input(spec, batch: int = 2, seed: int = 0) -> torch.Tensor:
     return torch.randn(batch, spec.in_channels, spec.input_size, spec.input_size, generator=g)
 
 
-def write_onnx(model: VGG, path: str | Path) -> Path:
-    """One self-contained ONNX file: input 'input' (N, C, H, W) float32 with a dynamic batch, output 'logits'."""
+def write_onnx(model: VGG, path: str | Path, metadata: dict[str, str] | None = None) -> Path:
+    """One self-contained ONNX file: input 'input' (N, C, H, W) float32 with a dynamic batch, output
+    'logits'; `metadata` goes into the model's metadata_props (class names, normalisation)."""
     path = Path(path)
     # Traced at batch 2: torch.export specialises sizes 0 and 1, so batch 1 would fix the batch dimension.
     program = torch.onnx.export(
@@ -47,11 +48,11 @@ def write_onnx(model: VGG, path: str | Path) -> Path:
         dynamic_shapes=({0: torch.export.Dim("batch")},),
     )
     program.save(str(path), external_data=False)
-    strip_debug_info(path)
+    strip_debug_info(path, metadata or {})
     return path
 
 
-def strip_debug_info(path: Path) -> None:
+def strip_debug_info(path: Path, metadata: dict[str, str] | None = None) -> None:
     """Drop what the exporter attaches to every node for debugging: its Python stack trace (with this
     machine's absolute paths), FX node text and module scopes. Runtimes never read it; it made up a
     fifth of a small int8 file and leaked the exporting machine's directories into a deployed model."""
@@ -60,6 +61,8 @@ def strip_debug_info(path: Path) -> None:
     model = onnx.load(str(path))
     for node in model.graph.node:
         del node.metadata_props[:]
+    if metadata:
+        onnx.helper.set_model_props(model, metadata)
     onnx.save(model, str(path))
 
 

@@ -16,7 +16,7 @@ import torch
 
 from .checkpoints import load_model
 from .config import SearchConfig, search_command
-from .data import DatasetInfo, DataSplits, dataset_info, normalize
+from .data import DatasetInfo, DataSplits, normalize
 from .deploy import example_input, onnx_session, write_onnx
 from .errors import IterkdError
 from .lineage import Node, ancestry
@@ -39,10 +39,6 @@ INT8_FILE = "model.int8.onnx"  # --int8 / --qat-epochs: ONNX Runtime QDQ int8 (i
 MAX_ABS_DIFF = 1e-4  # fp32 logits of an exported file vs the PyTorch model; more is an error
 VERIFY_IMAGES = 64
 EXPORT_FORMAT = "iterkd-export-1"
-RAW_SIZE = {
-    "fashion-mnist": 28,
-    "mnist": 28,
-}  # torchvision's image side; data.load_data zero-pads to info.size
 
 
 # -- writers ----------------------------------------------------------------------------------
@@ -210,7 +206,11 @@ def export_node(
         if int8.qat_epochs < 0:
             raise IterkdError(f"--qat-epochs must be at least 0, got {int8.qat_epochs}")
     out = Path(out_dir) if out_dir else run.run_dir / "export" / f"node-{n.node}"
-    data = run_data(run.cfg, data_dir, int8 is not None)
+    try:
+        data = run.load_data(data_dir=data_dir)
+    except IterkdError as e:
+        use = "verify the files and calibrate the int8 model" if int8 is not None else "verify the files"
+        raise IterkdError(f"iterkd export needs the run's images to {use}: {e}") from None
     try:
         out.mkdir(parents=True, exist_ok=True)
         stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.parent))
@@ -219,14 +219,14 @@ def export_node(
     try:
         staged, diffs, quantized, images = _write_verified(run, n, formats, stage, data, int8)
         files = {fmt: out / p.name for fmt, p in staged.items()}
-        info = dataset_info(run.cfg.dataset)
+        info = data.info
         spec_doc = {
             "format": EXPORT_FORMAT,
             "run": run.cfg.name,
             "node": n.node,
             "architecture": asdict(n.spec),
             "input": input_contract(info, n.spec),
-            "classes": class_names(info),
+            "classes": info.class_names,
             "files": {f: p.name for f, p in files.items()},
             "verification": {"images": images, "max_abs_diff": diffs, "tolerance": MAX_ABS_DIFF},
             "val_acc": n.val_acc,
@@ -238,7 +238,7 @@ def export_node(
                 spec_doc["int8"]["ptq"] = quantized.ptq.to_json()
         (stage / "spec.json").write_text(json.dumps(spec_doc, indent=2) + "\n")
         sizes = {fmt: p.stat().st_size for fmt, p in staged.items()}
-        card = model_card(run, n, files, sizes, diffs, images, command, bench_md, quantized)
+        card = model_card(run, n, data, files, sizes, diffs, images, command, bench_md, quantized)
         (stage / "MODEL_CARD.md").write_text(card)
         _publish(stage, out)
     finally:
@@ -253,7 +253,7 @@ def _write_verified(run: Run, n: Node, formats, stage: Path, data: DataSplits, i
     fails (a differing file, an int8 model over the budget without --force)."""
     model = run.model(n)
     writers = {
-        "onnx": lambda p: write_onnx(model, p),
+        "onnx": lambda p: write_onnx(model, p, onnx_metadata(data.info)),
         "torchscript": lambda p: write_torchscript(model, p),
         "safetensors": lambda p: write_safetensors(run, n, p),
     }
@@ -303,8 +303,15 @@ def input_contract(info: DatasetInfo, spec) -> dict:
     }
 
 
-def class_names(info: DatasetInfo) -> list[str]:
-    return list(info.classes) or [str(i) for i in range(info.num_classes)]
+def onnx_metadata(info: DatasetInfo) -> dict[str, str]:
+    """What a deployed ONNX file carries about its outputs and inputs (its metadata_props), so its
+    logits map back to class names wherever it runs."""
+    return {
+        "classes": json.dumps(info.class_names),
+        "dataset": info.name,
+        "mean": json.dumps(list(info.mean)),
+        "std": json.dumps(list(info.std)),
+    }
 
 
 def export_command(
@@ -414,6 +421,7 @@ def _pct(v: float | None) -> str:
 def model_card(
     run: Run,
     n: Node,
+    data: DataSplits,
     files: dict[str, Path],
     sizes: dict[str, int],
     diffs: dict[str, float],
@@ -422,15 +430,14 @@ def model_card(
     bench_md: str = "",
     int8: Int8Result | None = None,
 ) -> str:
-    cfg, root = run.cfg, run.root
-    info = dataset_info(cfg.dataset)
+    cfg, root, info = run.cfg, run.root, data.info
     spec = n.spec
     path = ancestry(list(run.nodes.values()), n)
-    raw = RAW_SIZE.get(info.name, spec.input_size)
+    raw = info.raw_size or spec.input_size
     pad = (spec.input_size - raw) // 2
     mean = ", ".join(f"{m:g}" for m in info.mean)
     std = ", ".join(f"{s:g}" for s in info.std)
-    classes = class_names(info)
+    classes = info.class_names
     out = [
         f"# Model card: {cfg.name}, node {n.node}",
         "",
@@ -450,8 +457,18 @@ def model_card(
             ],
         ),
         "",
-        f"Validation: {cfg.val_size} training images split off with seed {cfg.data_seed}; test: the dataset's "
-        "test set.",
+        f"Validation: {len(data.val_x):,} images"
+        + (
+            " (the folder's val/)"
+            if data.val_from_folder
+            else f", split off the training images with seed {cfg.data_seed}"
+        )
+        + "; "
+        + (
+            "test: the dataset's test set."
+            if data.has_test
+            else "no test set: test accuracy is not measured."
+        ),
         "",
         "## Input and output",
         "",

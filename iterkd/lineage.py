@@ -291,6 +291,11 @@ def write_lineage_csv(study: optuna.Study, path: Path) -> pd.DataFrame:
 # -- dashboard notes ------------------------------------------------------------------------------
 
 
+def test_text(test_acc: float | None) -> str:
+    """A node's test accuracy in words: a folder without test/ has none."""
+    return "no test set" if test_acc is None else f"test {test_acc:.2f}%"
+
+
 def lineage_card(n: Node, root: Node | None, status: str | None = None) -> str:
     """A node's Markdown card for the Optuna dashboard's trial note."""
     status = status or {"COMPLETE": "trained", "FAIL": "failed", "PRUNED": "pruned"}.get(
@@ -302,7 +307,7 @@ def lineage_card(n: Node, root: Node | None, status: str | None = None) -> str:
         if root is not None and n.generation
         else ""
     )
-    acc = "—" if n.val_acc is None else f"{n.val_acc:.2f} % val, {n.test_acc:.2f} % test"
+    acc = "—" if n.val_acc is None else f"{n.val_acc:.2f} % val, {test_text(n.test_acc)}"
     drop = (
         ""
         if root is None or n.val_acc is None or not n.generation

@@ -17,7 +17,7 @@ from . import objective
 from .checkpoints import load_model, save_checkpoint
 from .errors import TrainingDiverged
 from .faults import fault_point
-from .lineage import Node, lineage_card, nodes, root_node, within_budget, write_note
+from .lineage import Node, lineage_card, nodes, root_node, test_text, within_budget, write_note
 from .models import VGG
 from .pruning import BudgetPruner, OverBudget
 from .run import Run
@@ -49,6 +49,7 @@ def run_node(
     *,
     parent: Node | None = None,
     log: Callable[[str], None] = print,
+    data_meta: dict | None = None,
 ) -> Node:
     """Train `model` with `fit` as the RUNNING `trial`, then record it. Diverged and pruned nodes
     finish as FAIL/PRUNED; anything else (Ctrl-C, a full disk, a bug) fails the trial and propagates,
@@ -80,7 +81,9 @@ def run_node(
     try:
         result = fit(model, on_epoch)
         ckpt = Path("checkpoints") / f"node-{trial.number}.safetensors"
-        save_checkpoint(run.run_dir / ckpt, model, node=trial.number, val_acc=result.val_acc)
+        save_checkpoint(
+            run.run_dir / ckpt, model, node=trial.number, val_acc=result.val_acc, **(data_meta or {})
+        )
         fault_point("checkpoint-written")
         artifact_id = attach(run, trial, run.run_dir / ckpt)
     except TrainingDiverged as e:
@@ -175,5 +178,5 @@ def log_node(run: Run, n: Node, log: Callable[[str], None]) -> None:
     drop = f"drop {root.val_acc - n.val_acc:+.2f} pts" if n.generation else "root"
     log(
         f"gen {n.generation} node {n.node:>3}  {n.operator:<28} {n.spec.params():>11,} params "
-        f"({ratio:.1f}x smaller)  val {n.val_acc:.2f}%  test {n.test_acc:.2f}%  {drop}  {n.seconds:.0f}s"
+        f"({ratio:.1f}x smaller)  val {n.val_acc:.2f}%  {test_text(n.test_acc)}  {drop}  {n.seconds:.0f}s"
     )

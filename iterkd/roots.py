@@ -19,7 +19,7 @@ import torch
 
 from .checkpoints import read_checkpoint, save_checkpoint
 from .config import SearchConfig
-from .data import dataset_info
+from .data import val_images
 from .device import resolve_device
 from .errors import IterkdError
 from .models import VGG
@@ -30,7 +30,7 @@ ROOTS_DIR = Path(__file__).parent / "roots"
 
 def root_spec(cfg: SearchConfig):
     """The root architecture a config's space, dataset and --width make."""
-    info = dataset_info(cfg.dataset)
+    info = cfg.data_info()
     return load_space(cfg.space).root_spec(info.channels, info.num_classes, info.size, cfg.width)
 
 
@@ -60,7 +60,8 @@ def packaged_root(cfg: SearchConfig) -> tuple[PackagedRoot | None, str]:
             continue
         if meta.get("dataset") != cfg.dataset or ckpt_spec != spec:
             continue  # made for another dataset or architecture: not a candidate
-        split = {"seed": cfg.data_seed, "val_size": cfg.val_size}  # the metadata's seed is the split's
+        val_size = cfg.val_size if cfg.val_size is not None else val_images(None, 0, cfg.dataset)
+        split = {"seed": cfg.data_seed, "val_size": val_size}  # the metadata's seed is the split's
         other = {k: meta.get(k) for k in split if meta.get(k) != split[k]}
         if other:
             flag = {"seed": "--seed" if cfg.split_seed is None else "--split-seed", "val_size": "--val-size"}
@@ -100,7 +101,7 @@ def train_packaged_root(
     log(
         f"training {model.spec.summary()} ({model.spec.params():,} params) on {len(data.train_x):,} "
         f"{cfg.dataset} images for {cfg.root_epochs} epochs; validation: {len(data.val_x):,} images "
-        f"(split seed {cfg.data_seed}, --val-size {cfg.val_size})"
+        f"(split seed {cfg.data_seed})"
     )
     start = time.time()
 
@@ -116,7 +117,7 @@ def train_packaged_root(
         space=cfg.space,
         width=cfg.width,
         seed=cfg.data_seed,
-        val_size=cfg.val_size,
+        val_size=len(data.val_x),
         train_images=len(data.train_x),
         epochs=cfg.root_epochs,
         batch_size=cfg.batch_size,

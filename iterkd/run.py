@@ -50,6 +50,14 @@ class Run:
             raise IterkdError(f"run {self.run_dir} has no trained root yet")
         return root
 
+    def load_data(self, device=None, data_dir: str | None = None, progress: bool = True, log=print):
+        """The run's splits; its images must be the ones it was made with (`agree_data`). `data_dir`
+        points at them elsewhere (moved or copied)."""
+        cfg = replace(self.cfg, data_dir=data_dir) if data_dir else self.cfg
+        store = cfg.data_store(progress=progress, log=log)
+        agree_data(self.study, store, cfg.data_dir)
+        return cfg.load_data(device, store)
+
     def status(self, n: Node) -> str:
         return node_status(n, self.accepted)
 
@@ -198,6 +206,27 @@ def start_run(cfg: SearchConfig, *, directions: tuple[str, ...], sampler, pruner
             "config", json.loads(saved.to_json())
         )  # workers and reports read it from the study
     return Run(run_dir, cfg, study, url)
+
+
+def agree_data(study: optuna.Study, store, data_dir: str | None) -> None:
+    """A run records what its images are (study attribute `data`: the store's content hash, classes
+    and count) when it starts; a resume, a worker, export or compare reading other images is refused.
+    Folders may move: only the content counts, not where it lies or its files' times."""
+    have, saved = store.identity(), study.user_attrs.get("data")
+    if saved is None:  # a new run, or one made before runs recorded their data
+        study.set_user_attr("data", have)
+        return
+    if saved["content_hash"] != have["content_hash"]:
+        classes = (
+            ""
+            if saved["classes"] == have["classes"]
+            else f", classes {have['classes'][:4]} vs {saved['classes'][:4]}"
+        )
+        raise IterkdError(
+            f"the images {'under ' + str(data_dir) if data_dir else 'of ' + store.meta['name']} are not the ones "
+            f"this run was made with ({have['images']:,} vs {saved['images']:,} images, content "
+            f"{have['content_hash'][:12]} vs {saved['content_hash'][:12]}{classes}); point --data-dir at the run's images"
+        )
 
 
 # -- crash recovery ---------------------------------------------------------------------------------

@@ -18,7 +18,6 @@ from .cache import remove_cache
 from .checkpoints import read_checkpoint
 from .choices import make_pruner, make_sampler, move_params
 from .config import SearchConfig
-from .data import dataset_info
 from .device import resolve_device, resolve_precision
 from .errors import IterkdError
 from .export import Int8Request, export_node
@@ -43,7 +42,7 @@ from .lineage import (
 )
 from .quantize import fp32_onnx_figures
 from .roots import PackagedRoot, packaged_root
-from .run import WriterLock, fail_interrupted_trials, start_run, verify_checkpoints
+from .run import WriterLock, agree_data, fail_interrupted_trials, start_run, verify_checkpoints
 from .sizes import SIZES, Sizes
 from .spaces import Move, load_space
 from .storage import set_status
@@ -155,15 +154,17 @@ class Search:
         # command leaves nothing behind and the corrected one starts cleanly.
         for path in cfg.teacher or ():
             read_checkpoint(path)
+        # The data first: a folder that cannot be a dataset is refused before anything is recorded.
+        store = cfg.data_store(progress=progress, log=log)
         if not cfg.teacher:  # the root this space and --width make must be buildable
-            info = dataset_info(cfg.dataset)
+            info = cfg.data_info(store)
             try:
                 self.space.root_spec(info.channels, info.num_classes, info.size, cfg.width)
             except IterkdError as e:
                 raise IterkdError(f"--width {cfg.width:g} with space {cfg.space}: {e}") from None
         device = resolve_device(cfg.device)
         resolve_precision(cfg.precision, device)  # bf16 where it cannot run: refused now
-        data = None if self.remote else cfg.load_data(device)
+        data = None if self.remote else cfg.load_data(device, store)
         self.sampler = make_sampler(cfg.sampler, cfg.seed)
         multi = cfg.objectives == "acc,params"
         self.opened = start_run(
@@ -174,11 +175,14 @@ class Search:
             heartbeat=self.remote,
         )
         self.study = self.opened.study
+        agree_data(self.study, store, cfg.data_dir)  # a resume reads the images the run was made with
         self.size = run_sizes(self.study, cfg.shrink)  # the run's --shrink measure
         objective.adopt(self.study)  # a new run's objective; one made before it keeps its own
         adopt_key_format(self.study)  # likewise its candidate keys
         self.key_format = key_format(self.study)
-        self.trainer = NodeTrainer(self.opened, data=data, progress=progress, log=log)
+        self.trainer = NodeTrainer(
+            self.opened, data=data, info=cfg.data_info(store), progress=progress, log=log
+        )
         self.queue: WorkQueue | None = None
 
     @property

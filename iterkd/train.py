@@ -73,9 +73,12 @@ def evaluate(
 @torch.no_grad()
 def evaluate_ensemble(
     models: Sequence[VGG], x: torch.Tensor, y: torch.Tensor, data: DataSplits, precision: str = "auto"
-) -> float:
+) -> float | None:
     """Top-1 accuracy in percent of the models' averaged probabilities (softmax keeps the order of
-    the logits, so one model scores as its own argmax)."""
+    the logits, so one model scores as its own argmax); None when there are no images (a folder
+    without test/ has no test accuracy)."""
+    if len(y) == 0:
+        return None
     device = next(models[0].parameters()).device
     states = [m.training for m in models]
     for m in models:

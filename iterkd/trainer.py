@@ -16,7 +16,7 @@ import torch
 from .cache import TeacherCache, cache_dir
 from .checkpoints import load_model, save_checkpoint
 from .choices import move_params, suggest_kd, suggest_move
-from .data import DataSplits, dataset_info
+from .data import DatasetInfo, DataSplits
 from .device import resolve_device, resolve_precision
 from .errors import IterkdError
 from .inherit import inherit_weights
@@ -61,12 +61,13 @@ class NodeTrainer:
         run: Run,
         *,
         data: DataSplits | None = None,
+        info: DatasetInfo | None = None,
         progress: bool = True,
         log: Callable[[str], None] = print,
     ):
         self.run, self.cfg, self.progress, self.log = run, run.cfg, progress, log
         self.space = load_space(self.cfg.space)
-        self.info = dataset_info(self.cfg.dataset)
+        self.info = info or (data.info if data is not None else self.cfg.data_info())
         self.device = resolve_device(self.cfg.device)
         resolve_precision(
             self.cfg.precision, self.device
@@ -78,7 +79,7 @@ class NodeTrainer:
     @property
     def data(self) -> DataSplits:
         if self._data is None:
-            self._data = self.cfg.load_data(self.device)
+            self._data = self.run.load_data(self.device, progress=self.progress, log=self.log)
         return self._data
 
     # -- the root -----------------------------------------------------------------------------------
@@ -318,7 +319,10 @@ class NodeTrainer:
         return self._record(trial, model, fit, parent=parent)
 
     def _record(self, trial: optuna.Trial, model: VGG, fit, *, parent: Node | None = None) -> Node:
-        node = run_node(self.run, trial, model, fit, parent=parent, log=self.log)
+        # Every checkpoint says what its outputs are and how its inputs were normalised.
+        info = self.info
+        data_meta = {"classes": info.class_names, "mean": list(info.mean), "std": list(info.std)}
+        node = run_node(self.run, trial, model, fit, parent=parent, log=self.log, data_meta=data_meta)
         if node.ok:
             self._models[node.node] = model.eval()
         return node

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -10,6 +12,13 @@ from iterkd import build_config, run_search
 from iterkd.lineage import nodes
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
+
+
+def pytest_configure(config):
+    """Decoded dataset stores go to a folder of this test session, never the user's cache; the
+    subprocesses the tests start inherit it."""
+    if "ITERKD_STORE" not in os.environ or os.environ.get("CI"):
+        os.environ["ITERKD_STORE"] = tempfile.mkdtemp(prefix="iterkd-stores-")
 
 
 def smoke_config(tmp: Path, **overrides):

@@ -161,7 +161,7 @@ def test_bad_speed_flags_are_one_line_errors(tmp_path, capsys, argv, needle):
         (["--epochs", "0"], "--epochs must be at least 1, got 0"),
         (["--root-epochs", "0"], "--root-epochs must be at least 1, got 0"),
         (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
-        (["--val-size", "-1"], "--val-size must be at least 1, got -1"),
+        (["--val-size", "-1"], "--val-size must be a finite positive number, got -1"),
         (["--views", "0"], "--views must be at least 1, got 0"),
         (["--children", "0", "--variant", "parent-children"], "--children must be at least 1, got 0"),
         (["--beam", "0"], "--beam must be at least 1, got 0"),

@@ -113,9 +113,9 @@ def test_load_data_gives_the_split_the_config_names():
     data = cfg.load_data()
     assert (len(data.train_x), len(data.val_x), len(data.test_x)) == (500, 300, 70)
     same = load_data("synthetic", val_size=300, train_subset=500, test_subset=70, seed=3)
-    assert torch.equal(data.val_y, same.val_y) and torch.equal(data.train_x, same.train_x)
+    assert torch.equal(data.val_y, same.val_y) and torch.equal(data.train_x[:], same.train_x[:])
     other_seed = build_config("smoke", {"val_size": 300, "seed": 4}).load_data()
-    assert not torch.equal(data.val_x, other_seed.val_x)  # the seed draws the validation split
+    assert not torch.equal(data.val_x[:], other_seed.val_x[:])  # the seed draws the validation split
     on_meta = cfg.load_data(
         torch.device("meta")
     )  # moved when a device is given (meta: no copy, no GPU needed)

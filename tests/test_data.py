@@ -15,7 +15,7 @@ import pytest
 import torch
 import torchvision.datasets as tvd
 
-import iterkd.data as data
+import iterkd.data.named as named
 from iterkd.data import (
     DATASETS,
     DataSplits,
@@ -43,7 +43,7 @@ N_TRAIN, N_TEST = 50, 12
 def no_debian_datasets(tmp_path_factory, monkeypatch):
     """Point the Debian auto-detect at an empty folder: this machine may have the real
     /usr/share/datasets/fashion-mnist, which would otherwise be unpacked into every tmp_path."""
-    monkeypatch.setattr(data, "DEBIAN_DATASETS", tmp_path_factory.mktemp("no_debian"))
+    monkeypatch.setattr(named, "DEBIAN_DATASETS", tmp_path_factory.mktemp("no_debian"))
 
 
 @pytest.fixture
@@ -188,6 +188,7 @@ def test_idx_files_load_padded_to_32_with_labels_and_a_permuted_split(tmp_path, 
     originals = torch.from_numpy(digit_images(N_TRAIN, False))
     # The 28x28 content sits at offset 2 (pixel (0, 0) of the file lands at (2, 2)); the border is zero.
     for x, y, test in ((d.train_x, d.train_y, False), (d.val_x, d.val_y, False), (d.test_x, d.test_y, True)):
+        x = x[:]  # the split's images, read from the store's memory map
         idx = loaded_index(x, (2, 2))
         src = torch.from_numpy(digit_images(N_TEST, True)) if test else originals
         assert torch.equal(x[:, 0, 2:30, 2:30], src[idx])
@@ -262,7 +263,7 @@ def test_debian_gzipped_idx_files_are_unpacked_into_torchvision_layout(tmp_path,
     for name, blob in files.items():
         with gzip.open(debian / "fashion-mnist" / f"{name}.gz", "wb") as f:
             f.write(blob)
-    monkeypatch.setattr(data, "DEBIAN_DATASETS", debian)
+    monkeypatch.setattr(named, "DEBIAN_DATASETS", debian)
     data_dir = tmp_path / "data"
 
     d = load_data("fashion-mnist", data_dir=data_dir, val_size=10, download=False)
@@ -355,7 +356,9 @@ def test_validation_split_is_disjoint_seeded_and_train_subset_limits_train(tmp_p
 
     b = load(val_size=30, seed=0)
     assert (
-        torch.equal(a.val_x, b.val_x) and torch.equal(a.train_x, b.train_x) and torch.equal(a.val_y, b.val_y)
+        torch.equal(a.val_x[:], b.val_x[:])
+        and torch.equal(a.train_x[:], b.train_x[:])
+        and torch.equal(a.val_y, b.val_y)
     )
     assert split_indices(load(val_size=30, seed=1))[1] != val
 
@@ -538,16 +541,16 @@ def test_synthetic_dataset_shapes_classes_and_determinism(tmp_path):
         assert set(y.tolist()) == set(range(10))
     b = load_data("synthetic", data_dir=tmp_path, val_size=200)
     assert all(
-        torch.equal(getattr(a, k), getattr(b, k))
+        torch.equal(getattr(a, k)[:], getattr(b, k)[:])
         for k in ("train_x", "train_y", "val_x", "val_y", "test_x", "test_y")
     )
     other_seed = load_data("synthetic", data_dir=tmp_path, val_size=200, seed=1)
-    assert torch.equal(other_seed.test_x, a.test_x) and not torch.equal(other_seed.val_x, a.val_x)
+    assert torch.equal(other_seed.test_x[:], a.test_x[:]) and not torch.equal(other_seed.val_x[:], a.val_x[:])
     assert not (tmp_path.exists() and any(tmp_path.iterdir()))  # nothing downloaded or written
 
     # Learnable: nearest class mean on the training images classifies most test images.
     means = torch.stack([a.train_x[a.train_y == c].float().mean(0) for c in range(10)])
-    dist = ((a.test_x.float()[:, None] - means[None]) ** 2).flatten(2).sum(-1)
+    dist = ((a.test_x[:].float()[:, None] - means[None]) ** 2).flatten(2).sum(-1)
     assert (dist.argmin(1) == a.test_y).float().mean() > 0.5
 
 

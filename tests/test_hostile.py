@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 from safetensors.torch import load_file, save_file
 
-from iterkd import checkpoints, data
+from iterkd import checkpoints
 from iterkd.arch import VGGSpec
 from iterkd.checkpoints import save_checkpoint
+from iterkd.data import named
 from iterkd.lineage import nodes
 from iterkd.models import VGG
 from iterkd.storage import open_study
@@ -91,7 +92,7 @@ def test_teacher_with_hostile_metadata(tmp_path, capsys, spec, needle):
 @pytest.fixture
 def mnist_dir(tmp_path, monkeypatch):
     """A data directory with tiny MNIST IDX files (50 train, 12 test) and no Debian copy to fall back on."""
-    monkeypatch.setattr(data, "DEBIAN_DATASETS", tmp_path / "no-debian")
+    monkeypatch.setattr(named, "DEBIAN_DATASETS", tmp_path / "no-debian")
     write_mnist(tmp_path / "data")
     return tmp_path / "data"
 

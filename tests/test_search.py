@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from iterkd import run_search
+from iterkd.data import val_images
 from iterkd.lineage import LINEAGE_COLUMNS, lineage_frame, nodes
 from iterkd.objective import final_path
 from iterkd.search import Search
@@ -141,7 +142,7 @@ def test_teacher_caches_are_files_in_the_run_and_a_resumed_run_reuses_them(tmp_p
     monkeypatch.setattr(trainer_mod, "train", interrupt_generation_2)
     with pytest.raises(KeyboardInterrupt):
         Search(cfg, progress=False).run()
-    n = 2000 - cfg.val_size  # the synthetic training set minus validation
+    n = 2000 - val_images(cfg.val_size, 2000, "synthetic")  # the synthetic training set minus validation
     root_file = tmp_path / "cache" / f"node-0-seed-0-views-4-n-{n}.safetensors"
     assert [p.name for p in (tmp_path / "cache").glob("*.safetensors")] == [root_file.name]
     assert root_file.stat().st_size > 4 * n * 10 * 2  # four views of fp16 logits for every sample

@@ -1,157 +1,53 @@
-"""Datasets as in-memory uint8 tensors (through torchvision), a seeded validation split, and a
-batch iterator that augments on the device with tensor ops (no per-sample Python, no workers)."""
+"""The named datasets as uint8 arrays: torchvision's readers (CIFAR, SVHN, the MNIST family's IDX
+files, Debian's gzipped copies unpacked into torchvision's layout) and the generated `synthetic`
+set. Every array is checked before anything trusts it; a missing file offline is one line naming
+the folder. iterkd.data.store writes what this reads into the one store every path trains from."""
 
 from __future__ import annotations
 
-import functools
 import gzip
 import math
 import os
 import shutil
 import struct
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import IterkdError
+from ..errors import IterkdError
+from .info import DatasetInfo
 
-DIGITS = tuple("0123456789")
-CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 DEBIAN_DATASETS = Path("/usr/share/datasets")
 IDX_CLASSES = ("MNIST", "FashionMNIST")  # torchvision classes that read IDX files
-# Batches of inference (validation, test, filling a teacher cache): on one CPU thread 256 images a
-# batch ran 1.26-1.41x faster than 1000 (whose activations outgrow the caches), 128 no faster.
-EVAL_BATCH = 256
-
-
-@dataclass(frozen=True)
-class DatasetInfo:
-    name: str
-    torchvision_class: str | None
-    channels: int
-    num_classes: int
-    size: int  # side after padding to a power of two, so five VGG pools end at 1x1
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    flip: bool  # horizontal flips preserve the label (not for digits)
-    classes: tuple[str, ...] = ()
-
-
-DATASETS: dict[str, DatasetInfo] = {
-    "fashion-mnist": DatasetInfo(
-        "fashion-mnist",
-        "FashionMNIST",
-        1,
-        10,
-        32,
-        (0.2860,),
-        (0.3530,),
-        True,
-        (
-            "T-shirt/top",
-            "Trouser",
-            "Pullover",
-            "Dress",
-            "Coat",
-            "Sandal",
-            "Shirt",
-            "Sneaker",
-            "Bag",
-            "Ankle boot",
-        ),
-    ),
-    "mnist": DatasetInfo("mnist", "MNIST", 1, 10, 32, (0.1307,), (0.3081,), False, DIGITS),
-    "cifar10": DatasetInfo(
-        "cifar10",
-        "CIFAR10",
-        3,
-        10,
-        32,
-        (0.4914, 0.4822, 0.4465),
-        (0.2470, 0.2435, 0.2616),
-        True,
-        CIFAR10_CLASSES,
-    ),
-    "cifar100": DatasetInfo(
-        "cifar100", "CIFAR100", 3, 100, 32, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), True
-    ),
-    "svhn": DatasetInfo(
-        "svhn", "SVHN", 3, 10, 32, (0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970), False, DIGITS
-    ),
-    "synthetic": DatasetInfo("synthetic", None, 3, 10, 16, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), False),
-}
-
-
-@dataclass
-class DataSplits:
-    """uint8 images (N, C, H, W) and int64 labels for train / validation / test.
-
-    Validation is carved out of the training set and drives every selection and stop decision;
-    test is only reported."""
-
-    info: DatasetInfo
-    train_x: torch.Tensor
-    train_y: torch.Tensor
-    val_x: torch.Tensor
-    val_y: torch.Tensor
-    test_x: torch.Tensor
-    test_y: torch.Tensor
-
-    def to(self, device: torch.device) -> DataSplits:
-        moved = {
-            k: getattr(self, k).to(device)
-            for k in ("train_x", "train_y", "val_x", "val_y", "test_x", "test_y")
-        }
-        return DataSplits(self.info, **moved)
+SYNTHETIC_SEED = 1234
+# Where torchvision keeps each dataset under the data directory (the MNIST family: its class name).
+FOLDERS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python", "svhn": "svhn"}
 
 
 def default_data_dir() -> Path:
     return Path(os.environ.get("ITERKD_DATA", Path.home() / ".cache" / "iterkd" / "data"))
 
 
-def dataset_info(name: str) -> DatasetInfo:
-    if name not in DATASETS:
-        raise IterkdError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
-    return DATASETS[name]
+def named_arrays(info: DatasetInfo, data_dir: Path, download: bool):
+    """((train images, labels), (test images, labels)) of a named dataset, uint8 (N, C, H, W) and
+    int64, before padding."""
+    if info.name == "synthetic":
+        return synthetic_arrays(seed=SYNTHETIC_SEED)
+    _check_data_dir(data_dir)
+    return _torchvision_arrays(info, data_dir, download)
 
 
-def load_data(
-    name: str,
-    data_dir: str | Path | None = None,
-    *,
-    val_size: int = 5000,
-    train_subset: int | None = None,
-    test_subset: int | None = None,
-    seed: int = 0,
-    download: bool = True,
-) -> DataSplits:
-    """Load a dataset, split a seeded validation set off its training set, and subsample if asked."""
-    info = dataset_info(name)
-    data_dir = Path(data_dir) if data_dir else default_data_dir()
-    if name == "synthetic":
-        (tx, ty), (sx, sy) = synthetic_arrays(seed=1234)
-    else:
-        _check_data_dir(data_dir)
-        (tx, ty), (sx, sy) = _torchvision_arrays(info, data_dir, download)
-    tx, sx = _pad_to(tx, info.size), _pad_to(sx, info.size)
-    if not 0 < val_size < len(tx):
-        raise IterkdError(f"--val-size must be between 1 and {len(tx) - 1} for {name}, got {val_size}")
-    perm = torch.randperm(len(tx), generator=torch.Generator().manual_seed(seed))
-    val_idx, train_idx = perm[:val_size], perm[val_size:]
-    if train_subset:
-        train_idx = train_idx[:train_subset]
-    if test_subset:
-        sx, sy = sx[:test_subset], sy[:test_subset]
-    return DataSplits(info, tx[train_idx], ty[train_idx], tx[val_idx], ty[val_idx], sx, sy)
-
-
-def _pad_to(x: torch.Tensor, size: int) -> torch.Tensor:
-    pad = size - x.shape[-1]
-    return F.pad(x, (pad // 2, pad - pad // 2, pad // 2, pad - pad // 2)) if pad > 0 else x
+def source_files(info: DatasetInfo, data_dir: Path) -> list[Path]:
+    """The files a named dataset is read from (after Debian's are unpacked), for the store's
+    fingerprint: their sizes and times decide whether a stored copy is still theirs."""
+    if info.name == "synthetic":
+        return []
+    _check_data_dir(data_dir)
+    _prepare_debian_files(info, data_dir)
+    root = data_dir / FOLDERS.get(info.name, str(info.torchvision_class))
+    return sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else []
 
 
 def synthetic_arrays(
@@ -343,96 +239,3 @@ def _as_tensors(ds) -> tuple[torch.Tensor, torch.Tensor]:
         labels = ds.labels
     y = torch.as_tensor(np.asarray(labels), dtype=torch.int64)
     return x.contiguous().to(torch.uint8), y
-
-
-def normalize(x_uint8: torch.Tensor, info: DatasetInfo, dtype=torch.float32) -> torch.Tensor:
-    mean, std = _mean_std(info, x_uint8.device, dtype)
-    return (x_uint8.to(dtype) / 255 - mean) / std
-
-
-@functools.cache
-def _mean_std(info: DatasetInfo, device: torch.device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    # Made once per device: building them per batch would be a blocking host-to-GPU copy every step.
-    return (
-        torch.tensor(info.mean, device=device, dtype=dtype).view(1, -1, 1, 1),
-        torch.tensor(info.std, device=device, dtype=dtype).view(1, -1, 1, 1),
-    )
-
-
-def augment_draws(n: int, seed: int, view: int, pad: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
-    """Crop offsets (n, 2) and flip flags (n,) for one augmentation view of every sample: a pure
-    function of (seed, view), so the same sample in the same view is always the same image."""
-    g = torch.Generator().manual_seed(seed * 1_000_003 + view)
-    return torch.randint(0, 2 * pad + 1, (n, 2), generator=g), torch.rand(n, generator=g) < 0.5
-
-
-def augment(x: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor | None, pad: int = 4) -> torch.Tensor:
-    """Random crop with zero padding and optional horizontal flip, for a whole batch at once.
-
-    The crop takes each image's whole window from a view of every window (`unfold`: no copy), one
-    gather of contiguous rows instead of one index computation per pixel: the same images, 2-3x
-    faster on CPU (docs/performance.md)."""
-    n, c, h, w = x.shape
-    windows = F.pad(x, (pad, pad, pad, pad)).unfold(2, h, 1).unfold(3, w, 1)  # (n, c, dy, dx, h, w)
-    out = windows[torch.arange(n, device=x.device), :, offsets[:, 0], offsets[:, 1]]  # (n, c, h, w)
-    if flips is not None:
-        out = torch.where(flips.view(n, 1, 1, 1), out.flip(-1), out)
-    return out
-
-
-def epoch_view(epoch: int, views: int | None) -> int:
-    """The augmentation view epoch `epoch` uses: epoch mod `views` (each epoch its own when None)."""
-    return epoch % views if views else epoch
-
-
-def train_batches(
-    data: DataSplits,
-    batch_size: int,
-    epoch: int,
-    seed: int,
-    views: int | None = None,
-    augmented: bool = True,
-    augment_seed: int | None = None,
-) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Shuffled, augmented training batches for one epoch as (index, normalised images, labels).
-
-    `seed` shuffles; `augment_seed` (default: `seed`) draws the crops and flips, so students that
-    share it (siblings) see the same image for a sample in a view. Epoch e uses view epoch_view(e, views)."""
-    device = data.train_x.device
-    n = len(data.train_x)
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch)).to(device)
-    offsets, flips = _draws_on(data, seed if augment_seed is None else augment_seed, epoch_view(epoch, views))
-    for start in range(0, n - batch_size + 1 if n >= batch_size else 1, batch_size):
-        idx = perm[start : start + batch_size]
-        yield idx, _images(data, idx, offsets, flips, augmented), data.train_y[idx]
-
-
-def view_batches(
-    data: DataSplits, seed: int, view: int, batch_size: int = EVAL_BATCH
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Every training sample in index order as (index, normalised images), augmented as in `view`:
-    the very images train_batches yields in an epoch using that view with augment_seed `seed`."""
-    device = data.train_x.device
-    offsets, flips = _draws_on(data, seed, view)
-    for start in range(0, len(data.train_x), batch_size):
-        idx = torch.arange(start, min(start + batch_size, len(data.train_x)), device=device)
-        yield idx, _images(data, idx, offsets, flips, True)
-
-
-def _draws_on(data: DataSplits, seed: int, view: int) -> tuple[torch.Tensor, torch.Tensor]:
-    offsets, flips = augment_draws(len(data.train_x), seed, view)
-    return offsets.to(data.train_x.device), flips.to(data.train_x.device)
-
-
-def _images(
-    data: DataSplits, idx: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor, augmented: bool
-) -> torch.Tensor:
-    x = data.train_x[idx]
-    if augmented:
-        x = augment(x, offsets[idx], flips[idx] if data.info.flip else None)
-    return normalize(x, data.info)
-
-
-def eval_batches(x: torch.Tensor, y: torch.Tensor, info: DatasetInfo, batch_size: int = EVAL_BATCH):
-    for start in range(0, len(x), batch_size):
-        yield normalize(x[start : start + batch_size], info), y[start : start + batch_size]
