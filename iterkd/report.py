@@ -725,17 +725,24 @@ def _generation_heading(view: RunView, generation: int, nodes: list[Node]) -> st
         kept = [n.node for n in polishes if view.status[n.node] == "accepted"]
         return (
             f"Polish of node {', '.join(str(_parent(n)) for n in polishes)} (not a generation of the "
-            f"search); final model: {', '.join(map(str, kept)) or 'not the polish'}"
+            f"search); final model: {_node_list(kept) or 'not the polish'}"
         )
     parents = sorted({p for p in map(_parent, nodes) if p is not None})
-    accepted = ", ".join(str(n.node) for n in nodes if view.status[n.node] == "accepted")
+    accepted = _node_list([n.node for n in nodes if view.status[n.node] == "accepted"])
     if not accepted:
         undecided = any(view.status[n.node] in ("running", "queued") for n in nodes)
         accepted = "not decided yet (nodes still running)" if undecided else "none"
     return (
-        f"Generation {generation}: {len(nodes)} candidate{'s' * (len(nodes) != 1)} from parent"
-        f"{'s' * (len(parents) != 1)} {', '.join(map(str, parents))}; accepted: {accepted}"
+        f"Generation {generation}: {len(nodes)} candidate{'s' * (len(nodes) != 1)} from parent "
+        f"{_node_list(parents)}; accepted: {accepted}"
     )
+
+
+def _node_list(numbers: list[int]) -> str:
+    """'node 3', 'nodes 3, 4', or '' (the word says these are node numbers, not counts)."""
+    if not numbers:
+        return ""
+    return f"node{'s' * (len(numbers) != 1)} {', '.join(map(str, numbers))}"
 
 
 def _search_latency(view: RunView) -> Callable[[Node], float | None] | None:

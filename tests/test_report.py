@@ -299,7 +299,7 @@ def test_report_is_drawn_from_nodes_alone(tmp_path):
     assert view.accepted_path() == [0, 1, 3] and view.root is nodes[0] and view.final is nodes[3]
 
     summary, gen0, gen1, gen2, _ = md_tables(render_markdown(view))
-    assert "### Generation 2: 2 candidates from parent 1; accepted: 3" in render_markdown(view)
+    assert "### Generation 2: 2 candidates from parent node 1; accepted: node 3" in render_markdown(view)
     one = gen1.set_index("node").loc["1"]
     assert (one["parent"], one["teachers"], one["drop pts"], one["status"]) == ("0", "0", "1.25", "accepted")
     assert (
