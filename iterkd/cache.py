@@ -18,7 +18,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from .checkpoints import write_safetensors
-from .data import EVAL_BATCH, DataSplits, view_batches
+from .data import DataSplits, view_batches
 from .device import autocast, memory_format, resolve_precision
 from .errors import IterkdError
 from .models import VGG
@@ -93,7 +93,7 @@ class TeacherCache:
         views: int,
         directory: str | Path | None = None,
         node: int | str | None = None,
-        batch_size: int = EVAL_BATCH,
+        batch_size: int | None = None,
         precision: str = "auto",
         feature_mb: float = DEFAULT_FEATURE_MB,
         log: Callable[[str], None] | None = None,

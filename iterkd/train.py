@@ -18,7 +18,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .cache import TeacherCache
-from .data import DataSplits, epoch_view, eval_batches, train_batches
+from .data import DataSplits, epoch_view, eval_batch_size, eval_batches, train_batches
 from .device import autocast, compile_mode, memory_format, resolve_precision
 from .errors import TrainingDiverged
 from .faults import fault_point
@@ -107,7 +107,9 @@ def recalibrate_bn(model: VGG, data: DataSplits, images: int = 2048, precision: 
     model.train()
     with autocast(device, precision):
         # 1000 a batch: with momentum None every batch weighs the same, so the size is part of the result.
-        for xb, _ in eval_batches(data.train_x[:images], data.train_y[:images], data.info, 1000):
+        for xb, _ in eval_batches(
+            data.train_x[:images], data.train_y[:images], data.info, eval_batch_size(data.info, 1000)
+        ):
             model(xb.contiguous(memory_format=memory_format(device)))
     for m, momentum in zip(bns, momenta):
         m.momentum = momentum

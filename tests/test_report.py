@@ -538,7 +538,8 @@ def test_the_report_shows_each_attempt_of_a_generation_and_marks_the_polish(tmp_
     polish = generations[-1].set_index("node").loc[str(out.final.node)]
     assert polish["operator"] == "polish" and polish["status"] == "accepted"
     assert (
-        f"### Polish of node {retried} (not a generation of the search); final model: node {out.final.node}" in md
+        f"### Polish of node {retried} (not a generation of the search); final model: node {out.final.node}"
+        in md
     )
     assert (
         f"- **polish**: node {out.final.node}: node {retried} trained 2 more epochs with KD from node(s) 0; "

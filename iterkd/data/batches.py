@@ -19,6 +19,13 @@ from .splits import DataSplits
 EVAL_BATCH = 256
 
 
+def eval_batch_size(info: DatasetInfo, batch: int = EVAL_BATCH) -> int:
+    """An inference batch for `info`'s images: `batch` at 32x32 or less, proportionally fewer for
+    larger images (at least 8), so its activations stay the size measured at 32x32: 256 images of
+    256x256 held about 1 GB of activations in a tiny VGG and ran a 1.5 GiB search out of memory."""
+    return max(8, min(batch, batch * 32 * 32 // (info.size * info.size)))
+
+
 def normalize(x_uint8, info: DatasetInfo, dtype=torch.float32) -> torch.Tensor:
     """(pixel / 255 - mean) / std per channel, the run's statistics; uint8 tensor or stored images."""
     if not isinstance(x_uint8, torch.Tensor):
@@ -85,10 +92,11 @@ def train_batches(
 
 
 def view_batches(
-    data: DataSplits, seed: int, view: int, batch_size: int = EVAL_BATCH
+    data: DataSplits, seed: int, view: int, batch_size: int | None = None
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Every training sample in index order as (index, normalised images), augmented as in `view`:
     the very images train_batches yields in an epoch using that view with augment_seed `seed`."""
+    batch_size = batch_size or eval_batch_size(data.info)
     device = data.train_x.device
     offsets, flips = _draws_on(data, seed, view)
     for start in range(0, len(data.train_x), batch_size):
@@ -110,6 +118,7 @@ def _images(
     return normalize(x, data.info)
 
 
-def eval_batches(x: torch.Tensor, y: torch.Tensor, info: DatasetInfo, batch_size: int = EVAL_BATCH):
+def eval_batches(x: torch.Tensor, y: torch.Tensor, info: DatasetInfo, batch_size: int | None = None):
+    batch_size = batch_size or eval_batch_size(info)
     for start in range(0, len(x), batch_size):
         yield normalize(x[start : start + batch_size], info), y[start : start + batch_size]
