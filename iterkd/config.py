@@ -500,8 +500,15 @@ class SearchConfig:
         """The run's DatasetInfo: channels, classes, size and normalisation (a folder's from its store)."""
         from .data import FOLDER, dataset_info
 
-        info = (store or self.data_store()).info() if self.dataset == FOLDER else dataset_info(self.dataset)
-        return info if self.flip is None else replace(info, flip=self.flip == "on")
+        if self.dataset == FOLDER:
+            return (store or self.data_store()).info(self.flip_images)
+        info = dataset_info(self.dataset)  # no store needed: the registry says it
+        return info if self.flip is None else replace(info, flip=self.flip_images)
+
+    @property
+    def flip_images(self) -> bool | None:
+        """--flip as a switch; None: the dataset's own default."""
+        return None if self.flip is None else self.flip == "on"
 
     def load_data(self, device=None, store=None):
         """The dataset this config names, split and subsampled as in its run; on `device` when given."""
@@ -509,8 +516,7 @@ class SearchConfig:
 
         store = store or self.data_store()
         split = {k: getattr(self, k) for k in ("val_size", "train_subset", "test_subset")}
-        data = load_data(self.dataset, store=store, seed=self.data_seed, **split)
-        data = replace(data, info=self.data_info(store))
+        data = load_data(self.dataset, store=store, seed=self.data_seed, flip=self.flip_images, **split)
         return data if device is None else data.to(device)
 
 

@@ -166,10 +166,13 @@ def parse_formats(text: str) -> tuple[str, ...]:
     return (text,)
 
 
-def run_data(cfg: SearchConfig, data_dir: str | None, int8: bool) -> DataSplits:
-    """The run's splits (train subset included: calibration uses the images the run trained on)."""
+def run_data(source: Run | SearchConfig, data_dir: str | None, int8: bool) -> DataSplits:
+    """The run's splits (train subset included: calibration uses the images the run trained on);
+    from a Run, checked to be the images the run was made with (Run.load_data)."""
     try:
-        return (replace(cfg, data_dir=data_dir) if data_dir else cfg).load_data()
+        if isinstance(source, Run):
+            return source.load_data(data_dir=data_dir)
+        return (replace(source, data_dir=data_dir) if data_dir else source).load_data()
     except IterkdError as e:
         use = "verify the files and calibrate the int8 model" if int8 else "verify the files"
         raise IterkdError(f"iterkd export needs the run's images to {use}: {e}") from None
@@ -206,11 +209,7 @@ def export_node(
         if int8.qat_epochs < 0:
             raise IterkdError(f"--qat-epochs must be at least 0, got {int8.qat_epochs}")
     out = Path(out_dir) if out_dir else run.run_dir / "export" / f"node-{n.node}"
-    try:
-        data = run.load_data(data_dir=data_dir)
-    except IterkdError as e:
-        use = "verify the files and calibrate the int8 model" if int8 is not None else "verify the files"
-        raise IterkdError(f"iterkd export needs the run's images to {use}: {e}") from None
+    data = run_data(run, data_dir, int8 is not None)
     try:
         out.mkdir(parents=True, exist_ok=True)
         stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.parent))

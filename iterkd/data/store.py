@@ -20,7 +20,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +28,7 @@ import torch
 
 from ..errors import IterkdError
 from ..files import write_atomic
-from .info import DatasetInfo
+from .info import DATASETS, DatasetInfo
 
 FORMAT = 1
 PARTS = ("train", "val", "test")
@@ -112,7 +112,11 @@ class Store:
         return self.meta["content_hash"]
 
     def info(self, flip: bool | None = None) -> DatasetInfo:
+        """A named dataset's registry entry (its published statistics), else the store's own."""
         m = self.meta
+        if m["name"] in DATASETS:
+            info = DATASETS[m["name"]]
+            return info if flip is None else replace(info, flip=flip)
         return DatasetInfo(
             m["name"],
             m.get("torchvision_class"),
