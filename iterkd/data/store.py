@@ -136,6 +136,7 @@ class Store:
             "content_hash": self.content_hash,
             "classes": self.meta["classes"],
             "images": len(self.labels),
+            "skipped_images": self.meta.get("skipped_images", 0),  # --skip-bad-images left these out
         }
 
 
