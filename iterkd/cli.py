@@ -640,7 +640,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--epochs",
         type=int,
         help="epochs of the equal-epochs rows (default: the run's epochs per child; the "
-        "equal-compute rows always train the chain's)",
+        "chain- and paid-compute rows always train the chain's and the search's)",
     )
     p.add_argument(
         "--preset", help="take the epochs per child of this preset (smoke, quick, full); --epochs wins"

@@ -1,9 +1,11 @@
 """`iterkd compare RUN`: did the iterative search pay off? The run's final model beside what the same
 data and teacher give without the search: the final architecture trained from scratch on labels, the
-same architecture distilled once from the root (for one child's epochs, and for as many epochs as the
-chain spent), and the root pruned channel by channel with Torch-Pruning and fine-tuned with KD for the
-chain's epochs. Every row over seeds; `--search-seeds M` reruns the search itself so the chain has a
-spread too. compare.md ends with a verdict: which method won at equal compute (the run's report shows it too).
+same architecture distilled once from the root (for one child's epochs, for as many epochs as the
+chain spent, and for every epoch the search paid), the same at paid compute starting from the root's
+weights through the search's own inheritance operator, and the root pruned channel by channel with
+Torch-Pruning and fine-tuned with KD for the chain's epochs. Every row over seeds; `--search-seeds M`
+reruns the search itself so the chain has a spread too. compare.md ends with a verdict at the compute
+the search paid, then one at the chain's compute (the run's report shows both).
 
 Mirzadeh et al. 2020 ("Improved Knowledge Distillation via Teacher Assistant") call the first rows NOKD
 (no teacher), BLKD (baseline KD from the big teacher) and TAKD (through intermediate teachers: iterkd's
@@ -31,29 +33,36 @@ from .device import resolve_device
 from .errors import IterkdError
 from .export import markdown_table
 from .files import write_atomic
+from .inherit import inherit_weights
 from .lineage import Node, ancestry, nodes
 from .models import VGG
 from .run import Run, open_run
 from .search import Search
-from .train import TrainSettings, train
+from .train import TrainSettings, recalibrate_bn, train
 from .trainer import kd_settings
 
 PRUNE_INSTALL = "pip install 'iterkd[prune]'"  # what a user without Torch-Pruning runs
 PRUNE_TOLERANCE = 0.02  # the pruned model's parameters within 2 % of the final node's
+# Training FLOPs of one image: its forward pass and a backward pass of about twice that (the usual
+# estimate, e.g. Kaplan et al. 2020); the teachers' forward passes are not counted.
+TRAIN_FLOPS_PER_FORWARD = 3
 HEADERS = [
     "method",
     "params",
     "MFLOPs",
     "epochs",
     "images seen",
+    "train FLOPs",
     "n",
     "val acc % (mean ± std)",
     "test acc % (mean ± std)",
     "Δ test vs iterkd (pts)",
     "s / model",
     "paid: epochs",
+    "paid: FLOPs",
     "paid: s",
 ]
+CHAIN, PAID = "chain compute", "paid compute"  # the two bases a verdict can name
 
 
 @dataclass(frozen=True)
@@ -97,27 +106,59 @@ class Row:
     val: list[float]
     test: list[float]
     seconds: list[float]
+    train_flops: list[float] = field(default_factory=list)  # the student's forward + backward, summed
     paid_epochs: list[int] = field(default_factory=list)  # everything trained to get a model (search)
+    paid_train_flops: list[float] = field(default_factory=list)
     paid_seconds: list[float] = field(default_factory=list)
     delta: str = "–"  # test accuracy against the iterkd row, with its uncertainty
 
+    @property
+    def paid(self) -> tuple[list[int], list[float], list[float]]:
+        """(epochs, training FLOPs, seconds) paid for the row's models: a baseline's own training, the
+        whole search for the iterkd row."""
+        return (
+            self.paid_epochs or self.epochs,
+            self.paid_train_flops or self.train_flops,
+            self.paid_seconds or self.seconds,
+        )
+
     def cells(self, images_per_epoch: int) -> list[str]:
-        paid_epochs = self.paid_epochs or self.epochs
-        paid_seconds = self.paid_seconds or self.seconds
+        paid_epochs, paid_flops, paid_seconds = self.paid
         return [
             self.method,
             f"{self.params:,}",
             f"{self.flops / 1e6:.2f}",
             spread(self.epochs),
             spread([e * images_per_epoch for e in self.epochs], "{:,}"),
+            flops_cell(self.train_flops),
             str(len(self.test)),
             mean_std(self.val),
             mean_std(self.test),
             self.delta,
             "–" if not self.seconds else f"{statistics.fmean(self.seconds):.1f}",
             spread(paid_epochs),
+            flops_cell(paid_flops),
             "–" if not paid_seconds else f"{statistics.fmean(paid_seconds):.1f}",
         ]
+
+    def record(self) -> dict:
+        """The row as compare.json keeps it: every model's numbers, unrounded."""
+        paid_epochs, paid_flops, paid_seconds = self.paid
+        return {
+            "method": self.method,
+            "params": self.params,
+            "flops": self.flops,
+            "n": len(self.test),
+            "epochs": self.epochs,
+            "train_flops": self.train_flops,
+            "seconds": self.seconds,
+            "val_acc": self.val,
+            "test_acc": self.test,
+            "delta_test": self.delta,
+            "paid_epochs": paid_epochs,
+            "paid_train_flops": paid_flops,
+            "paid_seconds": paid_seconds,
+        }
 
 
 @dataclass(frozen=True)
@@ -125,12 +166,13 @@ class Comparison:
     root: Node
     final: Node
     epochs: int  # per equal-epochs baseline (one child's)
-    chain_epochs: int  # the chain's, root excluded: the equal-compute rows'
+    chain_epochs: int  # the chain's, root excluded: the chain-compute rows'
+    paid_epochs: int  # every child epoch the run's search trained: the paid-compute rows'
     images_per_epoch: int
     seeds: int
     search_seeds: list[int]  # the seeds of the searches behind the iterkd row
     rows: list[Row]
-    verdict: str
+    verdict: str  # at paid compute, then at chain compute
     notes: list[str]  # what was skipped, and why
     trained: int  # models and searches trained by this call (0: everything was reused)
     json_path: Path
@@ -146,6 +188,15 @@ def mean_std(values: list[float]) -> str:
         return "–"
     std = f"{statistics.stdev(values):.2f}" if len(values) > 1 else "–"
     return f"{statistics.fmean(values):.2f} ± {std}"
+
+
+def flops_cell(values: list[float]) -> str:
+    """Training FLOPs, the mean of the models behind a row (searches differ), as '19.1 T' or '5.28 G'."""
+    if not values:
+        return "–"
+    mean = statistics.fmean(values)
+    scale, unit = next(((f, u) for f, u in ((1e15, "P"), (1e12, "T"), (1e9, "G")) if mean >= f), (1e6, "M"))
+    return f"{mean / scale:.3g} {unit}"
 
 
 def spread(values: list[int], fmt: str = "{}") -> str:
@@ -193,11 +244,27 @@ def chain_epochs(path: list[Node]) -> int:
     return sum(trained_epochs(n) for n in path[1:])
 
 
+def paid_nodes(run: Run) -> list[Node]:
+    """Every node the search trained after the root, rejected, pruned and polish nodes included:
+    what the user paid for the final model. Failed nodes left no count and are not in it."""
+    return [n for n in nodes(run.study) if n.parents and (n.ok or n.state == "PRUNED")]
+
+
 def search_compute(run: Run) -> tuple[int, float]:
-    """(epochs, seconds) of every node the search trained after the root, rejected and pruned ones
-    included: what the user paid for the final model. Failed nodes left no count and are not in it."""
-    trained = [n for n in nodes(run.study) if n.parents and (n.ok or n.state == "PRUNED")]
+    """(epochs, seconds) the search paid after the root (`paid_nodes`)."""
+    trained = paid_nodes(run)
     return sum(trained_epochs(n) for n in trained), sum(n.seconds or 0.0 for n in trained)
+
+
+def training_flops(steps: list[tuple[VGGSpec, int]], per_epoch: int) -> float:
+    """FLOPs of training each (spec, epochs) step on `per_epoch` images an epoch: forward and backward
+    of the student (TRAIN_FLOPS_PER_FORWARD x its forward FLOPs) per image, summed over the steps."""
+    return float(sum(TRAIN_FLOPS_PER_FORWARD * spec.flops() * per_epoch * e for spec, e in steps))
+
+
+def node_flops(chain: list[Node], per_epoch: int) -> float:
+    """Training FLOPs of the nodes in `chain` at the epochs each trained."""
+    return training_flops([(n.spec, trained_epochs(n)) for n in chain], per_epoch)
 
 
 def images_per_epoch(n_train: int, batch_size: int) -> int:
@@ -264,6 +331,16 @@ def pruned_spec(root: VGGSpec, target: int) -> VGGSpec:
         widths = widths[:i] + [widths[i] - 1] + widths[i + 1 :]
 
 
+def pruned_specs(root: VGGSpec, steps: list[tuple[int, int]]) -> list[tuple[VGGSpec, int]]:
+    """(spec, epochs) of each step of the prune-kd row: what `prune_and_finetune` trains, from the
+    specs alone (each step narrows the last one's widths)."""
+    out, spec = [], root
+    for target, epochs in steps:
+        spec = pruned_spec(spec, target)
+        out.append((spec, epochs))
+    return out
+
+
 def prune_to(model: VGG, spec: VGGSpec) -> VGG:
     """`model` with each conv's output channels cut to `spec`'s widths through Torch-Pruning's
     dependency graph (the BN, the next conv's inputs and the classifier follow), dropping the filters
@@ -318,18 +395,31 @@ class BaselineTrainer:
 
     def fit(self, method: str, seed: int, epochs: int) -> tuple[VGG, float, float, float]:
         """(model, val acc, test acc, seconds) of `method` trained with `seed`."""
-        # The seed picks the initial weights and the batch order; the augmentation views are the run's, as a child's.
+        # The seed picks the initial weights and the batch order; the augmentation views are the run's,
+        # as a child's, except in the paid-compute rows (METHODS).
         torch.manual_seed(seed)
         desc = f"{method} seed {seed}"
         kd = dict(teachers=self.teachers, hint_teacher=self.root_model, progress=self.progress)
         if method == "prune-kd":
             return self.prune_and_finetune(seed, epochs, desc, kd)
-        if method not in ("scratch-ce", "one-shot-kd"):
+        if method not in METHODS:
             raise ValueError(f"unknown compare method {method!r}")
+        settings = self.settings(epochs, seed)
+        if method in LIVE_AUGMENTATION:
+            # A fresh augmentation view every epoch, drawn from the seed: a long row never replays the
+            # run's few views (the teacher runs live here, so a view costs nothing extra).
+            settings = replace(settings, views=None, augment_seed=None)
         model = VGG(self.final.spec)
-        teaching = kd if method == "one-shot-kd" else {"progress": self.progress}
-        out = train(model, self.data, self.settings(epochs, seed), desc=desc, **teaching)
-        return model, out.val_acc, out.test_acc, out.seconds
+        start = time.perf_counter()
+        if method == "inherit-kd-live":
+            # The search's own operator, applied once from the root to the final architecture, then
+            # the BN statistics re-estimated, as every child starts.
+            inherit_weights(model, self.root_model)
+            recalibrate_bn(model.to(self.data.train_x.device), self.data)
+        init_seconds = time.perf_counter() - start
+        teaching = {"progress": self.progress} if method == "scratch-ce" else kd
+        out = train(model, self.data, settings, desc=desc, **teaching)
+        return model, out.val_acc, out.test_acc, out.seconds + init_seconds
 
     def prune_and_finetune(self, seed: int, epochs: int, desc: str, kd: dict):
         """The root pruned step by step to each chain node's size, fine-tuned with KD from the root
@@ -354,15 +444,29 @@ def load_copy(model: VGG) -> VGG:
     return copy
 
 
-def baselines(epochs: int, chain: int, prune: bool) -> list[Baseline]:
-    """The baseline rows: one child's epochs (scratch and one-shot KD), then the chain's (one-shot KD
-    and, with Torch-Pruning installed, pruning + KD)."""
+# The ways compare trains a model (SeedResult.method): from scratch on labels; KD from the root with
+# the run's augmentation views; the same with a fresh view every epoch; that from the root's weights
+# inherited by the search's operator; and (prune_and_finetune) the root pruned, with KD after each step.
+METHODS = ("scratch-ce", "one-shot-kd", "one-shot-kd-live", "inherit-kd-live", "prune-kd")
+LIVE_AUGMENTATION = ("one-shot-kd-live", "inherit-kd-live")
+
+
+def baselines(epochs: int, chain: int, prune: bool, paid: int | None = None) -> list[Baseline]:
+    """The baseline rows: one child's epochs (scratch and one-shot KD), the chain's (one-shot KD and,
+    with Torch-Pruning installed, pruning + KD), then the epochs the search paid (one-shot KD from
+    random weights and from the root's inherited weights)."""
     rows = [
         Baseline("scratch-ce", "scratch-ce", epochs),
         Baseline("one-shot-kd", "one-shot-kd", epochs),
-        Baseline("one-shot-kd, equal compute", "one-shot-kd", chain),
+        Baseline(f"one-shot-kd, {CHAIN}", "one-shot-kd", chain),
     ]
-    return rows + ([Baseline("prune-kd, equal compute", "prune-kd", chain)] if prune else [])
+    rows += [Baseline(f"prune-kd, {CHAIN}", "prune-kd", chain)] if prune else []
+    if paid is not None:
+        rows += [
+            Baseline(f"one-shot-kd, {PAID}", "one-shot-kd-live", paid),
+            Baseline(f"inherited one-shot-kd, {PAID}", "inherit-kd-live", paid),
+        ]
+    return rows
 
 
 # -- compare ------------------------------------------------------------------------------------------
@@ -400,10 +504,11 @@ def read_results(path: Path) -> list[SeedResult]:
         ) from None
 
 
-def write_results(path: Path, run_name: str, results: list[SeedResult]) -> None:
-    write_atomic(
-        path, json.dumps({"run": run_name, "results": [asdict(r) for r in results]}, indent=2) + "\n"
-    )
+def write_results(path: Path, run_name: str, results: list[SeedResult], summary: dict | None = None) -> None:
+    """compare.json: every trained model (`results`, what a resumed compare reuses) and, once the
+    table is made, its rows and verdicts (`summary`)."""
+    content = {"run": run_name, "results": [asdict(r) for r in results], **(summary or {})}
+    write_atomic(path, json.dumps(content, indent=2) + "\n")
 
 
 def search_seed_run(run: Run, seed: int) -> SearchConfig:
@@ -485,7 +590,7 @@ def compare_run(
     cfg, root, final = run.cfg, run.root, final_node(run)
     n_epochs = compare_epochs(cfg.epochs, epochs, preset)
     path = chain_path(run, final)
-    n_chain = chain_epochs(path)
+    n_chain, n_paid = chain_epochs(path), search_compute(run)[0]
     json_path, md_path = run.run_dir / "compare.json", run.run_dir / "compare.md"
     results = read_results(json_path)
     notes = []
@@ -493,8 +598,8 @@ def compare_run(
     if not prune:
         log(f"compare: the prune-kd row needs Torch-Pruning; to add it: {PRUNE_INSTALL}")
         notes.append(f"prune-kd was not run: Torch-Pruning is not installed ({PRUNE_INSTALL})")
-    plans = baselines(n_epochs, n_chain, prune)
-    # (method, seed, epochs) to train: rows that share them (equal epochs = the chain's) share models.
+    plans = baselines(n_epochs, n_chain, prune, n_paid)
+    # (method, seed, epochs) to train: rows that share them (one child's epochs = the chain's) share models.
     wanted = {(b.method, s, b.epochs) for b in plans for s in range(seeds)}
     done = {r.key[:3] for r in results if r.node == final.node}
     order = [b.method for b in plans]
@@ -533,17 +638,32 @@ def compare_run(
             log(f"{method} ({n} epochs) seed {seed}: val {val:.2f}%  test {test:.2f}%  {seconds:.0f}s")
     runs, searched, search_notes = rerun_searches(run, search_seeds, progress, log)
     notes += search_notes
-    rows = table_rows(root, runs, plans, results, seeds)
-    verdict = verdict_text(rows, plans, n_chain, per_epoch)
+    rows = table_rows(root, runs, plans, results, seeds, per_epoch, prune_steps(path))
+    # Paid compute equals the chain's when the search trained nothing off the chain: one verdict then.
+    bases = [(PAID, n_paid)] + ([(CHAIN, n_chain)] if n_chain != n_paid else [])
+    verdicts = {basis: verdict_text(rows, plans, n, per_epoch, basis) for basis, n in bases}
+    if n_chain == n_paid:
+        notes.append(
+            "the search trained no child off the chain, so the compute it paid is the chain's: "
+            "one verdict covers both"
+        )
     comparison = Comparison(
-        root, final, n_epochs, n_chain, per_epoch, seeds, [r.cfg.seed for r in runs], rows, verdict, notes,
-        len(todo) + searched, json_path, md_path,
+        root, final, n_epochs, n_chain, n_paid, per_epoch, seeds, [r.cfg.seed for r in runs], rows,
+        "\n\n".join(verdicts.values()), notes, len(todo) + searched, json_path, md_path,
     )  # fmt: skip
+    summary = {
+        "images_per_epoch": per_epoch,
+        "train_flops_per_forward_flop": TRAIN_FLOPS_PER_FORWARD,
+        "epochs": {"one child": n_epochs, CHAIN: n_chain, PAID: n_paid},
+        "rows": [r.record() for r in rows],
+        "verdicts": [{"basis": basis, "text": text} for basis, text in verdicts.items()],
+    }
+    write_results(json_path, cfg.name, results, summary)
     write_atomic(md_path, render_markdown(run, comparison))
     return comparison
 
 
-def chain_row(runs: list[Run]) -> Row:
+def chain_row(runs: list[Run], per_epoch: int) -> Row:
     """The iterkd row: the final node of the run and of each search rerun (one model per search)."""
     finals = [final_node(r) for r in runs]
     paths = [chain_path(r, f) for r, f in zip(runs, finals)]
@@ -562,18 +682,26 @@ def chain_row(runs: list[Run]) -> Row:
         [f.val_acc for f in finals],
         [f.test_acc for f in finals],
         [sum(n.seconds or 0.0 for n in p[1:]) for p in paths],
+        [node_flops(p[1:], per_epoch) for p in paths],
         [e for e, _ in paid],
+        [node_flops(paid_nodes(r), per_epoch) for r in runs],
         [s for _, s in paid],
     )
 
 
 def table_rows(
-    root: Node, runs: list[Run], plans: list[Baseline], results: list[SeedResult], seeds: int
+    root: Node,
+    runs: list[Run],
+    plans: list[Baseline],
+    results: list[SeedResult],
+    seeds: int,
+    per_epoch: int,
+    steps: list[tuple[int, int]],
 ) -> list[Row]:
     """Root (context, n=1), each baseline over seeds 0..seeds-1, and the iterkd row; every row's
-    test accuracy against the iterkd row's."""
+    test accuracy against the iterkd row's. `steps`: the prune-kd row's (see prune_steps)."""
     final = final_node(runs[0])
-    chain = chain_row(runs)
+    chain = chain_row(runs, per_epoch)
     rows = [
         Row(
             f"root (node {root.node})",
@@ -595,6 +723,7 @@ def table_rows(
             key=lambda r: r.seed,
         )
         spec = VGGSpec.from_json(mine[0].spec) if mine and mine[0].spec else final.spec
+        trained = pruned_specs(root.spec, steps) if b.method == "prune-kd" else [(final.spec, b.epochs)]
         rows.append(
             Row(
                 b.label,
@@ -604,23 +733,30 @@ def table_rows(
                 [r.val_acc for r in mine],
                 [r.test_acc for r in mine],
                 [r.seconds for r in mine],
+                [training_flops(trained, per_epoch) for _ in mine],
             )
         )
     rows.append(chain)
     return [replace(r, delta=delta_cell(r.test, chain.test)) if r is not chain else r for r in rows]
 
 
-def verdict_text(rows: list[Row], plans: list[Baseline], chain_epochs: int, per_epoch: int) -> str:
-    """Which method won at equal compute (the chain's epochs), in one paragraph: the best test mean
-    among iterkd and the equal-compute baselines, and whether its lead over each other exceeds twice
-    the lead's standard error."""
-    equal = {b.label for b in plans if b.epochs == chain_epochs}
+def verdict_text(
+    rows: list[Row], plans: list[Baseline], epochs: int, per_epoch: int, basis: str = PAID
+) -> str:
+    """Which method won at `basis` (`epochs` per model after the root), in one paragraph: the best
+    test mean among iterkd and the baselines trained for `epochs`, and whether its lead over each
+    other exceeds twice the lead's standard error."""
+    equal = {b.label for b in plans if b.epochs == epochs}
     contenders = [r for r in rows[1:] if r.test and (r.method in equal or r is rows[-1])]
     best = max(contenders, key=lambda r: statistics.fmean(r.test))
+    what = (
+        "every child epoch the search trained, rejected and pruned children and the polish included"
+        if basis == PAID
+        else "the epochs of the chain from the root to the final node"
+    )
     head = (
-        f"**Verdict at equal compute** ({_epochs(chain_epochs)}, {chain_epochs * per_epoch:,} training "
-        f"images per model after the root): **`{best.method}` won** with "
-        f"{statistics.fmean(best.test):.2f} % test accuracy"
+        f"**Verdict at {basis}** ({_epochs(epochs)}: {what}; {epochs * per_epoch:,} training images per "
+        f"model after the root): **`{best.method}` won** with {statistics.fmean(best.test):.2f} % test accuracy"
     )
     clear, unclear = [], []
     for r in contenders:
@@ -670,12 +806,20 @@ def render_markdown(run: Run, c: Comparison) -> str:
         "Mirzadeh et al. 2020's NOKD.",
         f"- **one-shot-kd**: the final architecture with KD + {cfg.hint} hint from the root alone and the final "
         f"node's loss settings ({loss}), one child's epochs — BLKD.",
-        f"- **one-shot-kd, equal compute**: the same for the {_epochs(c.chain_epochs)} the chain trained "
+        f"- **one-shot-kd, chain compute**: the same for the {_epochs(c.chain_epochs)} the chain trained "
         f"after the root ({path}).",
-        "- **prune-kd, equal compute**: the root's channels cut with Torch-Pruning's dependency graph (L1 "
+        "- **prune-kd, chain compute**: the root's channels cut with Torch-Pruning's dependency graph (L1 "
         f"filter norm) in {len(prune_steps(chain_path(run, final)))} steps, one per size change of the chain, "
         "each to that chain node's parameter count and fine-tuned with the same KD from the root for that "
         "node's epochs; a pruned VGG keeps every conv, narrower, so its FLOPs differ from the final node's.",
+        f"- **one-shot-kd, paid compute**: the same KD from the root for the {_epochs(c.paid_epochs)} the "
+        "search paid (every child it trained, rejected and pruned ones and the polish included), with a "
+        "fresh augmentation view every epoch instead of the run's "
+        f"{cfg.views} (the teacher runs live), so the long schedule does not replay a few views.",
+        "- **inherited one-shot-kd, paid compute**: the same, starting from the root's weights passed to "
+        "the final architecture in one step by the search's own inheritance operator (BN statistics "
+        "re-estimated, as every child starts): iterating against starting from inherited weights.",
+        "- No row is tuned: every one uses the search's KD, hint, learning-rate and batch settings.",
         f"- **iterkd**: the final node of the search with {searches} (one model per search, selected on "
         "validation: compare test accuracy); `epochs` and `s / model` are its chain's after the root, "
         "`paid` is every node the search trained after the root, rejected ones included."
@@ -689,7 +833,10 @@ def render_markdown(run: Run, c: Comparison) -> str:
         "(Welch: sqrt(s²/n + s²/n) of the sides with n > 1)."
         + (" †: iterkd is one search, so its own spread is not in it (add --search-seeds)." if len(chain.test) == 1 else ""),
         "- Compute leaves out the root's training: every row starts from the same root. Images seen = epochs × "
-        f"{c.images_per_epoch:,} (full batches of {cfg.batch_size}).",
+        f"{c.images_per_epoch:,} (full batches of {cfg.batch_size}). Training FLOPs = "
+        f"{TRAIN_FLOPS_PER_FORWARD} × the student's forward FLOPs × images seen, summed over what was trained "
+        "(each pruning step at its own size; every node for iterkd's paid column); teachers' passes are not "
+        "counted. Seconds are wall time of training.",
         "- std is the sample standard deviation (ddof = 1); raw results in `compare.json`.",
     ]  # fmt: skip
     lines += [f"- {note}" for note in c.notes] + [""]

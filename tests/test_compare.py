@@ -1,4 +1,4 @@
-"""iterkd compare: the baselines (equal epochs, equal compute, Torch-Pruning), search seeds, the verdict,
+"""iterkd compare: the baselines (equal epochs, chain and paid compute, Torch-Pruning), search seeds, the verdict,
 resuming an interrupted compare (killed at a named fault point), and errors."""
 
 import contextlib
@@ -13,6 +13,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+import optuna
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -21,6 +22,8 @@ from iterkd import compare, run_search
 from iterkd.arch import VGGSpec, vgg_spec
 from iterkd.cli import main
 from iterkd.errors import IterkdError
+from iterkd.inherit import inherit_weights
+from iterkd.lineage import node_attrs
 from iterkd.models import VGG
 from iterkd.report import write_report
 from iterkd.run import open_run
@@ -29,14 +32,16 @@ from iterkd.trainer import train_settings
 from tests.conftest import smoke_config
 
 ARGS = ["--seeds", "2", "--no-progress"]
-PRUNE = "prune-kd, equal compute"
-ROWS = ["scratch-ce", "one-shot-kd", "one-shot-kd, equal compute", PRUNE]  # the baselines, in order
+PRUNE = "prune-kd, chain compute"
+PAID_KD, PAID_INHERITED = "one-shot-kd, paid compute", "inherited one-shot-kd, paid compute"
+# the baselines, in order
+ROWS = ["scratch-ce", "one-shot-kd", "one-shot-kd, chain compute", PRUNE, PAID_KD, PAID_INHERITED]
 
 
 @pytest.fixture(scope="module")
 def cheap_run(tmp_path_factory):
     """A finished smoke search whose root and children train one epoch each: chain root → 1 → 2,
-    so the equal-compute rows train 2 epochs and the equal-epochs rows 1."""
+    so the chain- and paid-compute rows train 2 epochs and the equal-epochs rows 1."""
     run_dir = tmp_path_factory.mktemp("cheap_run") / "run"
     cfg = smoke_config(run_dir, name="run", epochs=1, root_epochs=1)
     return cfg, run_search(cfg, progress=False)
@@ -83,33 +88,40 @@ def test_compare_writes_every_row_for_each_seed_beside_the_run(cheap_run, compar
     cfg, out = cheap_run
     run_dir, code, stdout, _ = compared
     root, final = out.root, out.final
-    assert code == 0 and "8 models trained now" in stdout
+    assert code == 0 and "12 models trained now" in stdout
     results = json.loads((run_dir / "compare.json").read_text())["results"]
+    methods = [("scratch-ce", 1), ("one-shot-kd", 1), ("one-shot-kd", 2), ("prune-kd", 2),
+               ("one-shot-kd-live", 2), ("inherit-kd-live", 2)]  # fmt: skip
     assert sorted((r["method"], r["epochs"], r["seed"]) for r in results) == sorted(
-        (m, e, s) for m, e in [("scratch-ce", 1), ("one-shot-kd", 1), ("one-shot-kd", 2), ("prune-kd", 2)]
-        for s in (0, 1)
-    )  # fmt: skip
+        (m, e, s) for m, e in methods for s in (0, 1)
+    )
     rows = md_rows(run_dir / "compare.md")
     chain_label = f"iterkd (node {final.node})"
     assert list(rows) == [f"root (node {root.node})", *ROWS, chain_label]
     chain = rows[chain_label]
-    assert chain[2:5] == ["2", "3,200", "1"]  # 1 + 1 epochs after the root; 1,600 training images each
-    assert chain[6] == f"{final.test_acc:.2f} ± –"
+    path = compare.chain_path(open_run(run_dir), final)
+    chain_flops = sum(3 * n.spec.flops() * 1600 * n.epochs for n in path[1:])
+    # 1 + 1 epochs after the root; 1,600 training images each; forward + backward of each node
+    assert chain[2:6] == ["2", "3,200", compare.flops_cell([chain_flops]), "1"]
+    assert chain[7] == f"{final.test_acc:.2f} ± –"
 
-    for label, (method, epochs) in zip(ROWS, [("scratch-ce", 1), ("one-shot-kd", 1), ("one-shot-kd", 2)]):
+    for label, (method, epochs) in zip(
+        [r for r in ROWS if r != PRUNE], [m for m in methods if m[0] != "prune-kd"]
+    ):
         mine = [r for r in results if (r["method"], r["epochs"]) == (method, epochs)]
         test = [r["test_acc"] for r in mine]
-        assert rows[label][:5] == [
+        assert rows[label][:6] == [
             f"{final.spec.params():,}",
             f"{final.spec.flops() / 1e6:.2f}",
             str(epochs),
             f"{1600 * epochs:,}",
+            compare.flops_cell([3.0 * final.spec.flops() * 1600 * epochs]),
             "2",
         ]
-        assert rows[label][6] == f"{statistics.fmean(test):.2f} ± {statistics.stdev(test):.2f}"
+        assert rows[label][7] == f"{statistics.fmean(test):.2f} ± {statistics.stdev(test):.2f}"
         # Δ against the one search: the baseline's standard error alone, marked as missing the chain's.
         se = statistics.stdev(test) / 2**0.5
-        assert rows[label][7] == f"{statistics.fmean(test) - final.test_acc:+.2f} ± {se:.2f}†"
+        assert rows[label][8] == f"{statistics.fmean(test) - final.test_acc:+.2f} ± {se:.2f}†"
 
     pruned = [r for r in results if r["method"] == "prune-kd"]
     spec = VGGSpec.from_json(pruned[0]["spec"])
@@ -120,10 +132,14 @@ def test_compare_writes_every_row_for_each_seed_beside_the_run(cheap_run, compar
     assert rows[PRUNE][:4] == [f"{spec.params():,}", f"{spec.flops() / 1e6:.2f}", "2", "3,200"]
 
     md = (run_dir / "compare.md").read_text()
-    verdict = next(line for line in md.splitlines() if line.startswith("**Verdict at equal compute**"))
-    equal = {label: rows[label] for label in ("one-shot-kd, equal compute", PRUNE, chain_label)}
-    winner = max(equal, key=lambda k: float(equal[k][6].split(" ± ")[0]))
-    assert f"**`{winner}` won**" in verdict and "(2 epochs, 3,200 training images" in verdict
+    verdict = next(
+        line for line in md.splitlines() if line.startswith("**Verdict at paid compute** (2 epochs")
+    )
+    # Here the search paid the chain's epochs alone, so every 2-epoch row competes, in one verdict.
+    equal = {label: rows[label] for label in (*ROWS[2:], chain_label)}
+    winner = max(equal, key=lambda k: float(equal[k][7].split(" ± ")[0]))
+    assert f"**`{winner}` won**" in verdict and "3,200 training images per model" in verdict
+    assert "Verdict at chain compute" not in md and "one verdict covers both" in md
     assert "Not like for like" not in md  # the run's children trained 1 epoch, like these baselines
 
 
@@ -133,7 +149,11 @@ def test_every_baseline_trains_with_the_runs_settings_and_the_root_as_teacher(ch
     chain = compare.chain_path(open_run(cfg.run_dir), out.final)[1:]
     for spec, settings, kw in calls:
         # greedy sampler: the final node's loss settings are the run's, so KD rows train as a child does
-        assert settings == train_settings(cfg, settings.epochs, settings.seed, child=True)
+        expected = train_settings(cfg, settings.epochs, settings.seed, child=True)
+        if kw["desc"].startswith(("one-shot-kd-live", "inherit-kd-live")):
+            # paid compute: a fresh augmentation view every epoch, drawn from the model's seed
+            expected = replace(expected, views=None, augment_seed=None)
+        assert settings == expected
         if kw["desc"].startswith("scratch-ce"):
             assert spec == out.final.spec and not kw.get("teachers") and kw.get("hint_teacher") is None
         else:
@@ -154,11 +174,11 @@ def test_without_torch_pruning_one_line_names_the_install_and_the_other_rows_com
     with pytest.MonkeyPatch.context() as mp:
         mp.setitem(sys.modules, "torch_pruning", None)  # `import torch_pruning` raises ImportError
         code, stdout, calls = compare_counting(run_dir, "--seeds", "1", "--no-progress")
-    assert code == 0 and len(calls) == 3  # scratch-ce, one-shot-kd, one-shot-kd for the chain's epochs
+    assert code == 0 and len(calls) == 5  # every baseline but prune-kd
     said = [line for line in stdout.splitlines() if "Torch-Pruning" in line]
     assert said == [f"compare: the prune-kd row needs Torch-Pruning; to add it: {compare.PRUNE_INSTALL}"]
     rows = md_rows(run_dir / "compare.md")
-    assert [label for label in rows if label in ROWS] == ROWS[:3] and PRUNE not in rows
+    assert [label for label in rows if label in ROWS] == [r for r in ROWS if r != PRUNE]
     assert "prune-kd was not run: Torch-Pruning is not installed" in (run_dir / "compare.md").read_text()
 
 
@@ -181,8 +201,8 @@ def test_search_seeds_rerun_the_search_so_the_chain_row_has_a_spread(cheap_run, 
     rows = md_rows(run_dir / "compare.md")
     chain = rows[f"iterkd (node {out.final.node}, 2 searches)"]
     tests = [out.final.test_acc, other.test_acc]
-    assert chain[4] == "2" and chain[6] == f"{statistics.fmean(tests):.2f} ± {statistics.stdev(tests):.2f}"
-    assert not any(cells[7].endswith("†") for cells in rows.values())  # the chain's spread is in every Δ
+    assert chain[5] == "2" and chain[7] == f"{statistics.fmean(tests):.2f} ± {statistics.stdev(tests):.2f}"
+    assert not any(cells[8].endswith("†") for cells in rows.values())  # the chain's spread is in every Δ
     assert "A rerun keeps the run's root and validation split" in (run_dir / "compare.md").read_text()
 
     code, stdout, _ = compare_counting(run_dir, *ARGS, "--search-seeds", "2")
@@ -228,6 +248,8 @@ def test_a_compare_killed_mid_training_resumes_without_retraining_what_it_saved(
         "one-shot-kd seed 0",
         "prune-kd seed 0 step 1",
         "prune-kd seed 0 step 2",
+        "one-shot-kd-live seed 0",
+        "inherit-kd-live seed 0",
     ]
     results = json.loads((run_dir / "compare.json").read_text())["results"]
     assert results[:2] == saved  # what was finished is kept as it was
@@ -417,8 +439,107 @@ def test_the_searchs_paid_compute_counts_rejected_siblings_and_the_chain_does_no
     assert len(children) == 2 and run.status(children[0]) != run.status(children[1])  # one was rejected
     assert compare.chain_epochs(compare.chain_path(run, out.final)) == 1
     assert compare.search_compute(run) == (2, pytest.approx(sum(n.seconds for n in children)))
-    row = compare.chain_row([run])
-    assert row.epochs == [1] and row.paid_epochs == [2] and row.cells(1600)[10] == "2"
+    row = compare.chain_row([run], 1600)
+    assert row.epochs == [1] and row.paid_epochs == [2] and row.cells(1600)[11] == "2"
+
+
+def test_paid_compute_counts_every_node_trained_and_its_rows_train_that_long(cheap_run, tmp_path):
+    """A study built by hand around the cheap run's chain root → 1 → 2: a rejected sibling of node 2
+    (3 epochs), a sibling a pruner stopped after 2 of its 4 epochs, and a 3-epoch polish of node 2
+    that is the final node. The search paid 1 + 1 + 3 + 2 + 3 = 10 child epochs; the chain 5."""
+    cfg, out = cheap_run
+    run_dir = copy_run(cheap_run, tmp_path / "run")
+    study = open_study(f"sqlite:///{run_dir}/study.db", cfg.name, create=False)
+    one, two = open_run(run_dir).nodes[1], out.final
+    narrower = replace(two.spec, blocks=(*two.spec.blocks[:-1], (max(1, two.spec.blocks[-1][0] // 2),)))
+
+    def add(parents, operator, spec, epochs, *, state=optuna.trial.TrialState.COMPLETE, **done):
+        attrs = node_attrs(
+            generation=len(parents) and 2 + (operator == "polish"),
+            parents=parents,
+            teachers=parents,
+            operator=operator,
+            spec=spec,
+            key=f"{operator}-{parents}",
+            epochs=epochs,
+        )
+        study.add_trial(
+            optuna.trial.create_trial(
+                state=state,
+                value=done.get("val_acc"),
+                user_attrs={**attrs, **done},
+                distributions={},
+                params={},
+            )
+        )
+        return len(study.trials) - 1
+
+    add([one.node], "rejected", narrower, 3, val_acc=1.0, test_acc=1.0, seconds=0.3, checkpoint="none")
+    add(
+        [one.node],
+        "stopped",
+        narrower,
+        4,
+        state=optuna.trial.TrialState.PRUNED,
+        epochs_trained=2,
+        seconds=0.2,
+    )
+    polish = add(
+        [two.node], "polish", two.spec, 3,
+        val_acc=two.val_acc, test_acc=two.test_acc, seconds=0.4, checkpoint=two.checkpoint, epochs_trained=3,
+    )  # fmt: skip
+    study.set_user_attr("final_node", polish)
+    run = open_run(run_dir)
+    assert (
+        compare.search_compute(run)[0]
+        == 10
+        == sum(compare.trained_epochs(n) for n in compare.paid_nodes(run))
+    )
+
+    starts, real = {}, compare.train
+
+    def recording(model, data, settings, **kw):
+        starts.setdefault(kw["desc"], [p.detach().clone() for p in model.parameters()])
+        return real(model, data, settings, **kw)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(compare, "train", recording)
+        code, _, calls = compare_counting(run_dir, "--seeds", "1", "--no-progress")
+    assert code == 0
+    trained = {kw["desc"]: st.epochs for _, st, kw in calls}
+    assert trained["one-shot-kd-live seed 0"] == trained["inherit-kd-live seed 0"] == 10
+    assert trained["one-shot-kd seed 0"] in (1, 5)  # one child's epochs, then the chain's (two calls)
+
+    # The inherited row starts where the search's operator puts the root's weights; the other from scratch.
+    root_model = run.model(out.root)
+    expected = VGG(two.spec)
+    inherit_weights(expected, root_model)
+    first = next(p for p in expected.parameters())
+    assert torch.equal(starts["inherit-kd-live seed 0"][0], first)
+    assert not torch.equal(starts["one-shot-kd-live seed 0"][0], first)
+
+    summary = json.loads((run_dir / "compare.json").read_text())
+    assert summary["epochs"] == {"one child": 1, "chain compute": 5, "paid compute": 10}
+    rows = {r["method"]: r for r in summary["rows"]}
+    flops = 3 * two.spec.flops() * 1600
+    for label in (PAID_KD, PAID_INHERITED):
+        assert rows[label]["epochs"] == [10] and rows[label]["train_flops"] == [10 * flops]
+        assert rows[label]["seconds"][0] > 0 and rows[label]["paid_epochs"] == [10]
+    assert rows["one-shot-kd, chain compute"]["epochs"] == [5]
+    chain = rows[f"iterkd (node {polish})"]
+    assert chain["epochs"] == [5] and chain["paid_epochs"] == [10]
+    paid = [(one.spec, 1), (two.spec, 1), (narrower, 3), (narrower, 2), (two.spec, 3)]
+    assert chain["paid_train_flops"] == [pytest.approx(sum(3 * s.flops() * 1600 * e for s, e in paid))]
+    assert chain["seconds"] == [pytest.approx(one.seconds + two.seconds + 0.4)]
+    assert chain["paid_seconds"] == [pytest.approx(one.seconds + two.seconds + 0.3 + 0.2 + 0.4)]
+    assert [v["basis"] for v in summary["verdicts"]] == ["paid compute", "chain compute"]
+
+    md = (run_dir / "compare.md").read_text()
+    table = md_rows(run_dir / "compare.md")
+    assert table[PAID_KD][2:6] == ["10", "16,000", compare.flops_cell([10 * flops]), "1"]
+    assert table[f"iterkd (node {polish})"][-3:-1] == ["10", compare.flops_cell(chain["paid_train_flops"])]
+    assert "**Verdict at paid compute** (10 epochs" in md and "**Verdict at chain compute** (5 epochs" in md
+    assert md.index("Verdict at paid compute") < md.index("Verdict at chain compute")  # the headline first
 
 
 def test_the_difference_carries_the_welch_standard_error_of_the_sides_with_a_spread():
@@ -438,17 +559,29 @@ def _row(label, test, epochs):
     [([91.0, 91.2, 90.8], [88.0, 88.3, 87.9], True), ([89.0, 91.0, 88.0], [88.5, 90.5, 87.0], False)],
 )
 def test_the_verdict_names_the_winner_and_says_whether_the_lead_is_real(kd, chain, clear):
-    plans = compare.baselines(1, 4, prune=False)
+    plans = compare.baselines(1, 4, prune=False, paid=6)
     rows = [
         _row("root", [95.0], 5),
         _row("scratch-ce", [80.0, 81.0], 1),
         _row("one-shot-kd", [85.0, 85.5], 1),
     ]
-    rows += [_row("one-shot-kd, equal compute", kd, 4), _row("iterkd (node 3)", chain, 4)]
-    text = compare.verdict_text(rows, plans, 4, 1600)
-    assert "**`one-shot-kd, equal compute` won**" in text and "(4 epochs, 6,400 training images" in text
-    assert "scratch-ce" not in text  # one child's epochs are not equal compute
+    rows += [
+        _row("one-shot-kd, chain compute", kd, 4),
+        _row(PAID_KD, [95.0, 95.0], 6),
+        _row(PAID_INHERITED, [94.0, 94.5], 6),
+        _row("iterkd (node 3)", chain, 4),
+    ]
+    text = compare.verdict_text(rows, plans, 4, 1600, compare.CHAIN)
+    assert text.startswith("**Verdict at chain compute** (4 epochs: the epochs of the chain")
+    assert "**`one-shot-kd, chain compute` won**" in text and "6,400 training images per model" in text
+    assert "scratch-ce" not in text and "paid compute" not in text  # other epochs are other compute
     assert ("a real difference" in text) == clear and ("not a clear win" in text) == (not clear)
+
+    # At the compute the search paid, the rows trained that long compete with the search.
+    text = compare.verdict_text(rows, plans, 6, 1600)
+    assert text.startswith("**Verdict at paid compute** (6 epochs: every child epoch the search trained")
+    assert f"**`{PAID_KD}` won**" in text and f"above `{PAID_INHERITED}`" in text
+    assert "above `iterkd (node 3)`" in text and "chain compute`" not in text
 
 
 def test_epochs_come_from_the_flag_then_the_preset_then_the_run():
