@@ -20,6 +20,9 @@ VGG_PRESETS: dict[str, tuple[tuple[int, ...], ...]] = {
     "vgg19": ((64, 64), (128, 128), (256,) * 4, (512,) * 4, (512,) * 4),
 }
 
+# torchvision's constructors of those, each with and without batch norm (iterkd imports their state dicts).
+TORCHVISION_VGGS = tuple(f"{name}{bn}" for name in VGG_PRESETS for bn in ("", "_bn"))
+
 # The largest model iterkd will describe, checked by arithmetic before anything is allocated (specs
 # come from YAML files and checkpoint metadata, which anyone can write). 2e9 parameters are 8 GB of
 # fp32 weights, and training needs about four times that (grads, momentum, activations): 136x the
@@ -27,18 +30,30 @@ VGG_PRESETS: dict[str, tuple[tuple[int, ...], ...]] = {
 # deep-but-thin spec takes to build (VGG-19 has 16).
 MAX_PARAMS = 2_000_000_000
 MAX_CONVS = 1000
+MAX_GRID = 64  # the pooled grid before the classifier (torchvision's VGG: 7)
+MAX_HIDDEN = 16  # hidden fully connected layers (torchvision's VGG: 2)
+HEAD_FIELDS = ("grid", "hidden", "dropout")  # left out of a spec's JSON at their defaults
 
 
 @dataclass(frozen=True)
 class VGGSpec:
     """A VGG: blocks of 3x3 convs (+BN+ReLU), a 2x2 max-pool after each block while the map is
-    larger than 1x1, then global average pooling and one linear classifier."""
+    larger than 1x1, then average pooling to a `grid` x `grid` map (1: global average pooling), the
+    `hidden` fully connected layers (each Linear, ReLU, Dropout(`dropout`)) and one linear classifier.
+
+    iterkd's own VGGs have grid 1 and no hidden layer; torchvision's have grid 7 and hidden
+    (4096, 4096), CIFAR-style VGGs grid 1 and none or a few. A spec's JSON leaves out the head fields
+    at their defaults, so the specs (and the candidate keys made from them) of runs from before the
+    head existed read and write as they did."""
 
     blocks: tuple[tuple[int, ...], ...]
     in_channels: int = 3
     num_classes: int = 10
     input_size: int = 32
     batch_norm: bool = True
+    grid: int = 1
+    hidden: tuple[int, ...] = ()
+    dropout: float = 0.5
 
     def __post_init__(self):
         """The one validation of a spec, wherever it comes from (code, a space YAML, a checkpoint's
@@ -69,6 +84,31 @@ class VGGSpec:
             raise IterkdError(
                 f"invalid VGG spec: batch_norm must be true or false, got {short_repr(self.batch_norm)}"
             )
+        if not _is_count(self.grid) or self.grid > MAX_GRID:
+            raise IterkdError(
+                f"invalid VGG spec: grid must be an integer from 1 to {MAX_GRID}, got {short_repr(self.grid)}"
+            )
+        object.__setattr__(self, "grid", int(self.grid))
+        hidden = self.hidden
+        if (
+            not isinstance(hidden, (list, tuple))
+            or len(hidden) > MAX_HIDDEN
+            or not all(map(_is_count, hidden))
+        ):
+            raise IterkdError(
+                f"invalid VGG spec: hidden must be a list of at most {MAX_HIDDEN} layer widths >= 1, "
+                f"got {short_repr(hidden)}"
+            )
+        object.__setattr__(self, "hidden", tuple(int(w) for w in hidden))
+        if (
+            isinstance(self.dropout, bool)
+            or not isinstance(self.dropout, (int, float))
+            or not 0 <= self.dropout < 1
+        ):
+            raise IterkdError(
+                f"invalid VGG spec: dropout must be a number in [0, 1), got {short_repr(self.dropout)}"
+            )
+        object.__setattr__(self, "dropout", float(self.dropout))
         if self.params() > MAX_PARAMS:
             raise IterkdError(
                 f"invalid VGG spec: {_approx(self.params())} parameters, more than the {MAX_PARAMS:.0e} "
@@ -77,7 +117,12 @@ class VGGSpec:
 
     # -- serialisation -------------------------------------------------------------------------
     def to_json(self) -> str:
-        return json.dumps(asdict(self), separators=(",", ":"))
+        """The spec as compact JSON, the head fields only where they differ from their defaults."""
+        data = asdict(self)
+        for f in fields(self):
+            if f.name in HEAD_FIELDS and data[f.name] == f.default:
+                del data[f.name]
+        return json.dumps(data, separators=(",", ":"))
 
     @classmethod
     def from_json(cls, text: str | dict) -> VGGSpec:
@@ -120,6 +165,21 @@ class VGGSpec:
     def pools(self) -> list[bool]:
         return [s > 1 for s in self.block_sizes()]
 
+    @property
+    def map_size(self) -> int:
+        """Spatial size (H = W) of the last block's output: what the head's pooling reads."""
+        return self.block_output_shapes()[-1][1]
+
+    @property
+    def head_in(self) -> int:
+        """Inputs of the first fully connected layer: the last conv's channels at each grid position."""
+        return self.out_width * self.grid * self.grid
+
+    def head_layers(self) -> list[tuple[int, int]]:
+        """(inputs, outputs) of each fully connected layer: the hidden ones, then the classifier."""
+        widths = [self.head_in, *self.hidden, self.num_classes]
+        return list(zip(widths, widths[1:]))
+
     def block_output_shapes(self) -> list[tuple[int, int]]:
         """(channels, spatial size) of each block's output after its pool: the hint points."""
         return [(b[-1], s // 2 if p else s) for b, s, p in zip(self.blocks, self.block_sizes(), self.pools())]
@@ -135,7 +195,11 @@ class VGGSpec:
                 if len(b) > 1
                 else str(b[0])
             )
-        return f"{self.convs} conv [{'|'.join(parts)}]"
+        text = f"{self.convs} conv [{'|'.join(parts)}]"
+        if self.grid > 1 or self.hidden:
+            fc = "-".join(map(str, self.hidden)) or "none"
+            text += f" fc[{fc}]" + (f"@{self.grid}x{self.grid}" if self.grid > 1 else "")
+        return text
 
     # -- cost ----------------------------------------------------------------------------------
     def params(self) -> int:
@@ -147,7 +211,7 @@ class VGGSpec:
                 if self.batch_norm:
                     total += 2 * w
                 c_in = w
-        return total + c_in * self.num_classes + self.num_classes
+        return total + sum(i * o + o for i, o in self.head_layers())
 
     def state_numel(self) -> int:
         """Elements of the state dict: parameters, BN running stats and BN batch counters."""
@@ -165,13 +229,13 @@ class VGGSpec:
 
     def flops(self) -> int:
         """Forward FLOPs for one image, counted like torch.utils.flop_counter: 2 per multiply-add
-        of convs and the linear layer; BN, ReLU and pooling are not counted."""
+        of convs and linear layers; BN, ReLU, dropout and pooling are not counted."""
         total, c_in = 0, self.in_channels
         for block, size in zip(self.blocks, self.block_sizes()):
             for w in block:
                 total += 2 * c_in * w * 9 * size * size
                 c_in = w
-        return total + 2 * c_in * self.num_classes
+        return total + sum(2 * i * o for i, o in self.head_layers())
 
 
 def vgg_spec(

@@ -41,10 +41,14 @@ def move_params(move: Move, parent: VGGSpec) -> dict:
     return params
 
 
-def suggest_move(trial: optuna.Trial, space: SearchSpace, parent: VGGSpec, moves: list[Move]) -> Move:
+def suggest_move(
+    trial: optuna.Trial, space: SearchSpace, parent: VGGSpec, moves: list[Move], *, head: bool = False
+) -> Move:
     """Ask the trial for a move and resolve it among `moves` (the parent's allowed, untried moves,
-    in the space's preferred order). Records what was actually built as user attribute `move`."""
-    operators = [name for name, _ in space.operators]
+    in the space's preferred order). Records what was actually built as user attribute `move`.
+    `head`: the run's root has a head, so the head operators are in the domain (fixed per run, as
+    Optuna's categorical distributions must be)."""
+    operators = [name for name, _ in space.operators_for(head)]
     op = trial.suggest_categorical("operator", operators)
     want: dict = {"operator": op}
     if op == "shrink_widths":

@@ -331,6 +331,21 @@ def pruned_spec(root: VGGSpec, target: int) -> VGGSpec:
         widths = widths[:i] + [widths[i] - 1] + widths[i + 1 :]
 
 
+def unreachable_by_pruning(root: VGGSpec, targets: list[int]) -> str | None:
+    """Why channel pruning of `root` cannot follow the chain's sizes (None when it can): it narrows
+    convs only, so a head that outweighs the target (torchvision's 4,096-wide one) stays."""
+    spec = root
+    for target in targets:
+        spec = pruned_spec(spec, target)
+        if abs(spec.params() - target) > PRUNE_TOLERANCE * target:
+            head = sum(i * o + o for i, o in spec.head_layers())
+            return (
+                f"channel pruning narrows the root's convs only and cannot reach {target:,} params: its "
+                f"smallest is {spec.params():,}, of which the fully connected layers hold {head:,}"
+            )
+    return None
+
+
 def pruned_specs(root: VGGSpec, steps: list[tuple[int, int]]) -> list[tuple[VGGSpec, int]]:
     """(spec, epochs) of each step of the prune-kd row: what `prune_and_finetune` trains, from the
     specs alone (each step narrows the last one's widths)."""
@@ -598,6 +613,11 @@ def compare_run(
     if not prune:
         log(f"compare: the prune-kd row needs Torch-Pruning; to add it: {PRUNE_INSTALL}")
         notes.append(f"prune-kd was not run: Torch-Pruning is not installed ({PRUNE_INSTALL})")
+    unreachable = prune and unreachable_by_pruning(root.spec, [t for t, _ in prune_steps(path)])
+    if unreachable:
+        log(f"compare: {unreachable}")
+        notes.append(f"prune-kd was not run: {unreachable}")
+        prune = False
     plans = baselines(n_epochs, n_chain, prune, n_paid)
     # (method, seed, epochs) to train: rows that share them (one child's epochs = the chain's) share models.
     wanted = {(b.method, s, b.epochs) for b in plans for s in range(seeds)}

@@ -15,6 +15,7 @@ import typing
 from dataclasses import Field, asdict, dataclass, field, fields, replace
 from pathlib import Path
 
+from .arch import TORCHVISION_VGGS
 from .choices import NEEDS_ONE_OBJECTIVE, PRUNERS, SAMPLERS
 from .data.info import DATASET_NAMES
 from .device import COMPILE_MODES, PRECISIONS
@@ -251,11 +252,21 @@ class SearchConfig:
     )
     teacher: tuple[str, ...] | None = setting(
         None,
-        "checkpoint of a trained root (.safetensors from iterkd); repeat it to make an ensemble of "
-        "models the root (docs/losses.md)",
+        "the trained root: an iterkd checkpoint, or the state dict of a torchvision or CIFAR-style "
+        "VGG (.pth/.pt or .safetensors; docs/usage.md); repeat it to make an ensemble of models the "
+        "root (docs/losses.md)",
         "search",
         metavar="PATH",
         default_text="train the root",
+    )
+    teacher_arch: str | None = setting(
+        None,
+        "the torchvision VGG an imported --teacher state dict is (vgg11 ... vgg19_bn), when its keys "
+        "leave the block structure ambiguous; default: read from the keys",
+        "search",
+        metavar="NAME",
+        choices=TORCHVISION_VGGS,
+        default_text="from the keys",
     )
     # The quick preset's root is a converged one shipped with iterkd (iterkd/roots.py): training one
     # inside the README job's ten minutes would leave no time for the search.

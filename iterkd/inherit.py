@@ -122,6 +122,75 @@ def keep_channels(scores: torch.Tensor, width: int) -> torch.Tensor:
     return torch.tensor(sorted(order))
 
 
+def _linears(model: VGG) -> list[nn.Linear]:
+    """The fully connected layers in order: the hidden ones, then the classifier."""
+    hidden = [m for m in model.hidden if isinstance(m, nn.Linear)] if model.spec.hidden else []
+    return [*hidden, model.head]
+
+
+def _grid_columns(weight: torch.Tensor, kept: torch.Tensor, p_grid: int, c_grid: int) -> torch.Tensor:
+    """The first linear layer's weights for the kept channels on the child's grid. Inputs are channel
+    c at cell k as c * grid² + k. On a smaller grid each child cell takes the sum of the parent's
+    cells inside it: exact while the map is 1x1 (every cell then holds the same value, so only each
+    channel's sum over cells matters), an approximation of the parent's function otherwise."""
+    w = weight.reshape(weight.shape[0], -1, p_grid, p_grid)[:, kept]
+    if c_grid == p_grid:
+        return w.reshape(weight.shape[0], -1)
+    rows = torch.arange(p_grid) * c_grid // p_grid  # the child cell each parent row (and column) falls in
+    out = torch.zeros(w.shape[0], w.shape[1], c_grid, c_grid, dtype=w.dtype)
+    for i in range(p_grid):
+        for j in range(p_grid):
+            out[:, :, rows[i], rows[j]] += w[:, :, i, j]
+    return out.reshape(weight.shape[0], -1)
+
+
+def _inherit_head(child: VGG, parent: VGG, kept: torch.Tensor) -> list[int]:
+    """Copy the parent's fully connected layers into the child where the head move allows (the child
+    reads the parent's last conv, through `kept` channels); returns the child layers copied.
+
+    Same hidden layers: all of them, the first on the child's grid (`_grid_columns`). One hidden
+    layer narrower: its most important units by the L1 norm of their weights, and the next layer's
+    matching inputs. One hidden layer dropped: the layers before it and after it; the one that now
+    reads another input starts afresh."""
+    p, c = _linears(parent), _linears(child)
+    ph, ch = parent.spec.hidden, child.spec.hidden
+    first = _grid_columns(p[0].weight, kept, parent.spec.grid, child.spec.grid)
+    pairs: list[tuple[int, int]] = []  # (child layer, parent layer) copied whole (but for layer 0's columns)
+    if ch == ph:
+        pairs = [(i, i) for i in range(len(c))]
+    elif len(ch) == len(ph):
+        diff = [i for i, (a, b) in enumerate(zip(ch, ph)) if a != b]
+        if len(diff) != 1 or ch[diff[0]] > ph[diff[0]]:
+            return []
+        k = diff[0]
+        units = keep_channels(p[k].weight.abs().sum(dim=1), ch[k])
+        pairs = [(i, i) for i in range(len(c)) if i not in (k, k + 1)]
+        w = first if k == 0 else p[k].weight
+        c[k].weight.copy_(w[units])
+        c[k].bias.copy_(p[k].bias[units])
+        c[k + 1].weight.copy_((first if k + 1 == 0 else p[k + 1].weight)[:, units])
+        c[k + 1].bias.copy_(p[k + 1].bias)
+        pairs_done = [k, k + 1]
+        for i, j in pairs:
+            _copy_linear(c[i], p[j], first if i == 0 else None)
+        return sorted(pairs_done + [i for i, _ in pairs])
+    elif len(ph) == len(ch) + 1:
+        k = next((i for i in range(len(ph)) if ph[:i] + ph[i + 1 :] == ch), None)
+        if k is None:
+            return []
+        pairs = [(i, i) for i in range(k)] + [(i, i + 1) for i in range(k + 1, len(c))]
+    else:
+        return []
+    for i, j in pairs:
+        _copy_linear(c[i], p[j], first if i == 0 else None)
+    return [i for i, _ in pairs]
+
+
+def _copy_linear(dst: nn.Linear, src: nn.Linear, weight: torch.Tensor | None) -> None:
+    dst.weight.copy_(src.weight if weight is None else weight)
+    dst.bias.copy_(src.bias)
+
+
 @torch.no_grad()
 def inherit_weights(child: VGG, parent: VGG) -> dict:
     """Copy `parent`'s weights into `child` in place (see the module doc); returns a summary:
@@ -150,15 +219,14 @@ def inherit_weights(child: VGG, parent: VGG) -> dict:
             bn.num_batches_tracked.copy_(p_bn.num_batches_tracked)
         prev_kept = out_idx
     last = plan[-1]
-    head_copied = (
+    reads_last = (
         last.source == (len(parent.spec.blocks) - 1, len(parent.spec.blocks[-1]) - 1)
         and prev_kept is not None
     )
-    if head_copied:  # the classifier reads the same features it was trained on
-        child.head.weight.copy_(parent.head.weight[:, prev_kept])
-        child.head.bias.copy_(parent.head.bias)
-    copied = _copied_params(child.spec, plan) + (
-        child.head.weight.numel() + child.head.bias.numel() if head_copied else 0
+    head = _inherit_head(child, parent, prev_kept) if reads_last else []
+    head_copied = len(head) == len(child.spec.head_layers())
+    copied = _copied_params(child.spec, plan) + sum(
+        i * o + o for n, (i, o) in enumerate(child.spec.head_layers()) if n in head
     )
     return {
         "copied_params": copied,

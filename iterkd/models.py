@@ -31,7 +31,13 @@ class VGG(nn.Module):
                 layers.append(nn.MaxPool2d(2))
             blocks.append(nn.Sequential(*layers))
         self.blocks = nn.ModuleList(blocks)
-        self.head = nn.Linear(c_in, spec.num_classes)
+        if spec.hidden:  # only then: the state dict of a VGG without hidden layers keeps its keys
+            layers, width = [], spec.head_in
+            for h in spec.hidden:
+                layers += [nn.Linear(width, h), nn.ReLU(inplace=True), nn.Dropout(spec.dropout)]
+                width = h
+            self.hidden = nn.Sequential(*layers)
+        self.head = nn.Linear(spec.head_layers()[-1][0], spec.num_classes)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -42,7 +48,10 @@ class VGG(nn.Module):
         for block in self.blocks:
             x = block(x)
             feats.append(x)
-        return self.head(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)), feats
+        x = torch.flatten(pool_to_grid(x, self.spec.grid), 1)
+        if self.spec.hidden:
+            x = self.hidden(x)
+        return self.head(x), feats
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_features(x)[0]
@@ -53,6 +62,23 @@ class VGG(nn.Module):
         for b in self.blocks[: block + 1]:
             x = b(x)
         return x
+
+
+def pool_to_grid(x: torch.Tensor, grid: int) -> torch.Tensor:
+    """Average pooling of `x` to a `grid` x `grid` map, as nn.AdaptiveAvgPool2d(grid) computes it,
+    written with fixed-size operations where the sizes allow (every ONNX exporter takes those): a
+    1x1 map is repeated (each output cell averages that one input cell), a map whose side `grid`
+    divides is average-pooled in equal windows."""
+    size = x.shape[-1]
+    if grid == 1:
+        return F.adaptive_avg_pool2d(x, 1)
+    if size == grid:
+        return x
+    if size == 1 and x.shape[-2] == 1:
+        return x.expand(-1, -1, grid, grid)
+    if size % grid == 0 and x.shape[-2] == size:
+        return F.avg_pool2d(x, size // grid)
+    return F.adaptive_avg_pool2d(x, grid)
 
 
 def hint_blocks(student: VGGSpec, teacher: VGGSpec) -> tuple[int, int]:

@@ -93,6 +93,8 @@ def fold_batch_norm(model: VGG) -> VGG:
             conv.weight.copy_(c.weight * k.view(-1, 1, 1, 1))
             conv.bias.copy_((c.bias - bn.running_mean) * k + bn.bias)
     folded.head.load_state_dict(model.head.state_dict())
+    if model.spec.hidden:
+        folded.hidden.load_state_dict(model.hidden.state_dict())
     return folded
 
 
@@ -366,6 +368,10 @@ def fake_quantized(model: VGG) -> VGG:
             if isinstance(layer, nn.Conv2d):
                 block[i] = _QuantConv2d(layer)
     qat.head = _QuantLinear(qat.head)
+    if qat.spec.hidden:
+        for i, layer in enumerate(qat.hidden):
+            if isinstance(layer, nn.Linear):
+                qat.hidden[i] = _QuantLinear(layer)
     return qat
 
 

@@ -15,13 +15,13 @@ import optuna
 
 from . import objective
 from .cache import remove_cache
-from .checkpoints import read_checkpoint
 from .choices import make_pruner, make_sampler, move_params
 from .config import SearchConfig
 from .device import resolve_device, resolve_precision
 from .errors import IterkdError
 from .export import Int8Request, export_node
 from .faults import fault_point
+from .importers import check_input, load_teacher
 from .lineage import (
     POLISH,
     Node,
@@ -152,10 +152,15 @@ class Search:
         self.steps = step_controller(cfg, self.space)
         # Every input is checked before the run directory, the study or a trial exists, so a refused
         # command leaves nothing behind and the corrected one starts cleanly.
-        for path in cfg.teacher or ():
-            read_checkpoint(path)
         # The data first: a folder that cannot be a dataset is refused before anything is recorded.
         store = cfg.data_store(progress=progress, log=log)
+        # Then the teachers, read (an imported VGG checked against the file's own model) and matched
+        # to the data, once: the root is made from these models.
+        self.teachers = {}
+        for path in cfg.teacher or ():
+            teacher = load_teacher(path, size=cfg.data_info(store).size, arch=cfg.teacher_arch)
+            check_input(teacher.model.spec, cfg.data_info(store), Path(path))
+            self.teachers[Path(path)] = teacher
         if not cfg.teacher:  # the root this space and --width make must be buildable
             info = cfg.data_info(store)
             try:
@@ -474,7 +479,7 @@ class Search:
         root = root_node(nodes(self.study))
         packaged = self._packaged_root() if root is None and not self.cfg.teacher else None
         if root is None and self.cfg.teacher:
-            root = self.trainer.root_from_teachers([Path(p) for p in self.cfg.teacher])
+            root = self.trainer.root_from_teachers([Path(p) for p in self.cfg.teacher], loaded=self.teachers)
         elif packaged is not None:
             root = self.trainer.root_from_teachers(
                 [packaged.path], operator=packaged.operator, epochs=packaged.epochs

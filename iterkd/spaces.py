@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 
@@ -104,7 +104,8 @@ def _scopes(value, key: tuple):
 
 
 def _with_blocks(spec: VGGSpec, blocks) -> VGGSpec:
-    return VGGSpec(tuple(blocks), spec.in_channels, spec.num_classes, spec.input_size, spec.batch_norm)
+    """`spec` with other conv blocks; its head (grid, hidden layers) as it was."""
+    return replace(spec, blocks=tuple(tuple(b) for b in blocks))
 
 
 @operator("drop_layer")
@@ -157,6 +158,49 @@ def shrink_widths(spec: VGGSpec, params: dict) -> list[Move]:
     return moves
 
 
+@operator("drop_fc")
+def drop_fc(spec: VGGSpec, params: dict) -> list[Move]:
+    """Remove one hidden fully connected layer; the layer after it reads what it read."""
+    return [
+        Move("drop_fc", (("layer", i + 1),), replace(spec, hidden=spec.hidden[:i] + spec.hidden[i + 1 :]))
+        for i in range(len(spec.hidden))
+    ]
+
+
+@operator("shrink_fc", factors=_factors)
+def shrink_fc(spec: VGGSpec, params: dict) -> list[Move]:
+    """Multiply the width of one hidden fully connected layer by a factor."""
+    moves = []
+    for f in params.get("factors", [0.5, 0.25]):
+        for i, width in enumerate(spec.hidden):
+            narrower = max(1, round(width * f))
+            if narrower < width:
+                hidden = spec.hidden[:i] + (narrower,) + spec.hidden[i + 1 :]
+                moves.append(
+                    Move("shrink_fc", (("layer", i + 1), ("factor", f)), replace(spec, hidden=hidden))
+                )
+    return moves
+
+
+@operator("shrink_grid")
+def shrink_grid(spec: VGGSpec, params: dict) -> list[Move]:
+    """Pool to a smaller grid before the classifier: to 1x1 (global average pooling) and to half the
+    side. Exact (the child starts with its parent's function, see inherit) while the last block's
+    map is 1x1, as in any torchvision VGG on 32 px inputs."""
+    grids = sorted({1, spec.grid // 2} - {0}, reverse=True)
+    return [Move("shrink_grid", (("grid", g),), replace(spec, grid=g)) for g in grids if g < spec.grid]
+
+
+# The moves of a VGG head, joined to any space's moves from a spec that has a pooled grid or hidden
+# layers (an imported torchvision VGG keeps about 90 % of its parameters there).
+HEAD_OPERATORS = (("shrink_grid", {}), ("drop_fc", {}), ("shrink_fc", {"factors": [0.5, 0.25]}))
+
+
+def has_head(spec: VGGSpec) -> bool:
+    """Whether a spec has a head the head moves can shrink (a pooled grid or hidden layers)."""
+    return spec.grid > 1 or bool(spec.hidden)
+
+
 @dataclass(frozen=True)
 class MinModel:
     """The smallest model a space may produce; children below it are never proposed."""
@@ -199,6 +243,11 @@ class SearchSpace:
             self.root_arch, self.root_width if width is None else width, in_channels, num_classes, input_size
         )
 
+    def operators_for(self, head: bool) -> tuple[tuple[str, dict], ...]:
+        """The space's operators, and with `head` the head operators it does not name itself."""
+        extra = tuple(h for h in HEAD_OPERATORS if h[0] not in dict(self.operators)) if head else ()
+        return (*self.operators, *extra)
+
     def moves(
         self,
         spec: VGGSpec,
@@ -212,7 +261,7 @@ class SearchSpace:
         step of 0.5 halves the model per generation: big enough to compress, small enough that a few
         epochs of distillation recover the accuracy."""
         seen, moves = set(), []
-        for name, params in self.operators:
+        for name, params in self.operators_for(has_head(spec)):
             for m in OPERATORS[name](spec, params):
                 if m.spec not in seen and m.spec != spec and self.min_model.admits(m.spec):
                     seen.add(m.spec)

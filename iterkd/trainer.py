@@ -19,12 +19,13 @@ from .choices import move_params, suggest_kd, suggest_move
 from .data import DatasetInfo, DataSplits
 from .device import resolve_device, resolve_precision
 from .errors import IterkdError
+from .importers import check_input, load_teacher
 from .inherit import inherit_weights
 from .lineage import POLISH, Node, node_attrs, nodes
 from .models import VGG
 from .node import create_trial, run_node
 from .run import Run
-from .spaces import Move, load_space
+from .spaces import Move, has_head, load_space
 from .train import TrainResult, TrainSettings, evaluate, evaluate_ensemble, recalibrate_bn, train
 from .variants import Slot, candidate_seed, key_format, polish_key
 
@@ -106,7 +107,9 @@ class NodeTrainer:
         settings = train_settings(self.cfg, self.cfg.root_epochs, self.cfg.seed)
         return self._train(trial, model, settings, f"root {model.spec.summary()}")
 
-    def root_from_teachers(self, paths: list[Path], *, operator: str | None = None, epochs: int = 0) -> Node:
+    def root_from_teachers(
+        self, paths: list[Path], *, operator: str | None = None, epochs: int = 0, loaded: dict | None = None
+    ) -> Node:
         """The root from given checkpoints. One: that model. Several: an ensemble whose averaged
         probabilities are the root's outputs (its accuracy is the reference for --max-drop and its
         members teach together); children derive from the member with the best validation accuracy,
@@ -114,18 +117,23 @@ class NodeTrainer:
         `operator` and `epochs` describe where the checkpoint came from (a packaged root) when known."""
         info, data, members = self.info, self.data, []
         for path in paths:
-            model = load_model(path).to(self.device)
-            spec = model.spec
-            if (spec.in_channels, spec.num_classes, spec.input_size) != (
-                info.channels,
-                info.num_classes,
-                info.size,
-            ):
-                raise IterkdError(
-                    f"teacher {path} takes {spec.in_channels}-channel {spec.input_size}px input with {spec.num_classes} "
-                    f"classes, but {info.name} has {info.channels} channels, {info.size}px, {info.num_classes} classes"
+            teacher = (loaded or {}).get(path) or load_teacher(
+                path, size=info.size, arch=self.cfg.teacher_arch
+            )
+            check_input(teacher.model.spec, info, path)
+            model = teacher.model.to(self.device)
+            val = evaluate(model, data.val_x, data.val_y, data)
+            line = f"teacher {teacher.describe(path)}; validation accuracy {val:.2f} %"
+            chance = 100 / info.num_classes
+            if val < 2 * chance:
+                line += (
+                    f", near chance ({chance:.0f} % for {info.num_classes} classes): the class order here "
+                    f"({', '.join(info.class_names[:3])}, ...: sorted folder names for an image folder) "
+                    "probably differs from the one the model was trained with, or its inputs were "
+                    "normalised otherwise"
                 )
-            members.append((path, model, evaluate(model, data.val_x, data.val_y, data)))
+            self.log(line)
+            members.append((path, model, val))
         best = max(range(len(members)), key=lambda i: (members[i][2], -i))
         path, model, _ = members[best]
         name = path.name if len(paths) == 1 else f"ensemble of {len(paths)}"
@@ -195,7 +203,7 @@ class NodeTrainer:
             )
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            move = suggest_move(trial, self.space, parent.spec, moves)
+            move = suggest_move(trial, self.space, parent.spec, moves, head=has_head(self.run.root.spec))
             cfg = self.cfg
             kd = suggest_kd(trial, self.space, self.kd_defaults())
         seed = candidate_seed(cfg.seed, key)

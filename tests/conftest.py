@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 from pathlib import Path
 
 import pytest
+import torch
+from torch import nn
 
 from iterkd import build_config, run_search
 from iterkd.lineage import nodes
@@ -35,6 +38,25 @@ def smoke_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("smoke_run")
     cfg = smoke_config(run_dir, deploy_figures=True)
     return cfg, run_search(cfg, progress=False)
+
+
+def he_fill(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Random weights at a scale that keeps activations alive through 19 layers (He init), BN
+    statistics away from the identity, so that a wrong mapping shows in the logits."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                fan_in = m.weight[0].numel()
+                m.weight.copy_(torch.randn(m.weight.shape, generator=g) * math.sqrt(2 / fan_in))
+                if m.bias is not None:
+                    m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
+            elif isinstance(m, nn.BatchNorm2d):
+                m.weight.copy_(1 + 0.2 * torch.randn(m.weight.shape, generator=g))
+                m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=g))
+                m.running_mean.copy_(0.1 * torch.randn(m.running_mean.shape, generator=g))
+                m.running_var.copy_(1 + 0.5 * torch.rand(m.running_var.shape, generator=g))
+    return model.eval()
 
 
 def lineage_shape(study) -> list[tuple]:

@@ -88,7 +88,7 @@ def test_teacher_of_another_shape_or_not_a_checkpoint(tmp_path, capsys):
     code, _, err = run(
         capsys, "search", "--preset", "smoke", "--run-dir", str(tmp_path / "b"), "--teacher", str(junk)
     )
-    one_line_error(code, err, "corrupt or not a safetensors file", str(junk))
+    one_line_error(code, err, "neither a safetensors file nor a torch.save file", str(junk))
 
 
 def test_search_then_resume_with_a_conflicting_flag(tmp_path, capsys):

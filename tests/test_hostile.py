@@ -77,7 +77,7 @@ def test_broken_space_file(tmp_path, capsys, text, needle):
     [
         ("{blocks: [[4]]}", "is an invalid VGG spec: not JSON"),
         ('{"in_channels": 3, "input_size": 16}', "no 'blocks'"),
-        ('{"blocks": [[4]], "input_size": 16, "dropout": 0.5}', "unknown key 'dropout'"),
+        ('{"blocks": [[4]], "input_size": 16, "activation": "gelu"}', "unknown key 'activation'"),
         ('{"blocks": [[1000000, 1000000], [1000000]], "input_size": 16}', "parameters, more than the 2e+09"),
     ],
 )
