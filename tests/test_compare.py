@@ -596,3 +596,17 @@ def test_mean_std_is_the_sample_std_with_a_dash_for_one_value():
     assert compare.mean_std([1.0, 2.0, 3.0]) == "2.00 ± 1.00"  # ddof=0 would give 0.82
     assert compare.mean_std([5.0]) == "5.00 ± –"
     assert compare.mean_std([]) == "–"
+
+
+def test_a_prune_row_channel_pruning_cannot_reach_is_left_out_with_the_reason():
+    """Pruning narrows convs only: a torchvision-style 4,096-wide head stays, so 1/100 of the root is
+    out of reach, while the same convs with iterkd's own head get there."""
+    blocks = ((64,), (128,), (256, 256), (512, 512), (512, 512))
+    wide = VGGSpec(blocks, 3, 10, 32, grid=7, hidden=(4096, 4096))
+    why = compare.unreachable_by_pruning(wide, [wide.params() // 2, wide.params() // 100])
+    assert why.startswith(
+        f"channel pruning narrows the root's convs only and cannot reach {wide.params() // 100:,}"
+    )
+    assert "the fully connected layers hold" in why
+    plain = VGGSpec(blocks, 3, 10, 32)
+    assert compare.unreachable_by_pruning(plain, [plain.params() // 2, plain.params() // 100]) is None
