@@ -622,7 +622,8 @@ def compare_run(
     # (method, seed, epochs) to train: rows that share them (one child's epochs = the chain's) share models.
     wanted = {(b.method, s, b.epochs) for b in plans for s in range(seeds)}
     done = {r.key[:3] for r in results if r.node == final.node}
-    order = [b.method for b in plans]
+    # Per seed, the headline verdict's rows (paid compute) first: a compare stopped early has them.
+    order = [b.method for b in plans if b.method in LIVE_AUGMENTATION] + [b.method for b in plans]
     todo = sorted(wanted - done, key=lambda k: (k[1], order.index(k[0]), k[2]))
     if len(todo) < len(wanted):
         log(f"compare: reusing {len(wanted) - len(todo)} results from {json_path}")

@@ -236,23 +236,25 @@ def _compare_until(run_dir, fault: str, *argv) -> subprocess.CompletedProcess:
 
 def test_a_compare_killed_mid_training_resumes_without_retraining_what_it_saved(cheap_run, tmp_path):
     run_dir = copy_run(cheap_run, tmp_path / "run")
-    # seed 0 trains scratch-ce (1 epoch), one-shot-kd (1), then one-shot-kd (2): killed in its first epoch
+    # seed 0 trains the paid-compute rows first: one-shot-kd-live (2 epochs), then inherit-kd-live
+    # (2), killed in its first epoch
     proc = _compare_until(run_dir, "mid-epoch:3", "--seeds", "1")
     assert proc.returncode == -9, proc.stdout[-500:] + proc.stderr[-500:]
     saved = json.loads((run_dir / "compare.json").read_text())["results"]
-    assert [(r["method"], r["epochs"]) for r in saved] == [("scratch-ce", 1), ("one-shot-kd", 1)]
+    assert [(r["method"], r["epochs"]) for r in saved] == [("one-shot-kd-live", 2)]
 
     code, stdout, calls = compare_counting(run_dir, "--seeds", "1", "--no-progress")
-    assert code == 0 and "reusing 2 results" in stdout
+    assert code == 0 and "reusing 1 results" in stdout
     assert [kw["desc"] for _, _, kw in calls] == [
+        "inherit-kd-live seed 0",
+        "scratch-ce seed 0",
+        "one-shot-kd seed 0",
         "one-shot-kd seed 0",
         "prune-kd seed 0 step 1",
         "prune-kd seed 0 step 2",
-        "one-shot-kd-live seed 0",
-        "inherit-kd-live seed 0",
     ]
     results = json.loads((run_dir / "compare.json").read_text())["results"]
-    assert results[:2] == saved  # what was finished is kept as it was
+    assert results[:1] == saved  # what was finished is kept as it was
 
 
 def test_a_compare_killed_inside_a_search_rerun_resumes_that_search(cheap_run, compared, tmp_path):
