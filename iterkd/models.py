@@ -48,7 +48,7 @@ class VGG(nn.Module):
         for block in self.blocks:
             x = block(x)
             feats.append(x)
-        x = torch.flatten(pool_to_grid(x, self.spec.grid), 1)
+        x = torch.flatten(pool_to_grid(x, self.spec.grid, self.spec.map_size), 1)
         if self.spec.hidden:
             x = self.hidden(x)
         return self.head(x), feats
@@ -64,19 +64,19 @@ class VGG(nn.Module):
         return x
 
 
-def pool_to_grid(x: torch.Tensor, grid: int) -> torch.Tensor:
-    """Average pooling of `x` to a `grid` x `grid` map, as nn.AdaptiveAvgPool2d(grid) computes it,
-    written with fixed-size operations where the sizes allow (every ONNX exporter takes those): a
-    1x1 map is repeated (each output cell averages that one input cell), a map whose side `grid`
-    divides is average-pooled in equal windows."""
-    size = x.shape[-1]
+def pool_to_grid(x: torch.Tensor, grid: int, size: int) -> torch.Tensor:
+    """Average pooling of `x` (a `size` x `size` map, known from the spec) to a `grid` x `grid` map,
+    as nn.AdaptiveAvgPool2d(grid) computes it, written with fixed-size operations where the sizes
+    allow (every ONNX exporter takes those, and a trace records no shape test): a 1x1 map is
+    repeated (each output cell averages that one input cell), a map whose side `grid` divides is
+    average-pooled in equal windows."""
     if grid == 1:
         return F.adaptive_avg_pool2d(x, 1)
     if size == grid:
         return x
-    if size == 1 and x.shape[-2] == 1:
+    if size == 1:
         return x.expand(-1, -1, grid, grid)
-    if size % grid == 0 and x.shape[-2] == size:
+    if size % grid == 0:
         return F.avg_pool2d(x, size // grid)
     return F.adaptive_avg_pool2d(x, grid)
 

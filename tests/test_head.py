@@ -124,3 +124,17 @@ def test_a_search_from_a_root_with_a_head_shrinks_the_head_too(tmp_path):
     for n in run.nodes.values():
         if n.ok:
             assert run.model(n).spec == n.spec
+
+
+@pytest.mark.parametrize("grid, size", [(3, 8), (2, 16), (3, 16)])  # 1x1 map repeated, divided, adaptive
+def test_a_head_exports_to_onnx_with_the_same_logits(tmp_path, grid, size):
+    pytest.importorskip("onnxruntime")
+    from iterkd.deploy import onnx_session, write_onnx
+
+    spec = VGGSpec(((8,), (16,), (16,)), 3, 4, size, grid=grid, hidden=(12,))
+    model = he_fill(VGG(spec))
+    x = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(0))
+    session = onnx_session(write_onnx(model, tmp_path / "m.onnx"))
+    out = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    with torch.no_grad():
+        assert abs(out - model(x).numpy()).max() < 1e-4

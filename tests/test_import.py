@@ -120,7 +120,7 @@ def test_the_logits_check_catches_a_wrong_reading(monkeypatch):
     """The check is not a formality: an iterkd head that pooled wrongly is refused."""
     reference = torchvision_vgg("vgg11")
     monkeypatch.setattr(
-        models, "pool_to_grid", lambda x, grid: nn.functional.adaptive_max_pool2d(x, grid) * 0.5
+        models, "pool_to_grid", lambda x, grid, size: nn.functional.adaptive_max_pool2d(x, grid) * 0.5
     )
     with pytest.raises(IterkdError, match="does not reproduce the file's own model"):
         import_vgg(dict(reference.state_dict()), size=32, path=Path("vgg11.pth"))
