@@ -396,6 +396,16 @@ class SearchConfig:
         choices=("on", "off"),
         default_text="the dataset's: on for folders, fashion-mnist and CIFAR; off for digits",
     )
+    # How the inputs are normalised: the data's own statistics unless the root was trained otherwise
+    # (an imported torchvision VGG usually saw ImageNet's). Stored with the run, so the root, every
+    # student, the teacher cache and the export all see the same inputs.
+    normalize: str = setting(
+        "dataset",
+        "input normalisation of the root and the students: dataset (the data's mean and std), imagenet, "
+        "or M1,M2,M3/S1,S2,S3 (one mean and std per channel)",
+        "training",
+        metavar="HOW",
+    )
     skip_bad_images: bool = setting(
         False, "imagefolder: leave out images that cannot be read (the count is recorded)", "training"
     )
@@ -512,9 +522,10 @@ class SearchConfig:
         from .data import FOLDER, dataset_info
 
         if self.dataset == FOLDER:
-            return (store or self.data_store()).info(self.flip_images)
+            return normalized((store or self.data_store()).info(self.flip_images), self.normalize)
         info = dataset_info(self.dataset)  # no store needed: the registry says it
-        return info if self.flip is None else replace(info, flip=self.flip_images)
+        info = info if self.flip is None else replace(info, flip=self.flip_images)
+        return normalized(info, self.normalize)
 
     @property
     def flip_images(self) -> bool | None:
@@ -528,6 +539,7 @@ class SearchConfig:
         store = store or self.data_store()
         split = {k: getattr(self, k) for k in ("val_size", "train_subset", "test_subset")}
         data = load_data(self.dataset, store=store, seed=self.data_seed, flip=self.flip_images, **split)
+        data = replace(data, info=normalized(data.info, self.normalize))
         return data if device is None else data.to(device)
 
 
@@ -652,10 +664,45 @@ def validate(cfg: SearchConfig) -> SearchConfig:
         f"--val-size is a count of images or a share below 1, got {cfg.val_size:g}" if cfg.val_size else "",
     )
     need(cfg.channels in (None, 1, 3), f"--channels must be 1 or 3, got {cfg.channels}")
+    parse_normalize(cfg.normalize)
     if cfg.hint_weight is None:
         cfg = replace(cfg, hint_weight=DEFAULT_HINT_WEIGHT[cfg.hint])
     cfg.loss_weights()  # LossWeights checks its own invariants too
     return cfg
+
+
+IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))  # torchvision's ImageNet statistics
+
+
+def parse_normalize(text: str) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    """--normalize as (mean, std), None for the dataset's own; IterkdError for anything else."""
+    if text == "dataset":
+        return None
+    if text == "imagenet":
+        return IMAGENET
+    usage = "--normalize is dataset, imagenet or M1,M2,M3/S1,S2,S3 (means, then stds, one per channel)"
+    means, slash, stds = str(text).partition("/")
+    try:
+        mean, std = (tuple(float(v) for v in part.split(",")) for part in (means, stds))
+    except ValueError:
+        raise IterkdError(f"{usage}, got {text!r}") from None
+    if not slash or len(mean) != len(std) or not all(map(math.isfinite, mean + std)) or min(std) <= 0:
+        raise IterkdError(f"{usage}, with as many stds as means, each above 0; got {text!r}")
+    return mean, std
+
+
+def normalized(info, text: str):
+    """`info` with the normalisation --normalize names; one line when its channels do not fit."""
+    stats = parse_normalize(text)
+    if stats is None:
+        return info
+    mean, std = stats
+    if len(mean) != info.channels:
+        raise IterkdError(
+            f"--normalize {text} gives {len(mean)} channel(s), but {info.name} has {info.channels}"
+            + ("; ImageNet statistics are for 3-channel images (--channels 3)" if text == "imagenet" else "")
+        )
+    return replace(info, mean=mean, std=std)
 
 
 def config_path(run_dir: str | Path) -> Path:

@@ -130,7 +130,7 @@ class NodeTrainer:
                     f", near chance ({chance:.0f} % for {info.num_classes} classes): the class order here "
                     f"({', '.join(info.class_names[:3])}, ...: sorted folder names for an image folder) "
                     "probably differs from the one the model was trained with, or its inputs were "
-                    "normalised otherwise"
+                    "normalised otherwise (--normalize imagenet, or its mean/std)"
                 )
             self.log(line)
             members.append((path, model, val))

@@ -16,6 +16,7 @@ from torch import nn
 
 from iterkd import importers, models, run_search
 from iterkd.arch import VGGSpec
+from iterkd.checkpoints import read_checkpoint
 from iterkd.cli import main
 from iterkd.errors import IterkdError
 from iterkd.importers import files, import_vgg, load_teacher, vgg
@@ -348,3 +349,43 @@ def test_a_teacher_for_other_inputs_is_refused_before_anything_is_recorded(tmp_p
     )
     assert not (run_dir / "study.db").exists()
     assert importers.TOLERANCE == 1e-4
+
+
+# -- --normalize: the inputs the root was trained on --------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("dataset", None),
+        ("imagenet", ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))),
+        ("0.5,0.5,0.5/0.25,0.25,0.25", ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))),
+        ("0.1/0.3", ((0.1,), (0.3,))),
+    ],
+)
+def test_normalize_names_the_statistics(text, expected):
+    from iterkd.config import parse_normalize
+
+    assert parse_normalize(text) == expected
+
+
+@pytest.mark.parametrize("text", ["mnist", "0.5,0.5/0.2", "0.5/0", "a,b/c,d", "0.5,0.5,0.5"])
+def test_a_bad_normalize_is_one_line(text, capsys):
+    code = main(["search", "--preset", "smoke", "--run-dir", "/tmp/never-made", "--normalize", text])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "--normalize is dataset, imagenet or M1,M2,M3/S1,S2,S3" in err[0]
+    assert not Path("/tmp/never-made").exists()
+
+
+def test_normalize_reaches_training_checkpoints_and_a_resume_keeps_it(tmp_path, capsys):
+    cfg = smoke_config(tmp_path / "run", normalize="imagenet", max_generations=1)
+    data = cfg.load_data()
+    assert (data.info.mean, data.info.std) == ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    out = run_search(cfg, progress=False)
+    _, _, meta = read_checkpoint(Path(cfg.run_dir) / out.final.checkpoint)
+    assert meta["mean"] == [0.485, 0.456, 0.406] and meta["std"] == [0.229, 0.224, 0.225]
+    code = main(["search", "--run-dir", cfg.run_dir, "--normalize", "dataset"])
+    assert code == 2 and "--normalize dataset (run has imagenet)" in capsys.readouterr().err
+    gray = smoke_config(tmp_path / "gray", dataset="fashion-mnist", normalize="imagenet")
+    with pytest.raises(IterkdError, match="--normalize imagenet gives 3 channel.*fashion-mnist has 1"):
+        gray.data_info()
