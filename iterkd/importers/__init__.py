@@ -43,7 +43,7 @@ class Teacher:
         i = self.imported
         return (
             f"{path.name}: imported as a {i.layout}, {spec.summary()}, {spec.params():,} params; its logits "
-            f"match {i.reference} to {i.max_diff:.1e} (limit {TOLERANCE:g})"
+            f"match {i.reference} to {i.max_diff:.1e} (limit {i.limit:.1e})"
         )
 
 

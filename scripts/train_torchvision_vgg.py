@@ -1,0 +1,125 @@
+"""Train a torchvision VGG on an image folder the way a user would, outside iterkd, and save its
+state dict: the model a user brings to `iterkd search --teacher` (docs/usage.md, "Your own trained
+VGG as the root"). Plain torchvision: ImageFolder (classes are the sorted folder names, iterkd's
+order too), standard augmentation, SGD with a one-cycle schedule, ImageNet normalisation (so the
+search needs `--normalize imagenet`).
+
+    python scripts/train_torchvision_vgg.py --data-dir fashion-png --arch vgg11_bn --epochs 3 \\
+        --train-images 12000 --out vgg11_bn.pth
+
+DATA/train/<class>/ is trained on; DATA/val/<class>/, when it exists, is evaluated after every epoch.
+Give the folder a val/ split and iterkd validates on the same images, never on ones the root saw.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+from torchvision import transforms
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def loaders(args) -> tuple[torch.utils.data.DataLoader, torch.utils.data.DataLoader | None, int]:
+    to_channels = [transforms.Grayscale(num_output_channels=args.channels)]
+    norm = transforms.Normalize(IMAGENET_MEAN[: args.channels], IMAGENET_STD[: args.channels])
+    size = [transforms.Resize(args.image_size), transforms.CenterCrop(args.image_size)]
+    augment = [
+        transforms.RandomCrop(args.image_size, padding=args.image_size // 8),
+        transforms.RandomHorizontalFlip(),
+    ]
+    train = torchvision.datasets.ImageFolder(
+        Path(args.data_dir) / "train",
+        transforms.Compose([*to_channels, *size, *augment, transforms.ToTensor(), norm]),
+    )
+    if args.train_images and args.train_images < len(train):
+        pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed))[
+            : args.train_images
+        ]
+        train = torch.utils.data.Subset(train, pick.tolist())
+    val_dir = Path(args.data_dir) / "val"
+    val = (
+        torchvision.datasets.ImageFolder(
+            val_dir, transforms.Compose([*to_channels, *size, transforms.ToTensor(), norm])
+        )
+        if val_dir.is_dir()
+        else None
+    )
+    kw = dict(batch_size=args.batch_size, num_workers=args.workers, persistent_workers=args.workers > 0)
+    classes = len(train.dataset.classes if isinstance(train, torch.utils.data.Subset) else train.classes)
+    return (
+        torch.utils.data.DataLoader(train, shuffle=True, drop_last=True, **kw),
+        None if val is None else torch.utils.data.DataLoader(val, **kw),
+        classes,
+    )
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, loader) -> float:
+    model.eval()
+    hits = total = 0
+    for x, y in loader:
+        hits += int((model(x.contiguous(memory_format=torch.channels_last)).argmax(1) == y).sum())
+        total += len(y)
+    return 100.0 * hits / max(total, 1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-dir", required=True)
+    p.add_argument(
+        "--arch", default="vgg11_bn", choices=[f"vgg{n}{b}" for n in (11, 13, 16, 19) for b in ("", "_bn")]
+    )
+    p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--channels", type=int, default=3, choices=(1, 3))
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--train-images", type=int, default=0, help="a seeded subset of train/ (0: all)")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--workers", type=int, default=1, help="DataLoader worker processes (decoding)")
+    p.add_argument("--out", type=Path, default=Path("vgg.pth"))
+    args = p.parse_args(argv)
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(args.threads)
+    train, val, classes = loaders(args)
+    model = getattr(torchvision.models, args.arch)(weights=None, num_classes=classes)
+    model = model.to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=args.epochs * len(train))
+    loss_fn = nn.CrossEntropyLoss()
+    start = time.time()
+    for epoch in range(args.epochs):
+        model.train()
+        seen, epoch_start = 0, time.time()
+        for x, y in train:
+            loss = loss_fn(model(x.contiguous(memory_format=torch.channels_last)), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            seen += len(y)
+        line = {
+            "epoch": epoch + 1,
+            "loss": round(loss.item(), 4),
+            "train_images_per_s": round(seen / (time.time() - epoch_start), 1),
+            "seconds": round(time.time() - start, 1),
+        }
+        if val is not None:
+            line["val_acc"] = round(accuracy(model, val), 2)
+        print(json.dumps(line), flush=True)
+    # The way users save: the state dict, not the module (iterkd never unpickles a module).
+    torch.save(model.state_dict(), args.out)
+    print(json.dumps({"saved": str(args.out), "arch": args.arch, "classes": classes}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
