@@ -182,7 +182,7 @@ def test_a_map_larger_than_one_cell_sets_the_grid(tmp_path):
 def test_wrapping_dictionaries_and_key_prefixes_are_undone(tmp_path, wrapper, prefix):
     net = he_fill(CifarVGG(CFG, classes=3))
     state = {prefix + k: v for k, v in net.state_dict().items()}
-    saved = state if wrapper is None else {wrapper: state, "epoch": 7, "best_acc": 91.5}
+    saved = state if wrapper is None else {wrapper: state, "epoch": 7, "best_acc": torch.tensor(91.5)}
     torch.save(saved, tmp_path / "w.pth")
     assert logits_gap(load_teacher(tmp_path / "w.pth", size=32), net) <= 1e-4
 

@@ -103,13 +103,15 @@ def unwrap(obj, path: Path) -> dict[str, torch.Tensor]:
     for _ in range(4):
         if not isinstance(obj, Mapping):
             break
+        # A wrapper first: its other entries may be tensors too (a best accuracy, an EMA step count).
+        inner = next((obj[k] for k in WRAPPERS if isinstance(obj.get(k), Mapping)), None)
+        if inner is not None:
+            obj = inner
+            continue
         tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
         if tensors and all(isinstance(k, str) for k in tensors):
             return tensors
-        inner = next((obj[k] for k in WRAPPERS if isinstance(obj.get(k), Mapping)), None)
-        if inner is None:
-            break
-        obj = inner
+        break
     keys = ", ".join(map(repr, list(obj)[:6])) if isinstance(obj, Mapping) else type(obj).__name__
     raise IterkdError(
         f"teacher {path} holds no state dict (found {keys}); iterkd reads a mapping of parameter names "
