@@ -137,7 +137,7 @@ def _grid_columns(weight: torch.Tensor, kept: torch.Tensor, p_grid: int, c_grid:
     if c_grid == p_grid:
         return w.reshape(weight.shape[0], -1)
     rows = torch.arange(p_grid) * c_grid // p_grid  # the child cell each parent row (and column) falls in
-    out = torch.zeros(w.shape[0], w.shape[1], c_grid, c_grid, dtype=w.dtype)
+    out = torch.zeros(w.shape[0], w.shape[1], c_grid, c_grid, dtype=w.dtype, device=w.device)
     for i in range(p_grid):
         for j in range(p_grid):
             out[:, :, rows[i], rows[j]] += w[:, :, i, j]
@@ -175,9 +175,18 @@ def _inherit_head(child: VGG, parent: VGG, kept: torch.Tensor) -> list[int]:
             _copy_linear(c[i], p[j], first if i == 0 else None)
         return sorted(pairs_done + [i for i, _ in pairs])
     elif len(ph) == len(ch) + 1:
-        k = next((i for i in range(len(ph)) if ph[:i] + ph[i + 1 :] == ch), None)
-        if k is None:
+        # Which layer went: among those whose removal leaves the child's widths (with equal widths,
+        # several), the one that lets the most weights be copied (torchvision's 4096-4096: the second,
+        # keeping the 25,088 x 4,096 first layer).
+        widths = parent.spec.head_layers()
+        candidates = [i for i in range(len(ph)) if ph[:i] + ph[i + 1 :] == ch]
+        if not candidates:
             return []
+
+        def copied(k: int) -> int:
+            return sum(a * b for n, (a, b) in enumerate(widths) if n != k and n != k + 1)
+
+        k = max(candidates, key=copied)
         pairs = [(i, i) for i in range(k)] + [(i, i + 1) for i in range(k + 1, len(c))]
     else:
         return []

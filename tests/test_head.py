@@ -103,8 +103,8 @@ def test_narrowing_or_dropping_a_hidden_layer_keeps_what_still_fits():
 
 
 def test_a_search_from_a_root_with_a_head_shrinks_the_head_too(tmp_path):
-    """An imported VGG with a torchvision-like head (3x3 grid on a 1x1 map, two hidden layers): the
-    head moves join the space's conv moves with no flag, and every node's model is built and saved."""
+    """An imported VGG with a head (a 2x2 grid, two hidden layers): the head moves join the space's
+    conv moves with no flag, and every node's model is built and saved."""
     from torch import nn
 
     from iterkd import run_search
@@ -112,13 +112,13 @@ def test_a_search_from_a_root_with_a_head_shrinks_the_head_too(tmp_path):
     from tests.conftest import smoke_config
     from tests.test_import import CifarVGG
 
-    net = CifarVGG([8, 8, "M", 16, 16, "M", 16, "M", 16, "M"], classes=10, hidden=(64, 64))
-    net.classifier[0] = nn.Linear(16 * 9, 64)
+    net = CifarVGG([8, 8, "M", 16, 16, "M", 16, "M"], classes=10, hidden=(64, 64))
+    net.classifier[0] = nn.Linear(16 * 4, 64)  # 16 px: a 2x2 map, read whole
     torch.save(he_fill(net).state_dict(), tmp_path / "headnet.pth")
     cfg = smoke_config(tmp_path / "run", teacher=(str(tmp_path / "headnet.pth"),), max_generations=4)
     run_search(cfg, progress=False)
     run = open_run(cfg.run_dir)
-    assert (run.root.spec.grid, run.root.spec.hidden) == (3, (64, 64))
+    assert (run.root.spec.grid, run.root.spec.hidden) == (2, (64, 64))
     operators = [n.operator.split("(")[0] for n in run.nodes.values() if n.generation > 0 and n.ok]
     assert {"shrink_fc", "drop_fc"} & set(operators) and len(operators) == 4
     for n in run.nodes.values():
@@ -138,3 +138,19 @@ def test_a_head_exports_to_onnx_with_the_same_logits(tmp_path, grid, size):
     out = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
     with torch.no_grad():
         assert abs(out - model(x).numpy()).max() < 1e-4
+
+
+def test_dropping_one_of_two_equal_hidden_layers_keeps_the_larger_copy():
+    """torchvision's 4096-4096: dropping either leaves the same spec; the second goes, so the large
+    first layer (25,088 x 4,096 there) is inherited rather than drawn afresh."""
+    parent = he_fill(VGG(VGGSpec(((8,), (16,), (16,)), 3, 4, 8, grid=3, hidden=(10, 10))))
+    child = VGG(VGGSpec(((8,), (16,), (16,)), 3, 4, 8, grid=3, hidden=(10,)))
+    inherit_weights(child, parent)
+    assert torch.equal(child.hidden[0].weight, parent.hidden[0].weight)
+
+
+def test_the_grid_sum_stays_on_the_weights_device():
+    from iterkd.inherit import _grid_columns
+
+    weight = torch.empty(4, 2 * 9, device="meta")
+    assert _grid_columns(weight, torch.arange(2), 3, 1).device.type == "meta"  # cuda in a GPU run

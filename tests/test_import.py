@@ -36,6 +36,16 @@ def torchvision_classifier() -> nn.Module:
     return he_fill(model.classifier.to_empty(device="cpu"))
 
 
+def torchvision_classifier_for(channels: int, classes: int) -> nn.Module:
+    """torchvision's classifier layout (7x7 grid, 4096-4096) after `channels` conv channels."""
+    with torch.device("meta"):
+        head = nn.Sequential(
+            nn.Linear(channels * 49, 4096), nn.ReLU(True), nn.Dropout(),
+            nn.Linear(4096, 4096), nn.ReLU(True), nn.Dropout(), nn.Linear(4096, classes),
+        )  # fmt: skip
+    return he_fill(head.to_empty(device="cpu"))
+
+
 @functools.cache
 def torchvision_vgg(name: str) -> nn.Module:
     """torchvision's constructor, built on the meta device and given He-scaled random weights (its
@@ -404,3 +414,64 @@ def test_normalize_reaches_training_checkpoints_and_a_resume_keeps_it(tmp_path, 
     gray = smoke_config(tmp_path / "gray", dataset="fashion-mnist", normalize="imagenet")
     with pytest.raises(IterkdError, match="--normalize imagenet gives 3 channel.*fashion-mnist has 1"):
         gray.data_info()
+
+
+def test_dataparallel_around_the_features_alone_is_undone(tmp_path):
+    """PyTorch's ImageNet example wraps only model.features: keys features.module.N.*."""
+    net = he_fill(CifarVGG(CFG))
+    state = {k.replace("features.", "features.module.", 1): v for k, v in net.state_dict().items()}
+    torch.save(state, tmp_path / "dp.pth")
+    assert logits_gap(load_teacher(tmp_path / "dp.pth", size=32), net) <= 1e-4
+
+
+@pytest.mark.parametrize(
+    "drop, needle",
+    [
+        ("last bn", "features.5 does not fit"),
+        ("extra bn", "does not fit"),
+        ("only bn", "features has no conv"),
+    ],
+)
+def test_batch_norm_that_does_not_follow_every_conv_is_one_line(tmp_path, drop, needle):
+    state = dict(he_fill(CifarVGG([8, "M", 16, "M"])).state_dict())  # features.0 conv, .1 BN, .4 conv, .5 BN
+    if drop == "last bn":
+        state = {k: v for k, v in state.items() if not k.startswith("features.5.")}
+    elif drop == "extra bn":
+        state.update({f"features.7.{k}": v for k, v in nn.BatchNorm2d(16).state_dict().items()})
+    else:
+        state = {k: v for k, v in state.items() if k.startswith(("features.1.", "classifier"))}
+    torch.save(state, tmp_path / "bn.pth")
+    with pytest.raises(IterkdError, match="^teacher ") as e:
+        load_teacher(tmp_path / "bn.pth", size=32)
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_last_block_without_its_pool_is_refused_not_misread(tmp_path):
+    """The keys cannot show a max-pool after the last conv; iterkd assumes one. A classifier that
+    reads a 2x2 map where that pool would leave 1x1 means the model has none: refused, since the
+    rebuilt reference would share iterkd's assumption and the logits check could not catch it."""
+    net = he_fill(CifarVGG([8, "M", 16, "M", 16, "M", 16, "M", 8]))  # 32 px: the last block at 2x2
+    net.features = nn.Sequential(*list(net.features)[:-1])  # no AvgPool either: the 2x2 map is flattened
+    net.classifier = nn.Linear(8 * 4, 10)
+    torch.save(he_fill(net).state_dict(), tmp_path / "nopool.pth")
+    with pytest.raises(
+        IterkdError, match="reads a 2x2 map, but after a max-pool closing the last block the map is 1x1"
+    ):
+        load_teacher(tmp_path / "nopool.pth", size=32)
+
+
+def test_torchvisions_vgg_class_on_its_own_widths_imports_against_torchvision():
+    """torchvision.models.vgg.VGG(make_layers(cfg)) with a cfg of the user's: checked against that
+    class itself, so the 3x3 grid its adaptive pool makes of a 1x1 map is torchvision's, not assumed."""
+    with torch.device("meta"):
+        features = torchvision.models.vgg.make_layers(
+            [8, "M", 16, "M", 16, 16, "M", 32, "M", 32, "M"], batch_norm=True
+        )
+        model = torchvision.models.vgg.VGG(features, num_classes=3, init_weights=False)
+    model.features = he_fill(model.features.to_empty(device="cpu"))
+    model.classifier = torchvision_classifier_for(32, 3)
+    imported = import_vgg(dict(model.state_dict()), size=32, path=Path("own.pth"))
+    assert imported.layout == "torchvision VGG (own conv widths)" and imported.max_diff <= imported.limit
+    assert (
+        imported.model.spec.blocks == ((8,), (16,), (16, 16), (32,), (32,)) and imported.model.spec.grid == 7
+    )

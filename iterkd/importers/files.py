@@ -125,5 +125,7 @@ def strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     while True:
         prefix = next((p for p in PREFIXES if all(k.startswith(p) for k in state)), None)
         if prefix is None:
-            return state
+            break
         state = {k[len(prefix) :]: v for k, v in state.items()}
+    # DataParallel around the features alone (PyTorch's ImageNet example): features.module.0.weight
+    return {k.replace("features.module.", "features.", 1): v for k, v in state.items()}

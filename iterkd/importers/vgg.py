@@ -33,6 +33,7 @@ TOLERANCE = 1e-4
 CLASSIFIERS = ("classifier", "fc", "linear", "head")  # what CIFAR-style VGGs call their last layers
 TORCHVISION_HIDDEN = (4096, 4096)
 TORCHVISION_GRID = 7
+CUSTOM = "custom"  # torchvision's VGG class with conv widths of its own
 
 
 @dataclass(frozen=True)
@@ -76,8 +77,20 @@ def import_vgg(state: dict[str, torch.Tensor], *, size: int, path: Path, arch: s
             f"teacher {path}: the VGG read from it does not reproduce the file's own model (logits differ by "
             f"up to {diff:.2g}, more than {limit:.2g}); its layout is not one iterkd can describe"
         )
-    layout = f"torchvision {name}" if name else "CIFAR-style VGG"
-    what = f"torchvision.models.{name}" if name else "the module its keys describe"
+    layout = (
+        "torchvision VGG (own conv widths)"
+        if name == CUSTOM
+        else f"torchvision {name}"
+        if name
+        else "CIFAR-style VGG"
+    )
+    what = (
+        "torchvision.models.vgg.VGG on its widths"
+        if name == CUSTOM
+        else f"torchvision.models.{name}"
+        if name
+        else "the module its keys describe"
+    )
     return Imported(model, layout, what, diff, limit)
 
 
@@ -148,10 +161,14 @@ def _spec(
             raise IterkdError(
                 f"teacher {path}: {conv.prefix} is a {w.shape[2]}x{w.shape[3]} conv; iterkd's VGGs use 3x3"
             )
+    if not convs:
+        raise IterkdError(f"teacher {path}: not a VGG layout iterkd recognises: features has no conv")
     if batch_norm:
         expected = [_Layer(f"features.{c.index + 1}", c.index + 1, "bn") for c in convs]
         if bns != expected:
-            odd = next(b.prefix for b, e in zip(bns + [None] * len(convs), expected) if b != e) or "a conv"
+            pairs = zip([*bns, *[None] * len(convs)], expected)
+            # the first mismatch; when every conv has its BN, the extra BN after them
+            odd = next((b.prefix if b is not None else e.prefix for b, e in pairs if b != e), bns[-1].prefix)
             raise IterkdError(
                 f"teacher {path}: batch norm must follow every conv or none ({odd} does not fit)"
             )
@@ -209,7 +226,7 @@ def _spec(
             f"teacher {path}: weight shapes contradict each other: {classifier[0].prefix} takes {first_in} inputs, "
             f"not the {channels} channels of the last conv on a square grid"
         )
-    return VGGSpec(
+    spec = VGGSpec(
         tuple(blocks),
         in_channels=int(c_in),
         num_classes=int(widths[-1][0]),
@@ -218,6 +235,17 @@ def _spec(
         grid=grid,
         hidden=tuple(int(w[0]) for w in widths[:-1]),
     )
+    # The keys cannot show a max-pool after the last conv: iterkd assumes one (every VGG configuration
+    # ends with one). A grid other than 1 or the map's own side would mean pooling a map up, which
+    # only torchvision's layout does (checked against torchvision itself); elsewhere it rather means
+    # a last block without its pool, read whole: a model iterkd cannot describe.
+    if grid not in (1, spec.map_size) and torchvision_name(spec, classifier) is None:
+        raise IterkdError(
+            f"teacher {path}: {classifier[0].prefix} reads a {grid}x{grid} map, but after a max-pool closing "
+            f"the last block the map is {spec.map_size}x{spec.map_size}; iterkd's VGGs end every block with "
+            "a max-pool (while the map is larger than 1x1) and this model seems not to"
+        )
+    return spec
 
 
 def _load(spec: VGGSpec, state, features: list[_Layer], classifier: list[_Layer], path: Path) -> VGG:
@@ -252,22 +280,30 @@ def _load(spec: VGGSpec, state, features: list[_Layer], classifier: list[_Layer]
 
 
 def torchvision_name(spec: VGGSpec, classifier: list[_Layer]) -> str | None:
-    """Which of torchvision's eight VGGs has this spec and classifier layout, if any."""
+    """Which of torchvision's eight VGGs has this spec and classifier layout; CUSTOM for its VGG class
+    on other conv widths (torchvision.models.vgg.VGG(make_layers(cfg))); None when not torchvision's."""
     if (spec.grid, spec.hidden, [c.prefix for c in classifier]) != (
         TORCHVISION_GRID,
         TORCHVISION_HIDDEN,
         ["classifier.0", "classifier.3", "classifier.6"],
     ):
         return None
-    name = next((n for n, blocks in VGG_PRESETS.items() if blocks == spec.blocks), None)
-    return None if name is None else name + ("_bn" if spec.batch_norm else "")
+    name = next((n for n, blocks in VGG_PRESETS.items() if blocks == spec.blocks), CUSTOM)
+    return name if name == CUSTOM else name + ("_bn" if spec.batch_norm else "")
 
 
 def _torchvision_reference(name: str, state, spec: VGGSpec) -> nn.Module:
     import torchvision  # only here: importing iterkd stays as light as it is
 
     with torch.device("meta"):  # no initialisation: every weight comes from the file
-        model = getattr(torchvision.models, name)(weights=None, num_classes=spec.num_classes)
+        if name == CUSTOM:  # torchvision's class on the file's widths, a max-pool after every block
+            cfg = [v for block in spec.blocks for v in (*block, "M")]
+            features = torchvision.models.vgg.make_layers(cfg, batch_norm=spec.batch_norm)
+            model = torchvision.models.vgg.VGG(features, num_classes=spec.num_classes, init_weights=False)
+            # the class reads 512 channels; a user's last conv may have others (its pooling is the class's)
+            model.classifier[0] = nn.Linear(spec.head_in, TORCHVISION_HIDDEN[0])
+        else:
+            model = getattr(torchvision.models, name)(weights=None, num_classes=spec.num_classes)
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval()
 
