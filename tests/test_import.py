@@ -282,7 +282,7 @@ def test_more_than_max_params_is_refused_before_anything_is_built(tmp_path, monk
         load_teacher(tmp_path / "big.pth", size=32)
 
 
-@pytest.mark.parametrize("what", ["torchscript", "corrupt", "text", "optimizer only"])
+@pytest.mark.parametrize("what", ["torchscript", "corrupt", "legacy garbage", "text", "optimizer only"])
 def test_other_files_get_a_line_that_says_what_they_are(tmp_path, what):
     path = tmp_path / "t.pt"
     if what == "torchscript":
@@ -290,6 +290,8 @@ def test_other_files_get_a_line_that_says_what_they_are(tmp_path, what):
     elif what == "corrupt":
         torch.save(CifarVGG(CFG).state_dict(), path)
         path.write_bytes(path.read_bytes()[:300])
+    elif what == "legacy garbage":
+        path.write_bytes(b"\x80\x02" + bytes(range(7, 200)))  # a pickle protocol byte, then noise
     elif what == "text":
         path.write_text("not weights")
     else:
@@ -299,6 +301,7 @@ def test_other_files_get_a_line_that_says_what_they_are(tmp_path, what):
     expected = {
         "torchscript": "TorchScript archive, not a state dict",
         "corrupt": "corrupt torch.save file",
+        "legacy garbage": "corrupt torch.save file",
         "text": "neither a safetensors file nor a torch.save file",
         "optimizer only": "holds no state dict (found 'optimizer', 'epoch')",
     }[what]

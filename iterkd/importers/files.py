@@ -87,8 +87,13 @@ def _torch_load(path: Path):
         # weights_only refuses every global that is not a tensor or a plain container, before
         # anything of it is built: a pickled nn.Module ends here, and none of its code has run.
         found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        if found is None:  # no class named: a broken pickle stream, not a module
+            raise IterkdError(
+                f"teacher {path} is a corrupt torch.save file (its pickle stream names no class torch.load "
+                "could read: broken or not a torch.save file)"
+            ) from None
         raise IterkdError(
-            f"teacher {path} pickles Python objects, not only tensors ({found[1] if found else 'a class'}): "
+            f"teacher {path} pickles Python objects, not only tensors ({found[1]}): "
             f"it looks like torch.save(model); iterkd never unpickles code. Save the weights with {SAVE_STATE_DICT}"
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, SafetensorError) as e:
