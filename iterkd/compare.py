@@ -331,12 +331,10 @@ def pruned_spec(root: VGGSpec, target: int) -> VGGSpec:
         widths = widths[:i] + [widths[i] - 1] + widths[i + 1 :]
 
 
-def unreachable_by_pruning(root: VGGSpec, targets: list[int]) -> str | None:
-    """Why channel pruning of `root` cannot follow the chain's sizes (None when it can): it narrows
-    convs only, so a head that outweighs the target (torchvision's 4,096-wide one) stays."""
-    spec = root
-    for target in targets:
-        spec = pruned_spec(spec, target)
+def unreachable_by_pruning(root: VGGSpec, steps: list[tuple[int, int]]) -> str | None:
+    """Why channel pruning of `root` cannot follow the chain's sizes (`prune_steps`; None when it
+    can): it narrows convs only, so a head that outweighs the target (torchvision's 4,096-wide one) stays."""
+    for (target, _), (spec, _) in zip(steps, pruned_specs(root, steps)):
         if abs(spec.params() - target) > PRUNE_TOLERANCE * target:
             head = sum(i * o + o for i, o in spec.head_layers())
             return (
@@ -605,6 +603,7 @@ def compare_run(
     cfg, root, final = run.cfg, run.root, final_node(run)
     n_epochs = compare_epochs(cfg.epochs, epochs, preset)
     path = chain_path(run, final)
+    steps = prune_steps(path)
     n_chain, n_paid = chain_epochs(path), search_compute(run)[0]
     json_path, md_path = run.run_dir / "compare.json", run.run_dir / "compare.md"
     results = read_results(json_path)
@@ -613,7 +612,7 @@ def compare_run(
     if not prune:
         log(f"compare: the prune-kd row needs Torch-Pruning; to add it: {PRUNE_INSTALL}")
         notes.append(f"prune-kd was not run: Torch-Pruning is not installed ({PRUNE_INSTALL})")
-    unreachable = prune and unreachable_by_pruning(root.spec, [t for t, _ in prune_steps(path)])
+    unreachable = prune and unreachable_by_pruning(root.spec, steps)
     if unreachable:
         log(f"compare: {unreachable}")
         notes.append(f"prune-kd was not run: {unreachable}")
@@ -635,7 +634,7 @@ def compare_run(
         root_model = run.model(root).to(dev)
         # An ensemble root teaches through all its members, as it did in the run.
         teachers = [load_model(run.run_dir / m["checkpoint"]).to(dev) for m in root.members] or [root_model]
-        trainer = BaselineTrainer(cfg, data, final, root_model, teachers, prune_steps(path), progress)
+        trainer = BaselineTrainer(cfg, data, final, root_model, teachers, steps, progress)
         for method, seed, n in todo:
             model, val, test, seconds = trainer.fit(method, seed, n)
             spec = model.spec
@@ -659,7 +658,7 @@ def compare_run(
             log(f"{method} ({n} epochs) seed {seed}: val {val:.2f}%  test {test:.2f}%  {seconds:.0f}s")
     runs, searched, search_notes = rerun_searches(run, search_seeds, progress, log)
     notes += search_notes
-    rows = table_rows(root, runs, plans, results, seeds, per_epoch, prune_steps(path))
+    rows = table_rows(root, runs, plans, results, seeds, per_epoch, steps)
     # Paid compute equals the chain's when the search trained nothing off the chain: one verdict then.
     bases = [(PAID, n_paid)] + ([(CHAIN, n_chain)] if n_chain != n_paid else [])
     verdicts = {basis: verdict_text(rows, plans, n, per_epoch, basis) for basis, n in bases}

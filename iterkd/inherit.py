@@ -155,25 +155,21 @@ def _inherit_head(child: VGG, parent: VGG, kept: torch.Tensor) -> list[int]:
     p, c = _linears(parent), _linears(child)
     ph, ch = parent.spec.hidden, child.spec.hidden
     first = _grid_columns(p[0].weight, kept, parent.spec.grid, child.spec.grid)
-    pairs: list[tuple[int, int]] = []  # (child layer, parent layer) copied whole (but for layer 0's columns)
+    done: list[int] = []  # child layers copied in part: a narrowed one and the layer that reads it
     if ch == ph:
-        pairs = [(i, i) for i in range(len(c))]
+        pairs = [(i, i) for i in range(len(c))]  # (child layer, parent layer) copied whole
     elif len(ch) == len(ph):
         diff = [i for i, (a, b) in enumerate(zip(ch, ph)) if a != b]
         if len(diff) != 1 or ch[diff[0]] > ph[diff[0]]:
             return []
         k = diff[0]
         units = keep_channels(p[k].weight.abs().sum(dim=1), ch[k])
-        pairs = [(i, i) for i in range(len(c)) if i not in (k, k + 1)]
-        w = first if k == 0 else p[k].weight
-        c[k].weight.copy_(w[units])
+        c[k].weight.copy_((first if k == 0 else p[k].weight)[units])
         c[k].bias.copy_(p[k].bias[units])
-        c[k + 1].weight.copy_((first if k + 1 == 0 else p[k + 1].weight)[:, units])
+        c[k + 1].weight.copy_(p[k + 1].weight[:, units])
         c[k + 1].bias.copy_(p[k + 1].bias)
-        pairs_done = [k, k + 1]
-        for i, j in pairs:
-            _copy_linear(c[i], p[j], first if i == 0 else None)
-        return sorted(pairs_done + [i for i, _ in pairs])
+        done = [k, k + 1]
+        pairs = [(i, i) for i in range(len(c)) if i not in done]
     elif len(ph) == len(ch) + 1:
         # Which layer went: among those whose removal leaves the child's widths (with equal widths,
         # several), the one that lets the most weights be copied (torchvision's 4096-4096: the second,
@@ -192,7 +188,7 @@ def _inherit_head(child: VGG, parent: VGG, kept: torch.Tensor) -> list[int]:
         return []
     for i, j in pairs:
         _copy_linear(c[i], p[j], first if i == 0 else None)
-    return [i for i, _ in pairs]
+    return sorted(done + [i for i, _ in pairs])
 
 
 def _copy_linear(dst: nn.Linear, src: nn.Linear, weight: torch.Tensor | None) -> None:

@@ -154,15 +154,15 @@ class Search:
         # command leaves nothing behind and the corrected one starts cleanly.
         # The data first: a folder that cannot be a dataset is refused before anything is recorded.
         store = cfg.data_store(progress=progress, log=log)
+        info = cfg.data_info(store)
         # Then the teachers, read (an imported VGG checked against the file's own model) and matched
         # to the data, once: the root is made from these models.
         self.teachers = {}
         for path in cfg.teacher or ():
-            teacher = load_teacher(path, size=cfg.data_info(store).size, arch=cfg.teacher_arch)
-            check_input(teacher.model.spec, cfg.data_info(store), Path(path))
+            teacher = load_teacher(path, size=info.size, arch=cfg.teacher_arch)
+            check_input(teacher.model.spec, info, Path(path))
             self.teachers[Path(path)] = teacher
         if not cfg.teacher:  # the root this space and --width make must be buildable
-            info = cfg.data_info(store)
             try:
                 self.space.root_spec(info.channels, info.num_classes, info.size, cfg.width)
             except IterkdError as e:
@@ -185,9 +185,7 @@ class Search:
         objective.adopt(self.study)  # a new run's objective; one made before it keeps its own
         adopt_key_format(self.study)  # likewise its candidate keys
         self.key_format = key_format(self.study)
-        self.trainer = NodeTrainer(
-            self.opened, data=data, info=cfg.data_info(store), progress=progress, log=log
-        )
+        self.trainer = NodeTrainer(self.opened, data=data, info=info, progress=progress, log=log)
         self.queue: WorkQueue | None = None
 
     @property

@@ -193,7 +193,7 @@ def shrink_grid(spec: VGGSpec, params: dict) -> list[Move]:
 
 # The moves of a VGG head, joined to any space's moves from a spec that has a pooled grid or hidden
 # layers (an imported torchvision VGG keeps about 90 % of its parameters there).
-HEAD_OPERATORS = (("shrink_grid", {}), ("drop_fc", {}), ("shrink_fc", {"factors": [0.5, 0.25]}))
+HEAD_OPERATORS = (("shrink_grid", {}), ("drop_fc", {}), ("shrink_fc", {}))  # each with its defaults
 
 
 def has_head(spec: VGGSpec) -> bool:

@@ -605,10 +605,12 @@ def test_a_prune_row_channel_pruning_cannot_reach_is_left_out_with_the_reason():
     out of reach, while the same convs with iterkd's own head get there."""
     blocks = ((64,), (128,), (256, 256), (512, 512), (512, 512))
     wide = VGGSpec(blocks, 3, 10, 32, grid=7, hidden=(4096, 4096))
-    why = compare.unreachable_by_pruning(wide, [wide.params() // 2, wide.params() // 100])
+    why = compare.unreachable_by_pruning(wide, [(wide.params() // 2, 1), (wide.params() // 100, 1)])
     assert why.startswith(
         f"channel pruning narrows the root's convs only and cannot reach {wide.params() // 100:,}"
     )
     assert "the fully connected layers hold" in why
     plain = VGGSpec(blocks, 3, 10, 32)
-    assert compare.unreachable_by_pruning(plain, [plain.params() // 2, plain.params() // 100]) is None
+    assert (
+        compare.unreachable_by_pruning(plain, [(plain.params() // 2, 1), (plain.params() // 100, 1)]) is None
+    )

@@ -77,20 +77,12 @@ def import_vgg(state: dict[str, torch.Tensor], *, size: int, path: Path, arch: s
             f"teacher {path}: the VGG read from it does not reproduce the file's own model (logits differ by "
             f"up to {diff:.2g}, more than {limit:.2g}); its layout is not one iterkd can describe"
         )
-    layout = (
-        "torchvision VGG (own conv widths)"
-        if name == CUSTOM
-        else f"torchvision {name}"
-        if name
-        else "CIFAR-style VGG"
-    )
-    what = (
-        "torchvision.models.vgg.VGG on its widths"
-        if name == CUSTOM
-        else f"torchvision.models.{name}"
-        if name
-        else "the module its keys describe"
-    )
+    if name == CUSTOM:
+        layout, what = "torchvision VGG (own conv widths)", "torchvision.models.vgg.VGG on its widths"
+    elif name:
+        layout, what = f"torchvision {name}", f"torchvision.models.{name}"
+    else:
+        layout, what = "CIFAR-style VGG", "the module its keys describe"
     return Imported(model, layout, what, diff, limit)
 
 
