@@ -39,7 +39,7 @@ from .models import VGG
 from .run import Run, open_run
 from .search import Search
 from .train import TrainSettings, recalibrate_bn, train
-from .trainer import kd_settings
+from .trainer import frozen_teacher, kd_settings
 
 PRUNE_INSTALL = "pip install 'iterkd[prune]'"  # what a user without Torch-Pruning runs
 PRUNE_TOLERANCE = 0.02  # the pruned model's parameters within 2 % of the final node's
@@ -101,7 +101,7 @@ class Row:
 
     method: str
     params: int
-    flops: int
+    flops: int | None  # per image; None for a frozen teacher (a program iterkd does not count)
     epochs: list[int]
     val: list[float]
     test: list[float]
@@ -127,7 +127,7 @@ class Row:
         return [
             self.method,
             f"{self.params:,}",
-            f"{self.flops / 1e6:.2f}",
+            "–" if self.flops is None else f"{self.flops / 1e6:.2f}",
             spread(self.epochs),
             spread([e * images_per_epoch for e in self.epochs], "{:,}"),
             flops_cell(self.train_flops),
@@ -634,6 +634,8 @@ def compare_run(
         root_model = run.model(root).to(dev)
         # An ensemble root teaches through all its members, as it did in the run.
         teachers = [load_model(run.run_dir / m["checkpoint"]).to(dev) for m in root.members] or [root_model]
+        # Its frozen teachers teach beside it, as in the run (never the hint: they have no blocks).
+        teachers += [frozen_teacher(run.run_dir, r, cfg, data.info).to(dev) for r in root.frozen]
         trainer = BaselineTrainer(cfg, data, final, root_model, teachers, steps, progress)
         for method, seed, n in todo:
             model, val, test, seconds = trainer.fit(method, seed, n)
@@ -722,11 +724,15 @@ def table_rows(
     test accuracy against the iterkd row's. `steps`: the prune-kd row's (see prune_steps)."""
     final = final_node(runs[0])
     chain = chain_row(runs, per_epoch)
+    # A root made from frozen teachers stands for the best of them (its accuracy is theirs).
+    best = max(root.frozen, key=lambda r: r["val_acc"]) if root.vgg_val_acc is not None else None
     rows = [
         Row(
-            f"root (node {root.node})",
-            root.spec.params(),
-            root.spec.flops(),
+            f"root (node {root.node})"
+            if best is None
+            else f"root: frozen {best['source']} (node {root.node})",
+            root.spec.params() if best is None else best["params"],
+            root.spec.flops() if best is None else None,
             [trained_epochs(root)],
             [root.val_acc],
             [root.test_acc],

@@ -254,7 +254,8 @@ class SearchConfig:
         None,
         "the trained root: an iterkd checkpoint, or the state dict of a torchvision or CIFAR-style "
         "VGG (.pth/.pt or .safetensors; docs/usage.md); repeat it to make an ensemble of models the "
-        "root (docs/losses.md)",
+        "root (docs/losses.md). Any other model, as a torch.export program (.pt2) or a TorchScript "
+        "archive, is a frozen teacher: it teaches beside the root and is never shrunk",
         "search",
         metavar="PATH",
         default_text="train the root",
@@ -406,6 +407,16 @@ class SearchConfig:
         "training",
         metavar="HOW",
     )
+    # A frozen teacher (an exported program, a TorchScript archive) may have been trained on other
+    # statistics than the VGG root; its inputs are mapped to them on the way in (importers.frozen).
+    teacher_normalize: str | None = setting(
+        None,
+        "input normalisation of frozen --teacher programs (.pt2, TorchScript): dataset, imagenet or "
+        "M1,M2,M3/S1,S2,S3",
+        "training",
+        metavar="HOW",
+        default_text="as --normalize",
+    )
     skip_bad_images: bool = setting(
         False, "imagefolder: leave out images that cannot be read (the count is recorded)", "training"
     )
@@ -519,13 +530,28 @@ class SearchConfig:
 
     def data_info(self, store=None):
         """The run's DatasetInfo: channels, classes, size and normalisation (a folder's from its store)."""
+        return normalized(self._own_info(store), self.normalize)
+
+    def _own_info(self, store=None):
+        """The dataset's DatasetInfo with its own statistics, before --normalize."""
         from .data import FOLDER, dataset_info
 
         if self.dataset == FOLDER:
-            return normalized((store or self.data_store()).info(self.flip_images), self.normalize)
+            return (store or self.data_store()).info(self.flip_images)
         info = dataset_info(self.dataset)  # no store needed: the registry says it
-        info = info if self.flip is None else replace(info, flip=self.flip_images)
-        return normalized(info, self.normalize)
+        return info if self.flip is None else replace(info, flip=self.flip_images)
+
+    def frozen_inputs(self, store=None) -> tuple[tuple[tuple[float, ...], tuple[float, ...]] | None, str]:
+        """How frozen teachers' inputs are normalised: ((mean, std), --teacher-normalize) when it
+        differs from the students' (--normalize), else (None, 'students')."""
+        text = self.teacher_normalize
+        if text is None or text == self.normalize:
+            return None, "students"
+        try:
+            info = normalized(self._own_info(store), text)
+        except IterkdError as e:
+            raise IterkdError(str(e).replace("--normalize", "--teacher-normalize", 1)) from None
+        return (tuple(info.mean), tuple(info.std)), text
 
     @property
     def flip_images(self) -> bool | None:
@@ -665,6 +691,11 @@ def validate(cfg: SearchConfig) -> SearchConfig:
     )
     need(cfg.channels in (None, 1, 3), f"--channels must be 1 or 3, got {cfg.channels}")
     parse_normalize(cfg.normalize)
+    if cfg.teacher_normalize is not None:
+        try:
+            parse_normalize(cfg.teacher_normalize)
+        except IterkdError as e:
+            raise IterkdError(str(e).replace("--normalize", "--teacher-normalize", 1)) from None
     if cfg.hint_weight is None:
         cfg = replace(cfg, hint_weight=DEFAULT_HINT_WEIGHT[cfg.hint])
     cfg.loss_weights()  # LossWeights checks its own invariants too

@@ -68,6 +68,13 @@ class Node:
     members: tuple[
         dict, ...
     ] = ()  # an ensemble root's models: checkpoint, spec_summary, params, val_acc, test_acc
+    # The root's frozen teachers (importers.frozen): file (in the run), source, kind, sha256, params,
+    # val_acc, test_acc. They teach wherever the root teaches.
+    frozen: tuple[dict, ...] = ()
+    # A root made by KD from frozen teachers alone: its val_acc/test_acc are the best teacher's (the
+    # reference for --max-drop), these the generation-0 VGG's own.
+    vgg_val_acc: float | None = None
+    vgg_test_acc: float | None = None
 
     @property
     def ok(self) -> bool:
@@ -99,6 +106,9 @@ class Node:
             history=tuple(a.get("history", ())),
             deploy={k: a[k] for k in DEPLOY_COLUMNS if k in a},
             members=tuple(a.get("members", ())),
+            frozen=tuple(a.get("frozen", ())),
+            vgg_val_acc=a.get("vgg_val_acc"),
+            vgg_test_acc=a.get("vgg_test_acc"),
         )
 
 

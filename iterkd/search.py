@@ -21,7 +21,7 @@ from .device import resolve_device, resolve_precision
 from .errors import IterkdError
 from .export import Int8Request, export_node
 from .faults import fault_point
-from .importers import check_input, load_teacher
+from .importers import check_input, is_frozen_file, load_frozen, load_teacher
 from .lineage import (
     POLISH,
     Node,
@@ -157,12 +157,25 @@ class Search:
         info = cfg.data_info(store)
         # Then the teachers, read (an imported VGG checked against the file's own model) and matched
         # to the data, once: the root is made from these models.
-        self.teachers = {}
+        # A program (.pt2, TorchScript) is a frozen teacher, run on the data's input shape here.
+        self.teachers, self.frozen = {}, {}
+        own, how = cfg.frozen_inputs(store)
         for path in cfg.teacher or ():
+            if is_frozen_file(path):
+                self.frozen[Path(path)] = load_frozen(
+                    path,
+                    channels=info.channels,
+                    size=info.size,
+                    classes=info.num_classes,
+                    students=(tuple(info.mean), tuple(info.std)),
+                    own=own,
+                    normalize=how,
+                )
+                continue
             teacher = load_teacher(path, size=info.size, arch=cfg.teacher_arch)
             check_input(teacher.model.spec, info, Path(path))
             self.teachers[Path(path)] = teacher
-        if not cfg.teacher:  # the root this space and --width make must be buildable
+        if not self.teachers:  # the root this space and --width make must be buildable
             try:
                 self.space.root_spec(info.channels, info.num_classes, info.size, cfg.width)
             except IterkdError as e:
@@ -476,8 +489,12 @@ class Search:
     def _ensure_root(self) -> Node:
         root = root_node(nodes(self.study))
         packaged = self._packaged_root() if root is None and not self.cfg.teacher else None
-        if root is None and self.cfg.teacher:
-            root = self.trainer.root_from_teachers([Path(p) for p in self.cfg.teacher], loaded=self.teachers)
+        if root is None and self.teachers:
+            root = self.trainer.root_from_teachers(
+                list(self.teachers), loaded={**self.teachers, **self.frozen}, frozen=list(self.frozen)
+            )
+        elif root is None and self.frozen:
+            root = self.trainer.root_from_frozen(list(self.frozen), self.frozen)
         elif packaged is not None:
             root = self.trainer.root_from_teachers(
                 [packaged.path], operator=packaged.operator, epochs=packaged.epochs
@@ -492,6 +509,16 @@ class Search:
             raise IterkdError(
                 f"the root {root.failure or 'failed'} ({root.error}); lower --lr (or check "
                 "--weight-decay) and start again with another --name"
+            )
+        if root.vgg_val_acc is not None and not within_budget(
+            root.val_acc - root.vgg_val_acc, self.cfg.max_drop
+        ):
+            best = max(root.frozen, key=lambda r: r["val_acc"])
+            raise IterkdError(
+                f"the first VGG ({root.spec.summary()}, {root.vgg_val_acc:.2f} % after KD from the frozen "
+                f"teachers) is already {root.val_acc - root.vgg_val_acc:.2f} points below {best['source']} "
+                f"({root.val_acc:.2f} %), over --max-drop {self.cfg.max_drop:g}: start again with another "
+                f"--name and a wider space root (--width {2 * self.cfg.width:g}) or more --root-epochs"
             )
         return root
 

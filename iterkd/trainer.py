@@ -5,6 +5,8 @@ local search and `iterkd worker` both train through it, and it records each node
 
 from __future__ import annotations
 
+import os
+import shutil
 import warnings
 from collections.abc import Callable
 from dataclasses import replace
@@ -19,7 +21,7 @@ from .choices import move_params, suggest_kd, suggest_move
 from .data import DatasetInfo, DataSplits
 from .device import resolve_device, resolve_precision
 from .errors import IterkdError
-from .importers import check_input, load_teacher
+from .importers import FrozenTeacher, check_input, file_sha256, load_frozen, load_teacher
 from .inherit import inherit_weights
 from .lineage import POLISH, Node, node_attrs, nodes
 from .models import VGG
@@ -54,6 +56,28 @@ def kd_settings(cfg, epochs: int, seed: int, kd: dict) -> TrainSettings:
         cfg.loss_weights(), alpha=kd["alpha"], temperature=kd["temperature"], hint_weight=kd["hint_weight"]
     )
     return replace(train_settings(cfg, epochs, seed, child=True), lr=kd["lr"], loss=loss)
+
+
+def frozen_teacher(run_dir: Path, record: dict, cfg, info: DatasetInfo) -> FrozenTeacher:
+    """A root's frozen teacher (`record`, one of its `frozen`) from the run directory, checked
+    against the hash it had when the run began, its inputs normalised as the run says."""
+    path = Path(run_dir) / record["file"]
+    if not path.is_file() or file_sha256(path) != record["sha256"]:
+        raise IterkdError(
+            f"frozen teacher {path} is missing or was changed since the run began (sha256 "
+            f"{record['sha256'][:12]}...); put {record['source']} back there"
+        )
+    own, how = cfg.frozen_inputs()
+    return load_frozen(
+        path,
+        channels=info.channels,
+        size=info.size,
+        classes=info.num_classes,
+        students=(tuple(info.mean), tuple(info.std)),
+        own=own,
+        normalize=how,
+        name=record["source"],
+    )
 
 
 class NodeTrainer:
@@ -108,13 +132,20 @@ class NodeTrainer:
         return self._train(trial, model, settings, f"root {model.spec.summary()}")
 
     def root_from_teachers(
-        self, paths: list[Path], *, operator: str | None = None, epochs: int = 0, loaded: dict | None = None
+        self,
+        paths: list[Path],
+        *,
+        operator: str | None = None,
+        epochs: int = 0,
+        loaded: dict | None = None,
+        frozen: list[Path] = (),
     ) -> Node:
         """The root from given checkpoints. One: that model. Several: an ensemble whose averaged
         probabilities are the root's outputs (its accuracy is the reference for --max-drop and its
         members teach together); children derive from the member with the best validation accuracy,
         which is also the hint teacher and the root's checkpoint. Members are copied into the run.
-        `operator` and `epochs` describe where the checkpoint came from (a packaged root) when known."""
+        `operator` and `epochs` describe where the checkpoint came from (a packaged root) when known.
+        `frozen` teachers (programs) are copied into the run and teach wherever the root teaches."""
         info, data, members = self.info, self.data, []
         for path in paths:
             teacher = (loaded or {}).get(path) or load_teacher(
@@ -124,15 +155,7 @@ class NodeTrainer:
             model = teacher.model.to(self.device)
             val = evaluate(model, data.val_x, data.val_y, data)
             line = f"teacher {teacher.describe(path)}; validation accuracy {val:.2f} %"
-            chance = 100 / info.num_classes
-            if val < 2 * chance:
-                line += (
-                    f", near chance ({chance:.0f} % for {info.num_classes} classes): the class order here "
-                    f"({', '.join(info.class_names[:3])}, ...: sorted folder names for an image folder) "
-                    "probably differs from the one the model was trained with, or its inputs were "
-                    "normalised otherwise (--normalize imagenet, or its mean/std)"
-                )
-            self.log(line)
+            self.log(line + self._chance_note(val))
             members.append((path, model, val))
         best = max(range(len(members)), key=lambda i: (members[i][2], -i))
         path, model, _ = members[best]
@@ -146,6 +169,8 @@ class NodeTrainer:
             key="root",
             epochs=epochs,
         )
+        if frozen:
+            attrs["frozen"] = self._frozen_records(frozen, loaded or {})
         if len(paths) > 1:
             attrs["members"] = []
             for i, (p, m, val) in enumerate(members):
@@ -170,6 +195,119 @@ class NodeTrainer:
             return TrainResult(val, test, 0.0, 0, [val], 0.0)
 
         return self._record(create_trial(self.run.study, attrs), model, measure)
+
+    def root_from_frozen(self, paths: list[Path], loaded: dict) -> Node:
+        """With frozen teachers only, generation 0 is the space's root VGG trained for --root-epochs
+        by KD from them (no hint: they have no blocks to give one). The node stands for its teachers:
+        its val_acc/test_acc are the best teacher's, the reference for --max-drop, and the VGG's own
+        are `vgg_val_acc`/`vgg_test_acc`; its checkpoint is the VGG that children derive from."""
+        records = self._frozen_records(paths, loaded)
+        best = max(records, key=lambda r: r["val_acc"])
+        name = paths[0].name if len(paths) == 1 else f"{len(paths)} frozen teachers"
+        attrs = node_attrs(
+            generation=0,
+            parents=(),
+            teachers=(),
+            operator=f"kd:{name}",
+            spec=self.root_spec(),
+            key="root",
+            loss=self.kd_defaults(),
+            epochs=self.cfg.root_epochs,
+        )
+        attrs["frozen"] = records
+        trial = create_trial(self.run.study, attrs)
+        torch.manual_seed(self.cfg.seed)
+        model = VGG(self.root_spec())
+        settings = kd_settings(self.cfg, self.cfg.root_epochs, self.cfg.seed, self.kd_defaults())
+        teaching = self._frozen_teaching(records)
+        desc = f"root {model.spec.summary()} from {name}"
+
+        def fit(m, on_epoch):
+            result = train(
+                m, self.data, settings, on_epoch=on_epoch, progress=self.progress, desc=desc, **teaching
+            )
+            trial.set_user_attr("vgg_val_acc", result.val_acc)
+            trial.set_user_attr("vgg_test_acc", result.test_acc)
+            self.log(
+                f"generation 0: {model.spec.summary()} after {result.epochs} epochs of KD from {name}: "
+                f"validation {result.val_acc:.2f} % (drop {best['val_acc'] - result.val_acc:+.2f} points "
+                f"against {best['source']}'s {best['val_acc']:.2f} %, the reference for --max-drop)"
+            )
+            return replace(result, val_acc=best["val_acc"], test_acc=best["test_acc"])
+
+        return self._record(trial, model, fit)
+
+    def _frozen_records(self, paths: list[Path], loaded: dict) -> list[dict]:
+        """Copy each frozen teacher into RUN/teachers (resume and workers load it from there), measure
+        it on the validation and test splits, and say so; the records the root node keeps."""
+        records = []
+        folder = self.run.run_dir / "teachers"
+        folder.mkdir(exist_ok=True)
+        for i, path in enumerate(paths):
+            teacher = loaded[path]
+            target = folder / f"{i}-{path.name}"
+            if not target.is_file() or file_sha256(target) != teacher.spec.sha256:
+                tmp = target.with_name(f".{target.name}.tmp")
+                shutil.copyfile(path, tmp)
+                os.replace(tmp, target)
+            model = teacher.to(self.device)
+            val = evaluate(model, self.data.val_x, self.data.val_y, self.data)
+            test = evaluate(model, self.data.test_x, self.data.test_y, self.data)
+            self.log(
+                f"teacher {path.name}: frozen {teacher.spec.summary()}, {teacher.spec.params():,} params, "
+                f"inputs normalised as {teacher.spec.normalize}; validation accuracy {val:.2f} %"
+                + self._chance_note(val)
+            )
+            self._models[f"frozen-{i}"] = model
+            records.append(
+                {
+                    "file": str(target.relative_to(self.run.run_dir)),
+                    "source": path.name,
+                    "kind": teacher.spec.kind,
+                    "sha256": teacher.spec.sha256,
+                    "params": teacher.spec.params(),
+                    "val_acc": val,
+                    "test_acc": test,
+                }
+            )
+        return records
+
+    def frozen(self, records, i: int) -> FrozenTeacher:
+        """Frozen teacher `i` of the root (`records`: its `frozen`), loaded from the run directory."""
+        key = f"frozen-{i}"
+        if key not in self._models:
+            self._models[key] = frozen_teacher(self.run.run_dir, records[i], self.cfg, self.info).to(
+                self.device
+            )
+        return self._models[key]
+
+    def _frozen_teaching(self, records) -> dict:
+        """train()'s teachers, caches and weights for the frozen teachers `records` alone."""
+        teachers = [self.frozen(records, i) for i in range(len(records))]
+        caches = (
+            [self.teacher_cache_of(t, f"frozen-{i}") for i, t in enumerate(teachers)]
+            if self.cfg.teacher_cache
+            else []
+        )
+        weights = [r["val_acc"] for r in records] if self.cfg.teacher_weights == "accuracy" else None
+        return {
+            "teachers": teachers,
+            "teacher_cache": caches,
+            "teacher_weights": weights,
+            "hint_teacher": None,
+        }
+
+    def _chance_note(self, val: float) -> str:
+        """What a teacher's validation accuracy near chance probably means, else nothing."""
+        info, chance = self.info, 100 / self.info.num_classes
+        if val >= 2 * chance:
+            return ""
+        return (
+            f", near chance ({chance:.0f} % for {info.num_classes} classes): the class order here "
+            f"({', '.join(info.class_names[:3])}, ...: sorted folder names for an image folder) "
+            "probably differs from the one the model was trained with, or its inputs were "
+            "normalised otherwise (--normalize / --teacher-normalize imagenet, or its mean/std)"
+        )
 
     # -- children -----------------------------------------------------------------------------------
     def child_attrs(
@@ -282,6 +420,13 @@ class NodeTrainer:
             if cfg.teacher_weights == "accuracy"
             else None
         )
+        # The root's frozen teachers teach beside it, wherever it teaches (never as the hint teacher).
+        root = next((t for t in teacher_nodes if t.generation == 0 and t.frozen), None)
+        if root is not None:
+            extra = self._frozen_teaching(root.frozen)
+            teachers += extra["teachers"]
+            caches += extra["teacher_cache"]
+            weights = None if weights is None else weights + extra["teacher_weights"]
         return self._train(
             trial,
             model,
@@ -347,9 +492,13 @@ class NodeTrainer:
         """A teacher's soft labels, shared by every student it teaches; kept in RUN/cache for resumed runs
         until the search ends (cache.remove_cache)."""
         key = node.node if not node.members else f"{node.node}-{member}"
+        return self.teacher_cache_of(self.model(node, member), key)
+
+    def teacher_cache_of(self, model, key: int | str) -> TeacherCache:
+        """The cache of `model` (a node's, a member's or a frozen teacher's), named `key` in RUN/cache."""
         if key not in self._caches:
             self._caches[key] = TeacherCache(
-                self.model(node, member),
+                model,
                 self.data,
                 seed=self.cfg.seed,
                 views=self.cfg.views,

@@ -1,7 +1,8 @@
 """Models from outside: a `--teacher` file becomes the root's model. iterkd's own checkpoints load as
 they are; the state dict of a trained VGG (torchvision's eight, or a CIFAR-style layout), in a
 safetensors or torch.save file, is read into an iterkd spec and checked by comparing logits
-(`vgg`). Files are told apart by content and read without running code (`files`)."""
+(`vgg`). Files are told apart by content and read without running code (`files`). Any other model,
+as a torch.export program or TorchScript archive, is a frozen teacher (`frozen`)."""
 
 from __future__ import annotations
 
@@ -16,14 +17,20 @@ from ..data import DatasetInfo
 from ..errors import IterkdError
 from ..models import VGG
 from .files import file_kind, read_state_dict
+from .frozen import FrozenSpec, FrozenTeacher, file_sha256, is_frozen_file, load_frozen
 from .vgg import TOLERANCE, Imported, import_vgg
 
 __all__ = [
     "TOLERANCE",
+    "FrozenSpec",
+    "FrozenTeacher",
     "Imported",
     "Teacher",
     "check_input",
     "file_kind",
+    "file_sha256",
+    "is_frozen_file",
+    "load_frozen",
     "import_vgg",
     "load_teacher",
     "read_state_dict",
