@@ -2,6 +2,7 @@
 in an Optuna study.
 
     >>> from iterkd import SearchConfig, run_search, load
+    >>> outcome = iterkd.compress(model, train_dataset, max_drop=1.0)  # outcome.model: the final VGG
 """
 
 from __future__ import annotations
@@ -21,6 +22,17 @@ def run_search(cfg: SearchConfig, *, progress: bool = True):
     return Search(cfg, progress=progress).run()
 
 
+def compress(model, train, val=None, test=None, **kwargs):
+    """Compress a trained `torch.nn.Module` on map-style datasets of (image, int label) into the
+    smallest VGG within `max_drop` points (default 1.0); returns the SearchOutcome, `.model` the final
+    model in eval mode. A VGG is imported and shrunk, any other model teaches as a frozen teacher.
+    Keyword arguments: max_drop, space, preset, run_dir, classes, progress, and any SearchConfig
+    setting; see iterkd.compression.compress."""
+    from .compression import compress as _compress  # lazy: keeps `import iterkd` light
+
+    return _compress(model, train, val, test, **kwargs)
+
+
 def load(path):
     """A node's model for inference (eval mode, CPU) from a .safetensors checkpoint (weights only),
     an `iterkd export` directory, or a TorchScript .pt file; see iterkd.export.load."""
@@ -34,6 +46,7 @@ __all__ = [
     "VGGSpec",
     "IterkdError",
     "build_config",
+    "compress",
     "load",
     "load_model",
     "run_search",

@@ -135,8 +135,9 @@ class SearchConfig:
     )
     dataset: str = setting(
         "fashion-mnist",
-        "dataset: a named one, or imagefolder (--data-dir DIR holding train/<class>/ images, "
-        "optionally val/ and test/; docs/usage.md#your-own-images)",
+        "dataset: a named one, imagefolder (--data-dir DIR holding train/<class>/ images, "
+        "optionally val/ and test/; docs/usage.md#your-own-images), or store (--data-dir KEY: a "
+        "store iterkd.compress wrote from Python datasets; iterkd data list)",
         "search",
         choices=DATASET_NAMES,
     )
@@ -534,9 +535,9 @@ class SearchConfig:
 
     def _own_info(self, store=None):
         """The dataset's DatasetInfo with its own statistics, before --normalize."""
-        from .data import FOLDER, dataset_info
+        from .data import OWN_DATA, dataset_info
 
-        if self.dataset == FOLDER:
+        if self.dataset in OWN_DATA:
             return (store or self.data_store()).info(self.flip_images)
         info = dataset_info(self.dataset)  # no store needed: the registry says it
         return info if self.flip is None else replace(info, flip=self.flip_images)

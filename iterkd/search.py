@@ -58,6 +58,7 @@ class SearchOutcome:
     stop_reason: str
     generations: int
     seconds: float
+    model: object = None  # iterkd.compress: the final model as an nn.Module (eval mode, CPU)
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,5 @@
 """Data in, one way: a *source* lists and decodes images (named torchvision datasets and IDX files:
-`named`; image folders: `folder`), the *store* keeps them decoded once as a memory-mapped uint8
+`named`; image folders: `folder`; Python datasets: `python`), the *store* keeps them decoded once as a memory-mapped uint8
 array keyed by a fingerprint (`store`), *splits* are index arrays into it (`splits`), and
 *batches* normalise and augment what training and evaluation read (`batches`)."""
 
@@ -16,8 +16,9 @@ from .batches import (
     train_batches,
     view_batches,
 )
-from .info import DATASET_NAMES, DATASETS, FOLDER, DatasetInfo, dataset_info, padded_side
+from .info import DATASET_NAMES, DATASETS, FOLDER, OWN_DATA, STORED, DatasetInfo, dataset_info, padded_side
 from .named import default_data_dir, synthetic_arrays
+from .python import python_store
 from .splits import DataSplits, load_data, open_dataset, val_images
 from .store import Images, Store, list_stores, remove_store, store_root
 
@@ -26,6 +27,8 @@ __all__ = [
     "DATASET_NAMES",
     "EVAL_BATCH",
     "FOLDER",
+    "OWN_DATA",
+    "STORED",
     "DataSplits",
     "DatasetInfo",
     "Images",
@@ -42,6 +45,7 @@ __all__ = [
     "normalize",
     "open_dataset",
     "padded_side",
+    "python_store",
     "remove_store",
     "store_root",
     "synthetic_arrays",

@@ -23,6 +23,8 @@ FASHION_CLASSES = (
     "Ankle boot",
 )
 FOLDER = "imagefolder"  # --dataset for a folder of the user's images (iterkd.data.folder)
+STORED = "store"  # --dataset for a store written from Python datasets (iterkd.data.python), --data-dir KEY
+OWN_DATA = (FOLDER, STORED)  # the user's images: info from the store, stratified validation split
 
 
 @dataclass(frozen=True)
@@ -67,13 +69,13 @@ DATASETS: dict[str, DatasetInfo] = {
     ),
     "synthetic": DatasetInfo("synthetic", None, 3, 10, 16, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), False),
 }
-DATASET_NAMES = (*DATASETS, FOLDER)  # what --dataset takes
+DATASET_NAMES = (*DATASETS, FOLDER, STORED)  # what --dataset takes
 
 
 def dataset_info(name: str) -> DatasetInfo:
     """A named dataset's info; an image folder's depends on its images (SearchConfig.data_info)."""
-    if name == FOLDER:
-        raise IterkdError("an image folder's info comes from its store: use SearchConfig.data_info()")
+    if name in OWN_DATA:
+        raise IterkdError(f"{name}'s info comes from its store: use SearchConfig.data_info()")
     if name not in DATASETS:
         raise IterkdError(f"unknown dataset {name!r}; choose one of {', '.join(DATASET_NAMES)}")
     return DATASETS[name]

@@ -16,9 +16,9 @@ import torch
 
 from ..errors import IterkdError
 from .folder import folder_store
-from .info import FOLDER, DatasetInfo, dataset_info
+from .info import FOLDER, OWN_DATA, STORED, DatasetInfo, dataset_info
 from .named import default_data_dir, named_arrays, source_files
-from .store import Images, Store, build_store, fingerprint, open_store
+from .store import Images, Store, build_store, fingerprint, open_store, store_root
 
 FOLDER_VAL_SHARE, FOLDER_VAL_MAX = 0.1, 5000  # a folder without val/: 10 % of train/, at most 5,000
 NAMED_VAL_SIZE = {"synthetic": 400}  # else 5,000
@@ -88,6 +88,14 @@ def open_dataset(
             progress=progress,
             log=log,
         )
+    if name == STORED:
+        store = open_store(str(data_dir)) if data_dir else None
+        if store is None:
+            raise IterkdError(
+                f"--dataset {STORED} needs --data-dir KEY, a store under {store_root()} (iterkd data list); "
+                f"{data_dir!r} is not there: iterkd.compress with the same datasets writes it again"
+            )
+        return store
     info = dataset_info(name)
     if image_size is not None or channels is not None:
         raise IterkdError(f"--image-size and --channels are for --dataset {FOLDER}; {name} is {info.size}px")
@@ -164,7 +172,7 @@ def val_images(val_size: float | None, n_train: int, name: str) -> int:
     """How many training images validation takes: --val-size as a count, or as a share when below 1;
     by default 5,000 for a named dataset (400 for synthetic) and 10 % (at most 5,000) for a folder."""
     if val_size is None:
-        if name == FOLDER:
+        if name in OWN_DATA:
             return min(FOLDER_VAL_MAX, max(1, round(FOLDER_VAL_SHARE * n_train)))
         return NAMED_VAL_SIZE.get(name, 5000)
     return round(val_size * n_train) if val_size < 1 else int(val_size)
@@ -181,7 +189,7 @@ def _split(store: Store, val_size: float | None, seed: int) -> tuple[torch.Tenso
     v = val_images(val_size, n, name)
     if not 0 < v < n:
         raise IterkdError(f"--val-size must be between 1 and {n - 1} for {name}, got {val_size:g}")
-    if name != FOLDER:  # the split named datasets always had
+    if name not in OWN_DATA:  # the split named datasets always had
         perm = torch.randperm(n, generator=g)
         return rows[perm[v:]], rows[perm[:v]]
     labels = store.labels[rows]
