@@ -64,10 +64,11 @@ def spy_teachers(monkeypatch):
     return calls
 
 
-def test_a_frozen_program_alone_makes_generation_0_teaches_it_and_resumes(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("fmt", ["exported", "torchscript"])
+def test_a_frozen_program_alone_makes_generation_0_teaches_it_and_resumes(tmp_path, monkeypatch, capsys, fmt):
     torch.manual_seed(0)
-    path = export(Residual(), tmp_path / "resnet.pt2")
-    assert file_kind(path) == "exported"
+    path = (export if fmt == "exported" else script)(Residual(), tmp_path / "resnet.pt2")
+    assert file_kind(path) == fmt  # told by content: a TorchScript archive named .pt2 too
     calls = spy_teachers(monkeypatch)
     cfg = smoke_config(tmp_path / "run", teacher=(str(path),), max_generations=1)
     out = run_search(cfg, progress=False)
@@ -80,7 +81,8 @@ def test_a_frozen_program_alone_makes_generation_0_teaches_it_and_resumes(tmp_pa
     assert root.vgg_val_acc is not None and root.spec == VGG(root.spec).spec
     assert record["params"] == sum(p.numel() for p in Residual().parameters())
     assert (Path(cfg.run_dir) / record["file"]).read_bytes() == path.read_bytes()  # copied into the run
-    assert "teacher resnet.pt2: frozen torch.export program resnet.pt2" in said
+    kind = "torch.export program" if fmt == "exported" else "TorchScript archive"
+    assert f"teacher resnet.pt2: frozen {kind} resnet.pt2" in said
     assert "generation 0: " in said and "the reference for --max-drop" in said
     # Generation 0 learns from the program alone (no hint: it has no blocks); the child from its
     # parent with the program beside it (the root teaches through both); hints only from VGGs.
