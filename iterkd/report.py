@@ -860,6 +860,9 @@ def facts(view: RunView) -> list[tuple[str, str]]:
             )
         )
         out.append(("budget", f"--max-drop {c.get('max_drop')} validation accuracy points vs the root"))
+    root = view.root
+    if root is not None and root.frozen:
+        out.append(("frozen teachers", frozen_line(root)))
     smaller = _headline(view)
     if smaller:
         out.append(("smaller", smaller))
@@ -869,6 +872,19 @@ def facts(view: RunView) -> list[tuple[str, str]]:
     if epochs:
         out.append(("epochs", epochs))
     return out
+
+
+def frozen_line(root: Node) -> str:
+    """What the root's frozen teachers are, and what node 0 stands for when they made it."""
+    teachers = "; ".join(
+        f"{r['source']} ({r['params']:,} params, validation {r['val_acc']:.2f} %)" for r in root.frozen
+    )
+    if root.vgg_val_acc is None:
+        return f"{teachers}: they teach wherever the root teaches"
+    return (
+        f"{teachers}. Node 0 stands for them: its accuracy is the best teacher's (the reference for the "
+        f"budget); its VGG, trained by KD from them, reached {root.vgg_val_acc:.2f} % on validation"
+    )
 
 
 def _headline(view: RunView) -> str:

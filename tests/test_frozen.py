@@ -17,6 +17,7 @@ from iterkd.cli import main
 from iterkd.errors import IterkdError
 from iterkd.importers import FrozenTeacher, file_kind, load_frozen
 from iterkd.models import VGG
+from iterkd.report import write_report
 from iterkd.run import open_run
 from tests.conftest import he_fill, smoke_config
 from tests.test_import import CifarVGG
@@ -91,6 +92,9 @@ def test_a_frozen_program_alone_makes_generation_0_teaches_it_and_resumes(tmp_pa
     assert child[1] == ["VGG", "FrozenTeacher"] and child[2] == "VGG"
     # The child's checkpoint is a VGG; nothing of the program was shrunk.
     assert isinstance(load_model(Path(cfg.run_dir) / out.final.checkpoint), VGG)
+    write_report(cfg.run_dir)
+    report = (Path(cfg.run_dir) / "report.md").read_text()
+    assert "**frozen teachers**: resnet.pt2" in report and "Node 0 stands for them" in report
     trained = len(open_run(cfg.run_dir).nodes)
     again = run_search(cfg, progress=False)
     assert again.root.node == root.node and len(open_run(cfg.run_dir).nodes) == trained
