@@ -3,6 +3,7 @@ and is never shrunk. Alone, generation 0 is the space's root VGG trained by KD f
 is measured against it; beside an imported VGG root it joins the root wherever the root teaches.
 Tiny models on the smoke preset's 16-pixel synthetic data."""
 
+import runpy
 import warnings
 import zipfile
 from pathlib import Path
@@ -258,3 +259,28 @@ def test_compares_root_row_reports_the_frozen_teacher_and_it_teaches_the_baselin
     assert root_row.params == sum(p.numel() for p in Residual().parameters())
     assert "| root: frozen resnet.pt2 (node 0) |" in c.markdown_path.read_text()
     assert ["VGG", "FrozenTeacher"] in calls
+
+
+def test_the_training_script_saves_what_users_bring_and_iterkd_reads_it(tmp_path):
+    # scripts/train_torchvision.py, as a user runs it: a ResNet exported as a program is a frozen
+    # teacher on the folder's input (its state-dict path is torch.save, read by test_import's files).
+    from tests.test_folder import tree
+
+    root = tree(tmp_path / "imgs", parts=("train", "val"), n=4, side=32)
+    script_main = runpy.run_path(str(Path(__file__).parents[1] / "scripts" / "train_torchvision.py"))["main"]
+    common = [
+        "--data-dir",
+        str(root),
+        "--epochs",
+        "1",
+        "--batch-size",
+        "4",
+        "--workers",
+        "0",
+        "--threads",
+        "1",
+    ]
+    assert script_main([*common, "--arch", "resnet18", "--out", str(tmp_path / "r.pt2")]) == 0
+    stats = ((0.5,) * 3, (0.25,) * 3)
+    teacher = load_frozen(tmp_path / "r.pt2", channels=3, size=32, classes=3, students=stats)
+    assert teacher.spec.kind == "exported" and teacher(torch.zeros(5, 3, 32, 32)).shape == (5, 3)

@@ -1,11 +1,16 @@
-"""Train a torchvision VGG on an image folder the way a user would, outside iterkd, and save its
-state dict: the model a user brings to `iterkd search --teacher` (docs/usage.md, "Your own trained
-VGG as the root"). Plain torchvision: ImageFolder (classes are the sorted folder names, iterkd's
-order too), standard augmentation, SGD with a one-cycle schedule, ImageNet normalisation (so the
-search needs `--normalize imagenet`).
+"""Train a torchvision classifier on an image folder the way a user would, outside iterkd, and save
+it the way users do: the model a user brings to `iterkd search --teacher` (docs/usage.md, "Your own
+trained VGG as the root", "Any model as a frozen teacher"; docs/your-model.md). Plain torchvision:
+ImageFolder (classes are the sorted folder names, iterkd's order too), standard augmentation, SGD
+with a one-cycle schedule, ImageNet normalisation (so the search needs `--normalize imagenet`, or
+`--teacher-normalize imagenet` for a frozen teacher).
 
-    python scripts/train_torchvision_vgg.py --data-dir fashion-png --arch vgg11_bn --epochs 3 \\
+    python scripts/train_torchvision.py --data-dir fashion-png --arch vgg11_bn --epochs 3 \\
         --train-images 12000 --out vgg11_bn.pth
+    python scripts/train_torchvision.py --data-dir fashion-png --arch resnet18 --out resnet18.pt2
+
+A `.pth` output is the state dict (`torch.save(model.state_dict(), ...)`); a `.pt2` output is a
+`torch.export` program with a dynamic batch dimension, what iterkd takes for a model that is no VGG.
 
 DATA/train/<class>/ is trained on; DATA/val/<class>/, when it exists, is evaluated after every epoch.
 Give the folder a val/ split and iterkd validates on the same images, never on ones the root saw.
@@ -73,9 +78,7 @@ def accuracy(model: nn.Module, loader) -> float:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", required=True)
-    p.add_argument(
-        "--arch", default="vgg11_bn", choices=[f"vgg{n}{b}" for n in (11, 13, 16, 19) for b in ("", "_bn")]
-    )
+    p.add_argument("--arch", default="vgg11_bn", help="a torchvision classifier: vgg11_bn, resnet18, ...")
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--channels", type=int, default=3, choices=(1, 3))
     p.add_argument("--epochs", type=int, default=3)
@@ -115,8 +118,15 @@ def main(argv: list[str] | None = None) -> int:
         if val is not None:
             line["val_acc"] = round(accuracy(model, val), 2)
         print(json.dumps(line), flush=True)
-    # The way users save: the state dict, not the module (iterkd never unpickles a module).
-    torch.save(model.state_dict(), args.out)
+    if args.out.suffix == ".pt2":
+        # A model that is no VGG: its program, exported with a dynamic batch dimension.
+        model = model.eval().to(memory_format=torch.contiguous_format)
+        x = torch.randn(2, args.channels, args.image_size, args.image_size)
+        batch = torch.export.Dim("batch")
+        torch.export.save(torch.export.export(model, (x,), dynamic_shapes={"x": {0: batch}}), str(args.out))
+    else:
+        # The way users save: the state dict, not the module (iterkd never unpickles a module).
+        torch.save(model.state_dict(), args.out)
     print(json.dumps({"saved": str(args.out), "arch": args.arch, "classes": classes}))
     return 0
 
