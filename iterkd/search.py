@@ -16,7 +16,7 @@ import optuna
 from . import objective
 from .cache import remove_cache
 from .choices import make_pruner, make_sampler, move_params
-from .config import SearchConfig
+from .config import SearchConfig, config_path
 from .device import resolve_device, resolve_precision
 from .errors import IterkdError
 from .export import Int8Request, export_node
@@ -159,9 +159,15 @@ class Search:
         # Then the teachers, read (an imported VGG checked against the file's own model) and matched
         # to the data, once: the root is made from these models.
         # A program (.pt2, TorchScript) is a frozen teacher, run on the data's input shape here.
-        self.teachers, self.frozen = {}, {}
+        self.teachers, self.frozen, self.missing = {}, {}, []
         own, how = cfg.frozen_inputs(store)
+        resuming = config_path(cfg.run_dir).is_file()
         for path in cfg.teacher or ():
+            if resuming and not Path(path).exists():
+                # A resumed run reads its root, and the frozen teachers' copies, from the run: the
+                # files given when it began are needed again only if its root was never recorded.
+                self.missing.append(path)
+                continue
             if is_frozen_file(path):
                 self.frozen[Path(path)] = load_frozen(
                     path,
@@ -176,7 +182,7 @@ class Search:
             teacher = load_teacher(path, size=info.size, arch=cfg.teacher_arch)
             check_input(teacher.model.spec, info, Path(path))
             self.teachers[Path(path)] = teacher
-        if not self.teachers:  # the root this space and --width make must be buildable
+        if not (self.teachers or self.missing):  # the root this space and --width make must be buildable
             try:
                 self.space.root_spec(info.channels, info.num_classes, info.size, cfg.width)
             except IterkdError as e:
@@ -490,6 +496,8 @@ class Search:
     def _ensure_root(self) -> Node:
         root = root_node(nodes(self.study))
         packaged = self._packaged_root() if root is None and not self.cfg.teacher else None
+        if root is None and self.missing:
+            raise IterkdError(f"teacher {self.missing[0]} does not exist")
         if root is None and self.teachers:
             root = self.trainer.root_from_teachers(
                 list(self.teachers), loaded={**self.teachers, **self.frozen}, frozen=list(self.frozen)

@@ -97,6 +97,7 @@ def test_a_frozen_program_alone_makes_generation_0_teaches_it_and_resumes(tmp_pa
     report = (Path(cfg.run_dir) / "report.md").read_text()
     assert "**frozen teachers**: resnet.pt2" in report and "Node 0 stands for them" in report
     trained = len(open_run(cfg.run_dir).nodes)
+    path.unlink()  # moved away: a resume reads the root and the program's copy from the run
     again = run_search(cfg, progress=False)
     assert again.root.node == root.node and len(open_run(cfg.run_dir).nodes) == trained
 
