@@ -635,7 +635,7 @@ def compare_run(
         # An ensemble root teaches through all its members, as it did in the run.
         teachers = [load_model(run.run_dir / m["checkpoint"]).to(dev) for m in root.members] or [root_model]
         # Its frozen teachers teach beside it, as in the run (never the hint: they have no blocks).
-        teachers += [frozen_teacher(run.run_dir, r, cfg, data.info).to(dev) for r in root.frozen]
+        teachers += [frozen_teacher(run.run_dir, r, cfg, data.info, dev) for r in root.frozen]
         trainer = BaselineTrainer(cfg, data, final, root_model, teachers, steps, progress)
         for method, seed, n in todo:
             model, val, test, seconds = trainer.fit(method, seed, n)

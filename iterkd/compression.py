@@ -59,7 +59,8 @@ def compress(
         space=space,
         **settings,
     )
-    values["teacher"] = (str(write_model(model, run_dir / "model", info.channels, info.size, log)),)
+    raw = info.raw_size or info.size
+    values["teacher"] = (str(write_model(model, run_dir / "model", info.channels, info.size, raw, log)),)
     saved = read_config(run_dir)
     cfg = (
         build_config(preset, values) if saved is None else resume_config(saved, {**values, "preset": preset})
@@ -70,9 +71,10 @@ def compress(
     return replace(outcome, model=load_node(run_dir / outcome.final.checkpoint))
 
 
-def write_model(model: nn.Module, folder: Path, channels: int, size: int, log=print) -> Path:
+def write_model(model: nn.Module, folder: Path, channels: int, size: int, raw: int, log=print) -> Path:
     """`model` as the file `--teacher` reads: a VGG's state dict when the VGG iterkd reads from it
-    gives the module's own logits, else a torch.export program with a dynamic batch dimension."""
+    gives the module's own logits (on `size` px, the padded side its VGG runs on), else a
+    torch.export program with a dynamic batch dimension on the images' own `raw` side."""
     if not isinstance(model, nn.Module):
         raise IterkdError(f"iterkd.compress takes a torch.nn.Module, got {type(model).__name__}")
     module = copy.deepcopy(model).cpu().eval()
@@ -87,7 +89,9 @@ def write_model(model: nn.Module, folder: Path, channels: int, size: int, log=pr
     log(f"iterkd.compress: the model is no VGG iterkd can shrink ({why}); it teaches as a frozen teacher")
     path = folder / "model.pt2"
     try:
-        program = torch.export.export(module, (x,), dynamic_shapes={"x": {0: torch.export.Dim("batch")}})
+        # By position, whatever its forward's argument is called.
+        shape = x[..., :raw, :raw].contiguous()
+        program = torch.export.export(module, (shape,), dynamic_shapes=({0: torch.export.Dim("batch")},))
     except Exception as e:  # noqa: BLE001 - torch.export's reasons are many; one line names it
         first = (str(e).splitlines() or [type(e).__name__])[0][:200]
         raise IterkdError(

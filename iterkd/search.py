@@ -159,6 +159,7 @@ class Search:
         # Then the teachers, read (an imported VGG checked against the file's own model) and matched
         # to the data, once: the root is made from these models.
         # A program (.pt2, TorchScript) is a frozen teacher, run on the data's input shape here.
+        device = resolve_device(cfg.device)
         self.teachers, self.frozen, self.missing = {}, {}, []
         own, how = cfg.frozen_inputs(store)
         resuming = config_path(cfg.run_dir).is_file()
@@ -177,6 +178,8 @@ class Search:
                     students=(tuple(info.mean), tuple(info.std)),
                     own=own,
                     normalize=how,
+                    raw_size=info.raw_size,
+                    device=device,
                 )
                 continue
             teacher = load_teacher(path, size=info.size, arch=cfg.teacher_arch)
@@ -187,7 +190,6 @@ class Search:
                 self.space.root_spec(info.channels, info.num_classes, info.size, cfg.width)
             except IterkdError as e:
                 raise IterkdError(f"--width {cfg.width:g} with space {cfg.space}: {e}") from None
-        device = resolve_device(cfg.device)
         resolve_precision(cfg.precision, device)  # bf16 where it cannot run: refused now
         data = None if self.remote else cfg.load_data(device, store)
         self.sampler = make_sampler(cfg.sampler, cfg.seed)

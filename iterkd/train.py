@@ -8,6 +8,7 @@ instead of computed), `active_hint` the hint term of the kind the loss settings 
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -79,7 +80,8 @@ def evaluate_ensemble(
     without test/ has no test accuracy)."""
     if len(y) == 0:
         return None
-    device = next(models[0].parameters()).device
+    # Buffers too: a frozen TorchScript teacher (torch.jit.freeze) may hold no parameter at all.
+    device = next(itertools.chain(models[0].parameters(), models[0].buffers())).device
     states = [m.training for m in models]
     for m in models:
         m.eval()

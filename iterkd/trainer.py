@@ -58,9 +58,9 @@ def kd_settings(cfg, epochs: int, seed: int, kd: dict) -> TrainSettings:
     return replace(train_settings(cfg, epochs, seed, child=True), lr=kd["lr"], loss=loss)
 
 
-def frozen_teacher(run_dir: Path, record: dict, cfg, info: DatasetInfo) -> FrozenTeacher:
-    """A root's frozen teacher (`record`, one of its `frozen`) from the run directory, checked
-    against the hash it had when the run began, its inputs normalised as the run says."""
+def frozen_teacher(run_dir: Path, record: dict, cfg, info: DatasetInfo, device="cpu") -> FrozenTeacher:
+    """A root's frozen teacher (`record`, one of its `frozen`) from the run directory on `device`,
+    checked against the hash it had when the run began, its inputs normalised as the run says."""
     path = Path(run_dir) / record["file"]
     if not path.is_file() or file_sha256(path) != record["sha256"]:
         raise IterkdError(
@@ -77,6 +77,8 @@ def frozen_teacher(run_dir: Path, record: dict, cfg, info: DatasetInfo) -> Froze
         own=own,
         normalize=how,
         name=record["source"],
+        raw_size=info.raw_size,
+        device=device,
     )
 
 
@@ -276,9 +278,7 @@ class NodeTrainer:
         """Frozen teacher `i` of the root (`records`: its `frozen`), loaded from the run directory."""
         key = f"frozen-{i}"
         if key not in self._models:
-            self._models[key] = frozen_teacher(self.run.run_dir, records[i], self.cfg, self.info).to(
-                self.device
-            )
+            self._models[key] = frozen_teacher(self.run.run_dir, records[i], self.cfg, self.info, self.device)
         return self._models[key]
 
     def _frozen_teaching(self, records) -> dict:

@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         model = model.eval().to(memory_format=torch.contiguous_format)
         x = torch.randn(2, args.channels, args.image_size, args.image_size)
         batch = torch.export.Dim("batch")
-        torch.export.save(torch.export.export(model, (x,), dynamic_shapes={"x": {0: batch}}), str(args.out))
+        torch.export.save(torch.export.export(model, (x,), dynamic_shapes=({0: batch},)), str(args.out))
     else:
         # The way users save: the state dict, not the module (iterkd never unpickles a module).
         torch.save(model.state_dict(), args.out)

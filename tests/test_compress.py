@@ -13,23 +13,23 @@ from PIL import Image
 from torch import nn
 
 import iterkd
+import iterkd.trainer
 from iterkd.data import STORED, load_data, python_store
 from iterkd.errors import IterkdError
 from iterkd.models import VGG
 from iterkd.run import open_run
 from tests.conftest import he_fill
-from tests.test_frozen import Residual
 from tests.test_import import CifarVGG
 
 
 class Blobs(torch.utils.data.Dataset):
     """4 classes of 16-pixel RGB images: a class pattern plus noise, as `kind` images."""
 
-    def __init__(self, n, seed, kind="uint8"):
+    def __init__(self, n, seed, kind="uint8", side=16):
         g = torch.Generator().manual_seed(seed)
         self.y = torch.randint(0, 4, (n,), generator=g)
-        patterns = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(9))
-        self.x = (0.7 * patterns[self.y] + 0.3 * torch.rand(n, 3, 16, 16, generator=g)).clamp(0, 1)
+        patterns = torch.rand(4, 3, side, side, generator=torch.Generator().manual_seed(9))
+        self.x = (0.7 * patterns[self.y] + 0.3 * torch.rand(n, 3, side, side, generator=g)).clamp(0, 1)
         self.x = (self.x * 255).round() / 255  # exact in uint8, so every kind stores the same pixels
         self.kind = kind
 
@@ -76,15 +76,36 @@ def test_compress_shrinks_a_vgg_module_on_in_memory_datasets_and_resumes(tmp_pat
     assert iterkd.cli.main(["search", "--run-dir", str(run_dir), "--no-progress"]) == 0
 
 
-def test_compress_makes_any_other_module_a_frozen_teacher(tmp_path, capsys):
+class ViewNet(nn.Module):
+    """Not a VGG, and strict about its input: 12x12 pixels, flattened with .view (contiguous only)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(3 * 12 * 12, 4)
+
+    def forward(self, x):
+        return self.fc(x.view(x.shape[0], -1))
+
+
+def test_compress_makes_any_other_module_a_frozen_teacher_on_the_images_own_size(tmp_path, capsys):
+    # nn.Sequential's forward names its argument `input`; the 12 px images are padded to 16 for the
+    # VGGs, but the teacher sees them as they are, contiguous, exported and run at 12 px.
     torch.manual_seed(0)
+    model = nn.Sequential(ViewNet())
     run_dir = tmp_path / "run"
-    out = iterkd.compress(Residual(classes=4), Blobs(300, 0), run_dir=run_dir, **SEARCH)
+    out = iterkd.compress(model, Blobs(300, 0, side=12), run_dir=run_dir, **SEARCH)
     said = capsys.readouterr().out
     assert "is no VGG iterkd can shrink" in said and "frozen teacher" in said
     assert (run_dir / "model" / "model.pt2").is_file() and out.root.operator == "kd:model.pt2"
-    assert out.root.frozen[0]["params"] == sum(p.numel() for p in Residual(classes=4).parameters())
-    assert isinstance(out.model, VGG)
+    assert out.root.frozen[0]["params"] == sum(p.numel() for p in model.parameters())
+    assert isinstance(out.model, VGG) and out.model.spec.input_size == 16
+    # The program reproduces the module on the images, whatever the batch size.
+    teacher = iterkd.trainer.frozen_teacher(
+        run_dir, out.root.frozen[0], open_run(run_dir).cfg, open_run(run_dir).cfg.data_info()
+    )
+    x = torch.rand(5, 3, 12, 12)
+    padded = torch.nn.functional.pad(x, (2, 2, 2, 2)).contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(teacher(padded), model(x), atol=1e-5)
 
 
 def test_every_kind_of_image_is_stored_alike_once_under_its_content(tmp_path):
@@ -166,3 +187,19 @@ def test_import_iterkd_stays_light():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert json.loads(out.replace("'", '"')) == []
     assert "compress" in iterkd.__all__ and callable(iterkd.compress)
+
+
+class Augmenting(torch.utils.data.Dataset):
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, i):
+        return torch.rand(3, 16, 16), 0  # a random transform: other pixels at every read
+
+
+def test_a_dataset_with_a_random_transform_is_refused_and_colour_modes_stay_colour():
+    with pytest.raises(IterkdError, match="differs each time it is read: the dataset has a random transform"):
+        python_store(Augmenting(), progress=False, log=lambda s: None)
+    rgba = Image.fromarray((np.random.default_rng(0).random((16, 16, 4)) * 255).astype(np.uint8), "RGBA")
+    store = python_store(Items((rgba, 0), (rgba.convert("RGB"), 1)), progress=False, log=lambda s: None)
+    assert store.meta["channels"] == 3 and torch.equal(store.images[0], store.images[1])

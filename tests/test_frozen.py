@@ -40,7 +40,7 @@ class Residual(nn.Module):
 
 def export(model: nn.Module, path: Path, *, dynamic=True, size=16, channels=3) -> Path:
     x = torch.randn(2, channels, size, size)
-    shapes = {"x": {0: torch.export.Dim("batch")}} if dynamic else None
+    shapes = ({0: torch.export.Dim("batch")},) if dynamic else None
     torch.export.save(torch.export.export(model.eval(), (x,), dynamic_shapes=shapes), str(path))
     return path
 

@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import IterkdError
-from .folder import MAX_SIDE, MIN_SIDE
+from .folder import GREY_MODES, MAX_SIDE, MIN_SIDE
 from .info import STORED, padded_side
 from .store import Store, build_store, open_store, store_root
 
@@ -29,7 +29,8 @@ def _pixels(image, where: str) -> np.ndarray:
     from PIL import Image  # torchvision's dependency; imported only when images are stored
 
     if isinstance(image, Image.Image):
-        arr = np.asarray(image.convert("L") if image.mode not in ("L", "RGB") else image)
+        # As for a folder: the grey modes are one channel, every other mode (RGBA, P, CMYK) RGB.
+        arr = np.asarray(image.convert("L" if image.mode in GREY_MODES else "RGB"))
         arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
         return np.ascontiguousarray(arr, dtype=np.uint8)
     if isinstance(image, np.ndarray):
@@ -86,8 +87,17 @@ def python_store(
             raise IterkdError(f"the {name} dataset has no len(): iterkd takes map-style datasets") from None
     if not sizes["train"]:
         raise IterkdError("the train dataset is empty")
-    first, _ = train[0]
-    c, side, width = _pixels(first, "train[0]").shape
+    item = train[0]
+    if not isinstance(item, (tuple, list)) or len(item) != 2:
+        raise IterkdError("train[0] is not an (image, label) pair")
+    pixels = _pixels(item[0], "train[0]")
+    if not np.array_equal(pixels, _pixels(train[0][0], "train[0]")):
+        # A random transform: every call would store other images (and a resume could not match).
+        raise IterkdError(
+            "train[0] differs each time it is read: the dataset has a random transform; give iterkd the "
+            "images without augmentation (iterkd augments: --flip, crops)"
+        )
+    c, side, width = pixels.shape
     if side != width or not MIN_SIDE <= side <= MAX_SIDE:
         raise IterkdError(
             f"train[0] is {width}x{side} pixels; iterkd needs square images of {MIN_SIDE} to {MAX_SIDE} "

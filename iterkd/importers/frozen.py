@@ -23,8 +23,8 @@ from .files import file_kind
 
 FROZEN_KINDS = {"exported": "torch.export program", "torchscript": "TorchScript archive"}
 EXPORT_HOW = (
-    "torch.export.save(torch.export.export(model.eval(), (x,), dynamic_shapes={'x': {0: "
-    "torch.export.Dim('batch')}}), 'model.pt2')"
+    "torch.export.save(torch.export.export(model.eval(), (x,), dynamic_shapes=({0: "
+    "torch.export.Dim('batch')},)), 'model.pt2')"
 )
 CHECK_BATCHES = (1, 3)  # the batch sizes a frozen teacher must take (the cache's and training's differ)
 
@@ -69,12 +69,17 @@ class FrozenSpec:
 
 class FrozenTeacher(nn.Module):
     """A frozen model as a teacher: logits only (`forward_features` gives no blocks), inputs mapped
-    from the students' normalisation to its own, and train()/eval() kept off the wrapped program
-    (an exported program refuses them: its mode was fixed when it was exported)."""
+    from the students' normalisation to its own and cropped back to the images' own side (iterkd
+    zero-pads 28 px to 32 for its VGGs; the teacher never saw the border), train()/eval() kept off
+    the wrapped program (an exported program refuses them: its mode was fixed when it was exported)."""
 
-    def __init__(self, module: nn.Module, spec: FrozenSpec, scale=None, shift=None):
+    def __init__(
+        self, module: nn.Module, spec: FrozenSpec, scale=None, shift=None, raw_size: int | None = None
+    ):
         super().__init__()
         self.program, self.spec = module, spec
+        self.raw = raw_size or spec.input_size
+        self.pad = (spec.input_size - self.raw) // 2
         c = spec.in_channels
         self.register_buffer("scale", torch.tensor(scale or [1.0] * c).view(1, c, 1, 1))
         self.register_buffer("shift", torch.tensor(shift or [0.0] * c).view(1, c, 1, 1))
@@ -90,8 +95,10 @@ class FrozenTeacher(nn.Module):
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.program(x.float() * self.scale + self.shift if self.spec.normalize != "students" else x)
-        return out
+        if self.pad:
+            x = x[..., self.pad : self.pad + self.raw, self.pad : self.pad + self.raw]
+        x = x.contiguous()  # the students' batches are channels_last; a program may .view() them
+        return self.program(x.float() * self.scale + self.shift if self.spec.normalize != "students" else x)
 
     def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         return self(x), []
@@ -106,13 +113,16 @@ def renormalization(
     return [s / o for s, o in zip(ss, so)], [(m - n) / o for m, n, o in zip(ms, mo, so)]
 
 
-def _read_program(path: Path, kind: str) -> nn.Module:
+def _read_program(path: Path, kind: str, device: torch.device) -> nn.Module:
     try:
         if kind == "exported":
-            return torch.export.load(str(path)).module()
+            program = torch.export.load(str(path))
+            move = getattr(torch.export.passes, "move_to_device_pass", None) if device.type != "cpu" else None
+            # .to() would leave the constants and the devices written into its graph on the CPU
+            return (move(program, device) if move else program).module()
         with warnings.catch_warnings():  # deprecated in favour of torch.export, still what many ship
             warnings.simplefilter("ignore", FutureWarning)
-            return torch.jit.load(str(path), map_location="cpu")
+            return torch.jit.load(str(path), map_location=device)
     except Exception as e:  # noqa: BLE001 - any failure to read is the file's; one line says which
         first = (str(e).splitlines() or [type(e).__name__])[0][:200]
         raise IterkdError(f"teacher {path} is a corrupt {FROZEN_KINDS[kind]} ({first})") from None
@@ -128,16 +138,19 @@ def load_frozen(
     own: tuple[tuple[float, ...], tuple[float, ...]] | None = None,
     normalize: str = "students",
     name: str | None = None,
+    raw_size: int | None = None,
+    device: str | torch.device = "cpu",
 ) -> FrozenTeacher:
-    """The frozen teacher in `path`, checked on the data's input: batches of CHECK_BATCHES images of
-    `channels` x `size` x `size` must give `[batch, classes]` logits. `own` (mean, std) are the
-    statistics it was trained with when they are not the students' (`students`); `normalize` names
-    them in its spec. One-line IterkdError for anything else."""
-    path = Path(path)
+    """The frozen teacher in `path` on `device`, checked on the data's input there: batches of
+    CHECK_BATCHES images of `channels` x `raw_size` x `raw_size` (the images' own side; `size` is
+    the padded side iterkd's batches have) must give `[batch, classes]` logits. `own` (mean, std)
+    are the statistics it was trained with when they are not the students' (`students`);
+    `normalize` names them in its spec. One-line IterkdError for anything else."""
+    path, device = Path(path), torch.device(device)
     kind = file_kind(path)
     if kind not in FROZEN_KINDS:
         raise IterkdError(f"teacher {path} is not a torch.export program or a TorchScript archive")
-    program = _read_program(path, kind)
+    program = _read_program(path, kind, device)
     n_params = sum(p.numel() for p in program.parameters())
     if not all(torch.isfinite(t).all() for t in program.state_dict().values() if t.is_floating_point()):
         raise IterkdError(f"teacher {path} has NaN or infinite weights")
@@ -145,12 +158,14 @@ def load_frozen(
         name or path.name, kind, channels, size, classes, n_params, file_sha256(path), normalize
     )
     scale, shift = renormalization(students, own) if own is not None else (None, None)
-    teacher = FrozenTeacher(program, spec, scale, shift)
+    teacher = FrozenTeacher(program, spec, scale, shift, raw_size).to(device)
+    raw = teacher.raw
     for batch in CHECK_BATCHES:
-        shape = (batch, channels, size, size)
+        shape = (batch, channels, raw, raw)
         try:
-            with torch.no_grad():
-                out = teacher(torch.zeros(shape))
+            with torch.no_grad():  # as training feeds it: padded, channels_last, on the device
+                x = torch.zeros(batch, channels, size, size, device=device)
+                out = teacher(x.contiguous(memory_format=torch.channels_last))
         except Exception as e:  # noqa: BLE001 - whatever the program raises, in one line
             first = (str(e).splitlines() or [type(e).__name__])[0][:160]
             hint = (
