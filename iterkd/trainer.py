@@ -416,7 +416,8 @@ class NodeTrainer:
         teachers = [self.model(t, i) for t, i in members]
         caches = [self.teacher_cache(t, i) for t, i in members] if cfg.teacher_cache else []
         weights = (
-            [t.members[i]["val_acc"] if t.members else t.val_acc for t, i in members]
+            # a root made from frozen teachers weighs in with its own VGG's accuracy, not theirs
+            [t.members[i]["val_acc"] if t.members else t.vgg_val_acc or t.val_acc for t, i in members]
             if cfg.teacher_weights == "accuracy"
             else None
         )

@@ -53,17 +53,19 @@ def script(model: nn.Module, path: Path) -> Path:
 
 
 def spy_teachers(monkeypatch):
-    """Each train() call of the search as (desc, [teacher kinds], hint teacher kind)."""
-    calls, real = [], trainer.train
+    """(calls, weights): each train() call of the search as (desc, [teacher kinds], hint teacher
+    kind), and its teacher weights."""
+    calls, weights, real = [], [], trainer.train
 
     def spy(model, data, settings, **kw):
         kinds = [type(t).__name__ for t in kw.get("teachers") or ()]
         hint = kw.get("hint_teacher")
         calls.append((kw.get("desc", ""), kinds, None if hint is None else type(hint).__name__))
+        weights.append(kw.get("teacher_weights"))
         return real(model, data, settings, **kw)
 
     monkeypatch.setattr(trainer, "train", spy)
-    return calls
+    return calls, weights
 
 
 @pytest.mark.parametrize("fmt", ["exported", "torchscript"])
@@ -71,8 +73,8 @@ def test_a_frozen_program_alone_makes_generation_0_teaches_it_and_resumes(tmp_pa
     torch.manual_seed(0)
     path = (export if fmt == "exported" else script)(Residual(), tmp_path / "resnet.pt2")
     assert file_kind(path) == fmt  # told by content: a TorchScript archive named .pt2 too
-    calls = spy_teachers(monkeypatch)
-    cfg = smoke_config(tmp_path / "run", teacher=(str(path),), max_generations=1)
+    calls, weights = spy_teachers(monkeypatch)
+    cfg = smoke_config(tmp_path / "run", teacher=(str(path),), max_generations=1, teacher_weights="accuracy")
     out = run_search(cfg, progress=False)
     said = capsys.readouterr().out
     root = out.root
@@ -89,8 +91,10 @@ def test_a_frozen_program_alone_makes_generation_0_teaches_it_and_resumes(tmp_pa
     # Generation 0 learns from the program alone (no hint: it has no blocks); the child from its
     # parent with the program beside it (the root teaches through both); hints only from VGGs.
     assert calls[0][1:] == (["FrozenTeacher"], None)
-    child = next(c for c in calls if c[0].startswith("gen 1"))
-    assert child[1] == ["VGG", "FrozenTeacher"] and child[2] == "VGG"
+    child = next(i for i, c in enumerate(calls) if c[0].startswith("gen 1"))
+    assert calls[child][1] == ["VGG", "FrozenTeacher"] and calls[child][2] == "VGG"
+    # --teacher-weights accuracy: each by its own validation accuracy, the VGG's not the teacher's
+    assert weights[child] == [root.vgg_val_acc, record["val_acc"]]
     # The child's checkpoint is a VGG; nothing of the program was shrunk.
     assert isinstance(load_model(Path(cfg.run_dir) / out.final.checkpoint), VGG)
     write_report(cfg.run_dir)
@@ -111,7 +115,7 @@ def test_torchscript_and_pt2_teach_beside_an_imported_root_in_an_ancestors_varia
     ts = script(Residual(), tmp_path / "other.pt")
     pt2 = export(Residual(), tmp_path / "third.pt2")
     assert file_kind(ts) == "torchscript"
-    calls = spy_teachers(monkeypatch)
+    calls, _ = spy_teachers(monkeypatch)
     cfg = smoke_config(
         tmp_path / "run",
         teacher=(str(tmp_path / "mine.pth"), str(ts), str(pt2)),
