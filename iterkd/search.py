@@ -21,7 +21,8 @@ from .device import resolve_device, resolve_precision
 from .errors import IterkdError
 from .export import Int8Request, export_node
 from .faults import fault_point
-from .importers import check_input, is_frozen_file, load_frozen, load_teacher
+from .importers import check_input, is_frozen_file, load_teacher
+from .importers.frozen import frozen_for_data
 from .lineage import (
     POLISH,
     Node,
@@ -161,7 +162,7 @@ class Search:
         # A program (.pt2, TorchScript) is a frozen teacher, run on the data's input shape here.
         device = resolve_device(cfg.device)
         self.teachers, self.frozen, self.missing = {}, {}, []
-        own, how = cfg.frozen_inputs(store)
+        inputs = cfg.frozen_inputs(store)
         resuming = config_path(cfg.run_dir).is_file()
         for path in cfg.teacher or ():
             if resuming and not Path(path).exists():
@@ -170,17 +171,7 @@ class Search:
                 self.missing.append(path)
                 continue
             if is_frozen_file(path):
-                self.frozen[Path(path)] = load_frozen(
-                    path,
-                    channels=info.channels,
-                    size=info.size,
-                    classes=info.num_classes,
-                    students=(tuple(info.mean), tuple(info.std)),
-                    own=own,
-                    normalize=how,
-                    raw_size=info.raw_size,
-                    device=device,
-                )
+                self.frozen[Path(path)] = frozen_for_data(path, info, inputs, device)
                 continue
             teacher = load_teacher(path, size=info.size, arch=cfg.teacher_arch)
             check_input(teacher.model.spec, info, Path(path))

@@ -21,7 +21,8 @@ from .choices import move_params, suggest_kd, suggest_move
 from .data import DatasetInfo, DataSplits
 from .device import resolve_device, resolve_precision
 from .errors import IterkdError
-from .importers import FrozenTeacher, check_input, file_sha256, load_frozen, load_teacher
+from .importers import FrozenTeacher, check_input, file_sha256, load_teacher
+from .importers.frozen import frozen_for_data
 from .inherit import inherit_weights
 from .lineage import POLISH, Node, node_attrs, nodes
 from .models import VGG
@@ -67,19 +68,7 @@ def frozen_teacher(run_dir: Path, record: dict, cfg, info: DatasetInfo, device="
             f"frozen teacher {path} is missing or was changed since the run began (sha256 "
             f"{record['sha256'][:12]}...); put {record['source']} back there"
         )
-    own, how = cfg.frozen_inputs()
-    return load_frozen(
-        path,
-        channels=info.channels,
-        size=info.size,
-        classes=info.num_classes,
-        students=(tuple(info.mean), tuple(info.std)),
-        own=own,
-        normalize=how,
-        name=record["source"],
-        raw_size=info.raw_size,
-        device=device,
-    )
+    return frozen_for_data(path, info, cfg.frozen_inputs(), device, name=record["source"])
 
 
 class NodeTrainer:

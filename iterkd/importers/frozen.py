@@ -185,3 +185,23 @@ def load_frozen(
         if not torch.isfinite(out).all():
             raise IterkdError(f"teacher {path} gives NaN or infinite logits on the data's input")
     return teacher
+
+
+def frozen_for_data(
+    path: str | Path, info, inputs: tuple, device="cpu", name: str | None = None
+) -> FrozenTeacher:
+    """`load_frozen` for a dataset (`info`: its channels, sides, classes and the students'
+    normalisation) and `inputs`, the teacher's own (SearchConfig.frozen_inputs)."""
+    own, how = inputs
+    return load_frozen(
+        path,
+        channels=info.channels,
+        size=info.size,
+        classes=info.num_classes,
+        students=(tuple(info.mean), tuple(info.std)),
+        own=own,
+        normalize=how,
+        name=name,
+        raw_size=info.raw_size,
+        device=device,
+    )
