@@ -429,6 +429,7 @@ def cmd_compare(args) -> int:
             data_dir=args.data_dir,
             storage=args.storage,
             progress=not args.no_progress,
+            rows=args.rows,
         )
     except KeyboardInterrupt:
         print(
@@ -644,6 +645,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--preset", help="take the epochs per child of this preset (smoke, quick, full); --epochs wins"
+    )
+    p.add_argument(
+        "--rows",
+        metavar="LIST",
+        help="train and show only these baselines, comma-separated: scratch (labels only), kd (one-shot "
+        "KD), kd-chain, prune, kd-paid, inherit-paid (default: all); a verdict needs its compute's rows",
     )
     p.add_argument("--device", help="auto, cpu or cuda (default: the run's)")
     p.add_argument("--data-dir", help="where the run's dataset is (default: the run's)")

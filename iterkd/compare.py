@@ -88,11 +88,13 @@ class SeedResult:
 
 @dataclass(frozen=True)
 class Baseline:
-    """One row of trained baselines: `method` trained for `epochs` per seed, shown as `label`."""
+    """One row of trained baselines: `method` trained for `epochs` per seed, shown as `label`;
+    `key` names it for `iterkd compare --rows`."""
 
     label: str
     method: str
     epochs: int
+    key: str = ""
 
 
 @dataclass(frozen=True)
@@ -469,17 +471,34 @@ def baselines(epochs: int, chain: int, prune: bool, paid: int | None = None) -> 
     with Torch-Pruning installed, pruning + KD), then the epochs the search paid (one-shot KD from
     random weights and from the root's inherited weights)."""
     rows = [
-        Baseline("scratch-ce", "scratch-ce", epochs),
-        Baseline("one-shot-kd", "one-shot-kd", epochs),
-        Baseline(f"one-shot-kd, {CHAIN}", "one-shot-kd", chain),
+        Baseline("scratch-ce", "scratch-ce", epochs, "scratch"),
+        Baseline("one-shot-kd", "one-shot-kd", epochs, "kd"),
+        Baseline(f"one-shot-kd, {CHAIN}", "one-shot-kd", chain, "kd-chain"),
     ]
-    rows += [Baseline(f"prune-kd, {CHAIN}", "prune-kd", chain)] if prune else []
+    rows += [Baseline(f"prune-kd, {CHAIN}", "prune-kd", chain, "prune")] if prune else []
     if paid is not None:
         rows += [
-            Baseline(f"one-shot-kd, {PAID}", "one-shot-kd-live", paid),
-            Baseline(f"inherited one-shot-kd, {PAID}", "inherit-kd-live", paid),
+            Baseline(f"one-shot-kd, {PAID}", "one-shot-kd-live", paid, "kd-paid"),
+            Baseline(f"inherited one-shot-kd, {PAID}", "inherit-kd-live", paid, "inherit-paid"),
         ]
     return rows
+
+
+# `iterkd compare --rows`: the baselines by key, in the table's order.
+ROW_KEYS = ("scratch", "kd", "kd-chain", "prune", "kd-paid", "inherit-paid")
+
+
+def parse_rows(text: str | None) -> tuple[str, ...]:
+    """`--rows scratch,kd-paid` as keys (None or empty: every row); an unknown key is one line."""
+    if not text:
+        return ROW_KEYS
+    keys = tuple(k.strip() for k in text.split(",") if k.strip())
+    unknown = [k for k in keys if k not in ROW_KEYS]
+    if unknown or not keys:
+        raise IterkdError(
+            f"--rows: unknown row {', '.join(map(repr, unknown)) or repr(text)}; choose from {', '.join(ROW_KEYS)}"
+        )
+    return tuple(k for k in ROW_KEYS if k in keys)
 
 
 # -- compare ------------------------------------------------------------------------------------------
@@ -591,10 +610,13 @@ def compare_run(
     data_dir: str | None = None,
     storage: str | None = None,
     progress: bool = True,
+    rows: str | None = None,
     log: Callable[[str], None] = print,
 ) -> Comparison:
     """Train every baseline for seeds 0..seeds-1 (skipping what RUN/compare.json already holds), rerun
-    the search with `search_seeds - 1` other seeds, then write RUN/compare.md and return the table."""
+    the search with `search_seeds - 1` other seeds, then write RUN/compare.md and return the table.
+    `rows` ("scratch,kd-paid": ROW_KEYS) trains and shows those baselines only."""
+    keys = parse_rows(rows)
     if seeds < 1:
         raise IterkdError(f"--seeds must be at least 1, got {seeds}")
     if search_seeds < 1:
@@ -608,8 +630,8 @@ def compare_run(
     json_path, md_path = run.run_dir / "compare.json", run.run_dir / "compare.md"
     results = read_results(json_path)
     notes = []
-    prune = have_torch_pruning()
-    if not prune:
+    prune = "prune" in keys and have_torch_pruning()
+    if "prune" in keys and not prune:
         log(f"compare: the prune-kd row needs Torch-Pruning; to add it: {PRUNE_INSTALL}")
         notes.append(f"prune-kd was not run: Torch-Pruning is not installed ({PRUNE_INSTALL})")
     unreachable = prune and unreachable_by_pruning(root.spec, steps)
@@ -617,7 +639,10 @@ def compare_run(
         log(f"compare: {unreachable}")
         notes.append(f"prune-kd was not run: {unreachable}")
         prune = False
-    plans = baselines(n_epochs, n_chain, prune, n_paid)
+    plans = [b for b in baselines(n_epochs, n_chain, prune, n_paid) if b.key in keys]
+    left_out = [k for k in ROW_KEYS if k not in keys]
+    if left_out:
+        notes.append(f"rows not run (--rows): {', '.join(left_out)}")
     # (method, seed, epochs) to train: rows that share them (one child's epochs = the chain's) share models.
     wanted = {(b.method, s, b.epochs) for b in plans for s in range(seeds)}
     done = {r.key[:3] for r in results if r.node == final.node}
@@ -773,6 +798,8 @@ def verdict_text(
     test mean among iterkd and the baselines trained for `epochs`, and whether its lead over each
     other exceeds twice the lead's standard error."""
     equal = {b.label for b in plans if b.epochs == epochs}
+    if not equal:
+        return f"**No verdict at {basis}** ({_epochs(epochs)}): no baseline of that compute was run (--rows)."
     contenders = [r for r in rows[1:] if r.test and (r.method in equal or r is rows[-1])]
     best = max(contenders, key=lambda r: statistics.fmean(r.test))
     what = (

@@ -8,6 +8,8 @@ with a one-cycle schedule, ImageNet normalisation (so the search needs `--normal
     python scripts/train_torchvision.py --data-dir fashion-png --arch vgg11_bn --epochs 3 \\
         --train-images 12000 --out vgg11_bn.pth
     python scripts/train_torchvision.py --data-dir fashion-png --arch resnet18 --out resnet18.pt2
+    python scripts/train_torchvision.py --data-dir fashion-png --arch vgg11_bn --init vgg11_bn.pth \
+        --epochs 2 --lr 0.003 --out vgg11_bn-2.pth      # go on training from a saved state dict
 
 A `.pth` output is the state dict (`torch.save(model.state_dict(), ...)`); a `.pt2` output is a
 `torch.export` program with a dynamic batch dimension, what iterkd takes for a model that is no VGG.
@@ -89,11 +91,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--workers", type=int, default=1, help="DataLoader worker processes (decoding)")
     p.add_argument("--out", type=Path, default=Path("vgg.pth"))
+    p.add_argument(
+        "--init",
+        type=Path,
+        help="a state dict (.pth) of the same architecture to go on training from (read weights_only)",
+    )
     args = p.parse_args(argv)
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
     train, val, classes = loaders(args)
     model = getattr(torchvision.models, args.arch)(weights=None, num_classes=classes)
+    if args.init is not None:
+        model.load_state_dict(torch.load(args.init, map_location="cpu", weights_only=True))
     model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=args.epochs * len(train))
@@ -118,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
         if val is not None:
             line["val_acc"] = round(accuracy(model, val), 2)
         print(json.dumps(line), flush=True)
+        if args.out.suffix != ".pt2":
+            torch.save(model.state_dict(), args.out)  # every epoch: a killed run keeps its work
     if args.out.suffix == ".pt2":
         # A model that is no VGG: its program, exported with a dynamic batch dimension.
         model = model.eval().to(memory_format=torch.contiguous_format)

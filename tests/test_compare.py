@@ -182,6 +182,27 @@ def test_without_torch_pruning_one_line_names_the_install_and_the_other_rows_com
     assert "prune-kd was not run: Torch-Pruning is not installed" in (run_dir / "compare.md").read_text()
 
 
+def test_rows_trains_and_shows_only_the_named_baselines(cheap_run, tmp_path):
+    """`--rows scratch`: the labels-only row alone (what a user runs when the other rows cost hours),
+    no verdict claimed without its compute's rows; a later full compare reuses that model."""
+    run_dir = copy_run(cheap_run, tmp_path / "run")
+    code, stdout, calls = compare_counting(run_dir, "--seeds", "1", "--rows", "scratch", "--no-progress")
+    assert code == 0 and len(calls) == 1 and calls[0][2].get("teachers") is None  # labels only
+    rows = md_rows(run_dir / "compare.md")
+    assert [label for label in rows if label in ROWS] == ["scratch-ce"]
+    text = (run_dir / "compare.md").read_text()
+    assert "No verdict at paid compute" in text and "won" not in text
+    assert "rows not run (--rows): kd, kd-chain, prune, kd-paid, inherit-paid" in text
+    results = json.loads((run_dir / "compare.json").read_text())["results"]
+    assert [r["method"] for r in results] == ["scratch-ce"]
+    code, stdout, calls = compare_counting(run_dir, "--seeds", "1", "--rows", "kd,scratch", "--no-progress")
+    assert code == 0 and len(calls) == 1 and calls[0][2]["teachers"]  # one-shot KD; scratch-ce reused
+    assert [label for label in md_rows(run_dir / "compare.md") if label in ROWS] == [
+        "scratch-ce",
+        "one-shot-kd",
+    ]
+
+
 def test_search_seeds_rerun_the_search_so_the_chain_row_has_a_spread(cheap_run, compared, tmp_path):
     cfg, out = cheap_run
     run_dir = copy_run(cheap_run, tmp_path / "run", results=False)
@@ -323,6 +344,8 @@ def test_a_run_without_an_accepted_child_is_a_one_line_error(cheap_run, tmp_path
         (["--search-seeds", "0"], "--search-seeds must be at least 1"),
         (["--epochs", "0"], "--epochs must be at least 1"),
         (["--preset", "huge"], "unknown preset"),
+        (["--rows", "scratch,nope"], "--rows: unknown row 'nope'; choose from scratch, kd, kd-chain"),
+        (["--rows", ","], "--rows: unknown row ','"),
     ],
 )
 def test_bad_compare_flags_are_one_line_errors(compared, capsys, argv, needle):
