@@ -289,3 +289,17 @@ def test_the_training_script_saves_what_users_bring_and_iterkd_reads_it(tmp_path
     stats = ((0.5,) * 3, (0.25,) * 3)
     teacher = load_frozen(tmp_path / "r.pt2", channels=3, size=32, classes=3, students=stats)
     assert teacher.spec.kind == "exported" and teacher(torch.zeros(5, 3, 32, 32)).shape == (5, 3)
+    # A state dict, then a second stage that goes on from it (--init, read weights_only): at a learning
+    # rate of ~0 the second stage's weights are the first's, so it started from them, not afresh.
+    first, second = tmp_path / "r.pth", tmp_path / "r2.pth"
+    assert script_main([*common, "--arch", "resnet18", "--out", str(first)]) == 0
+    assert (
+        script_main(
+            [*common, "--arch", "resnet18", "--init", str(first), "--lr", "1e-12", "--out", str(second)]
+        )
+        == 0
+    )
+    a, b = torch.load(first, weights_only=True), torch.load(second, weights_only=True)
+    assert torch.allclose(a["conv1.weight"], b["conv1.weight"], atol=1e-9) and torch.allclose(
+        a["fc.weight"], b["fc.weight"], atol=1e-9
+    )
