@@ -846,10 +846,11 @@ def render_markdown(run: Run, c: Comparison) -> str:
         c.verdict,
         "",
     ]
-    if c.epochs != final.epochs:
+    # Against a child's epochs, the run's: a polished final node trained --final-epochs on top.
+    if c.epochs != cfg.epochs:
         lines += [
-            f"**Not like for like**: the equal-epochs baselines trained {_epochs(c.epochs)}, node "
-            f"{final.node} trained {_epochs(final.epochs)} (`--epochs` or `--preset` differ from the run's).",
+            f"**Not like for like**: the equal-epochs baselines trained {_epochs(c.epochs)}, the run's "
+            f"children {_epochs(cfg.epochs)} each (`--epochs` or `--preset` differ from the run's).",
             "",
         ]
     loss = ", ".join(f"{k} {v:g}" for k, v in sorted(final.loss.items())) or "the run defaults"

@@ -201,6 +201,15 @@ def test_rows_trains_and_shows_only_the_named_baselines(cheap_run, tmp_path):
         "scratch-ce",
         "one-shot-kd",
     ]
+    assert "Not like for like" not in (run_dir / "compare.md").read_text()
+    code, _, calls = compare_counting(
+        run_dir, "--seeds", "1", "--rows", "scratch", "--epochs", "2", "--no-progress"
+    )
+    assert code == 0 and len(calls) == 1 and calls[0][1].epochs == 2
+    assert (
+        "the equal-epochs baselines trained 2 epochs, the run's children 1 epoch each"
+        in (run_dir / "compare.md").read_text()
+    )
 
 
 def test_search_seeds_rerun_the_search_so_the_chain_row_has_a_spread(cheap_run, compared, tmp_path):
