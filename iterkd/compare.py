@@ -94,7 +94,7 @@ class Baseline:
     label: str
     method: str
     epochs: int
-    key: str = ""
+    key: str
 
 
 @dataclass(frozen=True)
@@ -484,8 +484,8 @@ def baselines(epochs: int, chain: int, prune: bool, paid: int | None = None) -> 
     return rows
 
 
-# `iterkd compare --rows`: the baselines by key, in the table's order.
-ROW_KEYS = ("scratch", "kd", "kd-chain", "prune", "kd-paid", "inherit-paid")
+# `iterkd compare --rows`: the baselines by key, in the table's order (every row: pruning and paid).
+ROW_KEYS = tuple(b.key for b in baselines(1, 2, True, 3))
 
 
 def parse_rows(text: str | None) -> tuple[str, ...]:

@@ -130,16 +130,17 @@ def main(argv: list[str] | None = None) -> int:
             line["val_acc"] = round(accuracy(model, val), 2)
         print(json.dumps(line), flush=True)
         if args.out.suffix != ".pt2":
-            torch.save(model.state_dict(), args.out)  # every epoch: a killed run keeps its work
+            # The way users save: the state dict, not the module (iterkd never unpickles a module);
+            # after every epoch, so a killed run keeps its work.
+            torch.save(model.state_dict(), args.out)
     if args.out.suffix == ".pt2":
         # A model that is no VGG: its program, exported with a dynamic batch dimension.
         model = model.eval().to(memory_format=torch.contiguous_format)
         x = torch.randn(2, args.channels, args.image_size, args.image_size)
         batch = torch.export.Dim("batch")
         torch.export.save(torch.export.export(model, (x,), dynamic_shapes=({0: batch},)), str(args.out))
-    else:
-        # The way users save: the state dict, not the module (iterkd never unpickles a module).
-        torch.save(model.state_dict(), args.out)
+    elif not args.epochs:
+        torch.save(model.state_dict(), args.out)  # no epoch ran: the initial weights
     print(json.dumps({"saved": str(args.out), "arch": args.arch, "classes": classes}))
     return 0
 
